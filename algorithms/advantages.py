@@ -1,0 +1,58 @@
+"""Advantage estimators: pure functions of tensors (no model, no config)."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages.
+
+    rewards: [N] with N = P * G, group-contiguous (the G samples of one prompt adjacent).
+    Returns [N]: r - mean(group), divided by (std + eps) where std is the unbiased standard deviation
+    of the group (scale="group", the GRPO paper and TRL), of the whole batch (scale="batch"), or not
+    divided at all (scale="none", Dr. GRPO). A group whose rewards are all equal gets 0, not NaN.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale={scale!r}; choose one of: group, batch, none")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rearrange(rewards.float(), "(p g) -> p g", g=group_size)  # [P, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        # a group of one has no spread: its std is taken as 0 instead of torch's NaN
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred)
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        std = grouped.std() if grouped.numel() > 1 else torch.zeros(())
+        centred = centred / (std + eps)
+    return rearrange(centred, "p g -> (p g)")
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over positions where mask is 1 (all of them, or along `dim`); 0 where nothing is real."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the real entries of x (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the real entries; keeps the mean when shift_mean is False. Padding -> 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(out.dtype)

@@ -1,0 +1,95 @@
+"""Pieces of an RL step that PPO and GRPO share: timing, scoring, no-grad log-prob passes, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from algorithms.advantages import masked_mean
+from algorithms.rollout import Rollout
+from models.logprobs import completion_logprobs
+
+
+class PhaseTimer:
+    """Wall time per phase (generate, score, reference, train, ...), in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def rollout_tensors(rollout: Rollout) -> dict[str, Tensor]:
+    """The rollout as a dict of [N, ...] tensors, the form minibatch_update slices."""
+    return {
+        "prompt_ids": rollout.prompt_ids,
+        "prompt_mask": rollout.prompt_mask,
+        "completion_ids": rollout.completion_ids,
+        "completion_mask": rollout.completion_mask,
+        "old_logp": rollout.logp,
+    }
+
+
+def micro_logprobs(
+    model: torch.nn.Module, micro: dict[str, Tensor], temperature: float, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Completion log-probs of one (trimmed) micro-batch: ([n, Tc], entropy [n, Tc] | None)."""
+    input_ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
+    attention_mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)
+    return completion_logprobs(
+        model, input_ids, attention_mask, micro["completion_ids"].shape[1], temperature, with_entropy
+    )
+
+
+@torch.inference_mode()
+def batched_logprobs(
+    model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float
+) -> Tensor:
+    """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
+    batch = rollout_tensors(rollout)
+    n, tc = rollout.completion_ids.shape
+    out = torch.zeros(n, tc, dtype=torch.float32, device=rollout.completion_ids.device)
+    for start in range(0, n, micro_batch_size):
+        micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
+        logp, _ = micro_logprobs(model, micro, temperature)
+        out[start : start + micro_batch_size] = logp
+    return out.clone() * rollout.completion_mask  # clone: leave inference mode behind
+
+
+def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],
+                    failures: dict[str, int]) -> dict[str, float]:
+    """What every RL step logs about its samples and their rewards."""
+    lengths = rollout.completion_lengths.float()
+    metrics = {
+        "reward/total_mean": float(rewards_total.mean()),
+        "reward/total_std": float(rewards_total.std()) if rewards_total.numel() > 1 else 0.0,
+        "completion/length_mean": float(lengths.mean()),
+        "completion/length_max": float(lengths.max()),
+        "completion/length_min": float(lengths.min()),
+        "completion/truncated_frac": float(rollout.truncated.float().mean()),
+        "tokens/generated": float(lengths.sum()),
+    }
+    for name, values in parts.items():
+        metrics[f"reward/{name}_mean"] = float(values.mean())
+        metrics[f"reward/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
+    for name, count in failures.items():
+        metrics[f"reward/{name}_failures"] = float(count)
+    return metrics
+
+
+def sequence_mean(x: Tensor, mask: Tensor) -> float:
+    """Mean over sequences of each sequence's token mean (how per-token diagnostics are reported)."""
+    return float(masked_mean(x, mask, dim=1).mean())

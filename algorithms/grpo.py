@@ -1,0 +1,95 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): group-relative advantages, no critic, KL to the reference in the loss.
+
+One `step()` reads top to bottom: rollout -> score -> group advantages -> reference log-probs ->
+mu passes of clipped policy loss + beta * KL.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from algorithms.advantages import group_advantages
+from algorithms.common import PhaseTimer, batched_logprobs, micro_logprobs, rollout_metrics, rollout_tensors, sequence_mean
+from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
+from algorithms.rollout import Rollout, generate_rollout
+from algorithms.update import OptimTarget, minibatch_update
+from conf.schema import GRPOConfig
+
+
+class GRPO:
+    """The GRPO update on a policy, an optional frozen reference and a reward function."""
+
+    def __init__(self, cfg: GRPOConfig, policy, reference, tokenizer, reward_fn, targets: list[OptimTarget],
+                 generator: torch.Generator):
+        self.cfg = cfg
+        self.policy = policy
+        self.reference = reference  # None when beta == 0: no reference forward at all
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.targets = targets
+        self.generator = generator
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.prompts_per_step
+
+    def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
+        cfg, timer = self.cfg, PhaseTimer()
+
+        # ---- ROLLOUT: G samples per prompt, group-contiguous --------------------------------
+        with timer("generate"):
+            rollout = generate_rollout(
+                self.policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens,
+                cfg.temperature, cfg.top_p, self.generator,
+            )
+        mask = rollout.completion_mask  # [N, Tc]
+
+        # ---- SCORE ---------------------------------------------------------------------------
+        with timer("score"):
+            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        rewards = scored.total.to(mask.device)  # [N]
+
+        # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+        batch = rollout_tensors(rollout)
+        batch["advantages"] = advantages
+        if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
+            with timer("old_logp"):
+                batch["old_logp"] = batched_logprobs(self.policy, rollout, cfg.micro_batch_size, cfg.temperature)
+        if self.reference is not None and cfg.beta > 0:
+            with timer("reference"):
+                batch["ref_logp"] = batched_logprobs(self.reference, rollout, cfg.micro_batch_size, cfg.temperature)
+
+        def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
+            logp, entropy = micro_logprobs(self.policy, micro, cfg.temperature, with_entropy=True)
+            kl = kl_estimate(logp, micro["ref_logp"], cfg.kl_estimator) if "ref_logp" in micro else None
+            loss, stats = policy_loss(
+                logp, micro["old_logp"], micro["advantages"], micro["completion_mask"],
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
+                kl=kl, beta=cfg.beta, max_len=cfg.max_new_tokens, num_tokens=minibatch_tokens,
+            )
+            stats["entropy"] = torch.tensor(sequence_mean(entropy, micro["completion_mask"]))
+            stats["loss"] = loss.detach()
+            return loss * accumulation_weight(cfg.loss_type, share), stats
+
+        # ---- UPDATE: mu passes over minibatches ----------------------------------------------
+        with timer("train"):
+            self.policy.train()
+            update_stats = minibatch_update(
+                batch, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
+                cfg.micro_batch_size, self.generator,
+            )
+            self.policy.eval()
+
+        metrics = rollout_metrics(rollout, rewards, scored.parts, scored.failures)
+        metrics.update(update_stats)
+        metrics.update(timer.metrics())
+        std_per_group = rewards.view(-1, cfg.group_size).std(dim=1) if cfg.group_size > 1 else rewards * 0
+        metrics.update({
+            "advantages/mean": float(advantages.mean()),
+            "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            "advantages/abs_mean": float(advantages.abs().mean()),
+            "reward/zero_std_group_frac": float((std_per_group == 0).float().mean()),
+        })
+        return metrics, rollout, {"total": rewards, **scored.parts}

@@ -1,0 +1,146 @@
+"""Rollout: batched sampling of G completions per prompt with a KV cache, shared by PPO and GRPO.
+
+The sampling loop is written out (rather than `model.generate`) so that the log-prob of every
+sampled token under the temperature-scaled policy is recorded as it is drawn: those are the "old"
+log-probs of the PPO ratio, and with one optimisation pass per rollout no second forward is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+
+@dataclass
+class Rollout:
+    """One batch of N = P * G samples, laid out group-contiguous (the G samples of a prompt adjacent)."""
+
+    prompt_ids: Tensor  # [N, Tp] left-padded
+    prompt_mask: Tensor  # [N, Tp]
+    completion_ids: Tensor  # [N, Tc] padded after EOS
+    completion_mask: Tensor  # [N, Tc] 1 up to and including EOS
+    logp: Tensor  # [N, Tc] sampling-time log-probs, fp32 (0 on padding)
+    truncated: Tensor  # [N] bool: no EOS within max_new_tokens
+    prompts: list[str]  # [N] prompt text per sample
+    completions: list[str]  # [N] decoded completion, special tokens removed
+    rows: list[dict]  # [N] the data row of each sample's prompt
+
+    @property
+    def input_ids(self) -> Tensor:  # [N, Tp + Tc]
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # [N, Tp + Tc]
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def completion_lengths(self) -> Tensor:  # [N]
+        return self.completion_mask.sum(-1)
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Set logits outside the nucleus of mass `top_p` to -inf (the top token is always kept)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def _sample(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,  # [N, Tp]
+    prompt_mask: Tensor,  # [N, Tp]
+    stop_ids: Tensor,  # [S]
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    N = prompt_ids.shape[0]
+    cache = DynamicCache()
+    mask = prompt_mask
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # logits_to_keep=1: the prefill needs only the last position's logits
+    out = model(
+        input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids,
+        cache=cache, use_cache=True, logits_to_keep=1,
+    )
+    next_pos = position_ids[:, -1:] + 1  # [N, 1]
+    finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
+    tokens, logps = [], []
+    for _ in tqdm(range(max_new_tokens), desc="generate", leave=False, disable=not progress):
+        z = out.logits[:, -1].float() / temperature  # [N, V]
+        logp_all = torch.log_softmax(z, dim=-1)
+        probs = torch.softmax(top_p_filter(z, top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        # the ratio's denominator is the untruncated policy, matching what training recomputes
+        logps.append(torch.where(finished, 0.0, logp_all.gather(-1, token[:, None]).squeeze(-1)))
+        tokens.append(token)
+        finished = finished | torch.isin(token, stop_ids)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+            cache=cache, use_cache=True,
+        )
+        next_pos = next_pos + 1
+    completion_ids = torch.stack(tokens, dim=1)  # [N, Tc]
+    logp = torch.stack(logps, dim=1)  # [N, Tc]
+    # a position is real if no stop token came strictly before it
+    is_stop = torch.isin(completion_ids, stop_ids).long()
+    completion_mask = (is_stop.cumsum(-1) - is_stop) == 0
+    return completion_ids.clone(), completion_mask.long().clone(), logp.clone()
+
+
+def generate_rollout(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Rollout:
+    """Sample `group_size` completions for each row's "prompt"; returns a group-contiguous Rollout."""
+    device = next(model.parameters()).device
+    prompts = [row["prompt"] for row in rows for _ in range(group_size)]
+    sample_rows = [row for row in rows for _ in range(group_size)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    stop_ids = torch.tensor(stop_token_ids(tokenizer, model), device=device)
+    was_training = model.training
+    model.eval()
+    completion_ids, completion_mask, logp = _sample(
+        model, prompt_ids, prompt_mask, stop_ids, tokenizer.pad_token_id,
+        max_new_tokens, temperature, top_p, generator, progress,
+    )
+    model.train(was_training)
+    truncated = ~torch.isin(completion_ids, stop_ids).any(-1)
+    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
+                                   skip_special_tokens=True)
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, logp=logp, truncated=truncated,
+        prompts=prompts, completions=texts, rows=sample_rows,
+    )

@@ -1,0 +1,60 @@
+"""Run outputs: metrics.jsonl, samples.jsonl and a wandb run (offline by default) in the run dir."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from conf.schema import LoggerConfig
+
+
+class RunLogger:
+    """Writes every metric to metrics.jsonl and to wandb; samples (prompt, completion, reward parts) to samples.jsonl."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_name: str, group: str):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.samples_file = open(self.run_dir / "samples.jsonl", "a", buffering=1)
+        self.wandb_run = None
+        if cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group or group, name=run_name,
+                tags=list(cfg.tags), config=config, dir=str(self.run_dir), mode=cfg.mode,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items()}, step=step)
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.samples_file.write(json.dumps({"step": step, **record}) + "\n")
+
+    def finish(self) -> None:
+        self.metrics_file.close()
+        self.samples_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def sample_records(prompts: list[str], completions: list[str], rewards: dict[str, Any], limit: int) -> list[dict]:
+    """The first `limit` samples with every reward part, ready for samples.jsonl."""
+    out = []
+    for i in range(min(limit, len(completions))):
+        out.append({
+            "prompt": prompts[i],
+            "completion": completions[i],
+            "rewards": {name: float(values[i]) for name, values in rewards.items()},
+        })
+    return out

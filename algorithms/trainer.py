@@ -1,0 +1,113 @@
+"""The training loop shared by every RL algorithm: steps, LR schedule, eval, logging, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from algorithms.checkpoint import save_checkpoint
+from algorithms.common import rollout_metrics
+from algorithms.rollout import Rollout, generate_rollout
+from algorithms.tracking import RunLogger, sample_records
+from conf.schema import TrainerConfig
+from data.loading import PromptSampler
+
+
+class Algorithm(Protocol):
+    prompts_per_step: int
+
+    def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, torch.Tensor]]: ...
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas),
+                             weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over warmup_steps, then constant, linear decay to 0, or cosine decay to 0 (per RL step)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Runs `algo.step` max_steps times; evaluates, logs and checkpoints on the way."""
+
+    def __init__(self, cfg: TrainerConfig, algo: Algorithm, sampler: PromptSampler, eval_rows: list[dict],
+                 logger: RunLogger, run_dir: Path, policy, tokenizer, reward_fn,
+                 optimizers: dict[str, torch.optim.Optimizer], eval_sampling: dict, seed: int):
+        self.cfg, self.algo, self.sampler, self.eval_rows = cfg, algo, sampler, eval_rows
+        self.logger, self.run_dir, self.policy, self.tokenizer = logger, Path(run_dir), policy, tokenizer
+        self.reward_fn, self.optimizers, self.eval_sampling, self.seed = reward_fn, optimizers, eval_sampling, seed
+        self.schedulers = [build_scheduler(opt, cfg) for opt in optimizers.values()]
+        self.totals = {"tokens/generated_total": 0.0, "time/total": 0.0}
+
+    def evaluate(self) -> dict[str, float]:
+        """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
+        if not self.eval_rows:
+            return {}
+        generator = torch.Generator().manual_seed(self.seed + 10_000)
+        metrics: dict[str, list[float]] = {}
+        for start in range(0, len(self.eval_rows), self.cfg.eval_batch_size):
+            rows = self.eval_rows[start : start + self.cfg.eval_batch_size]
+            rollout = generate_rollout(self.policy, self.tokenizer, rows, 1, generator=generator, **self.eval_sampling)
+            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+            for key, value in rollout_metrics(rollout, scored.total, scored.parts, scored.failures).items():
+                metrics.setdefault(key, []).append(value * len(rows))
+        return {f"eval/{k}": sum(v) / len(self.eval_rows) for k, v in metrics.items() if not k.endswith("_std")}
+
+    def save(self, name: str, step: int) -> Path:
+        state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals}
+        return save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers, state)
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        if cfg.eval_every:
+            self.logger.log(self.evaluate(), step=0)
+        bar = tqdm(range(1, cfg.max_steps + 1), desc="train", dynamic_ncols=True)
+        for step in bar:
+            start = time.perf_counter()
+            rows = self.sampler.next_batch()
+            metrics, rollout, rewards = self.algo.step(rows)
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self.totals["tokens/generated_total"] += metrics["tokens/generated"]
+            self.totals["time/total"] += time.perf_counter() - start
+            metrics.update(self.totals)
+            metrics["time/step"] = time.perf_counter() - start
+            metrics["lr"] = self.schedulers[0].get_last_lr()[0]
+            metrics["memory/peak_rss_mb"] = peak_rss_mb()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+                metrics.update(self.evaluate())
+            if step == cfg.max_steps:
+                metrics.update(self.evaluate())
+            self.logger.log(metrics, step)
+            self.logger.log_samples(step, sample_records(rollout.prompts, rollout.completions, rewards, cfg.log_samples))
+            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", len=f"{metrics['completion/length_mean']:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                self.save(f"step_{step}", step)
+            last = metrics
+        if cfg.save_final:
+            self.save("final", cfg.max_steps)
+        return last

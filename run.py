@@ -1,0 +1,112 @@
+"""Entry point: compose conf/, build the pieces, run one stage.
+
+    python run.py algo=grpo
+    python run.py algo=grpo model=tiny_llama trainer.max_steps=2
+    python run.py -m algo=grpo seed=0,1,2
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from algorithms.grpo import GRPO
+from algorithms.tracking import RunLogger
+from algorithms.trainer import Trainer, build_optimizer
+from algorithms.update import OptimTarget
+from conf.schema import Config, ConfigError, validate
+from data.loading import PromptSampler, attach_prompts, load_examples
+from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
+from rewards import build_reward
+
+ROOT = Path(__file__).resolve().parent
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
+    train, evals, skipped = load_examples(cfg.data, ROOT)
+    train, skipped_train = attach_prompts(train, tokenizer, cfg.data)
+    evals, skipped_eval = attach_prompts(evals, tokenizer, cfg.data)
+    for counts in (skipped_train, skipped_eval):
+        for reason, n in counts.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if not train:
+        raise ValueError(f"no training prompts left after filtering (skipped: {skipped})")
+    return train, evals, skipped
+
+
+def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    generator = seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, tokenizer).to(device)
+    train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
+    print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
+    reward_fn = build_reward(cfg.reward)
+
+    algo_cfg = cfg.algo
+    reference = None
+    if algo_cfg.beta > 0:  # a frozen copy; with beta = 0 GRPO never needs it
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.trainer)
+    targets = [OptimTarget(optimizer, params, cfg.trainer.max_grad_norm, "actor")]
+    algo = GRPO(algo_cfg, policy, reference, tokenizer, reward_fn, targets, generator)
+
+    sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
+    logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
+    logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
+        "data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))}, step=0)
+    eval_sampling = {"max_new_tokens": algo_cfg.max_new_tokens, "temperature": algo_cfg.temperature,
+                     "top_p": algo_cfg.top_p}
+    trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
+                      {"actor": optimizer}, eval_sampling, cfg.seed)
+    try:
+        return trainer.fit()
+    finally:
+        logger.finish()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(raw: DictConfig) -> float | None:
+    try:
+        cfg = validate(raw)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        final = run(cfg, run_dir, OmegaConf.to_container(raw, resolve=True))
+    except (ConfigError, ModelLoadError, ValueError) as err:
+        # a clear one-line reason, not a traceback, for what the user can fix
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return final.get("reward/total_mean")
+
+
+if __name__ == "__main__":
+    main()

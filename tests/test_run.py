@@ -1,0 +1,75 @@
+"""End-to-end: `python run.py ...` as a user types it, in a subprocess, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny_llama", "trainer.max_steps=2", "algo.max_new_tokens=8", "algo.prompts_per_step=2",
+        "algo.group_size=2", "data.eval_size=2", "trainer.eval_batch_size=2"]
+
+
+def run_py(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run_dir(run_dir: Path, steps: int) -> list[dict]:
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if "reward/total_mean" in m]
+    assert [m["step"] for m in train] == list(range(1, steps + 1))
+    for key in ("reward/total_mean", "advantages/std", "kl", "entropy", "clip_frac", "completion/length_mean",
+                "time/generate", "time/train", "tokens/generated", "tokens/generated_total", "eval/reward/total_mean"):
+        assert key in train[-1], key
+    assert (run_dir / "samples.jsonl").read_text().strip()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
+    return metrics
+
+
+@pytest.mark.slow
+def test_grpo_single_run(tmp_path):
+    out = tmp_path / "run"
+    proc = run_py(["algo=grpo", *TINY, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run_dir(out, steps=2)
+
+
+@pytest.mark.slow
+def test_grpo_multirun_two_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py(["-m", "algo=grpo", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert [p.name for p in run_dirs] == ["0_grpo_seed0", "1_grpo_seed1"]
+    rewards = [[m["reward/total_mean"] for m in check_run_dir(d, 2) if "reward/total_mean" in m] for d in run_dirs]
+    assert rewards[0] != rewards[1], "different seeds gave identical runs"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("algo.loss_type=foo", "choose one of: grpo, bnpo, dr_grpo, dapo, gspo"),
+        ("algo.kl_estimator=k9", "choose one of: k1, k2, k3"),
+        ("+algo.not_a_key=1", "valid keys"),
+        ("algo=nope", "Available options in 'algo'"),
+        ("trainer.lr=fast", "could not be converted"),
+    ],
+)
+def test_bad_config_names_valid_choices(tmp_path, override, expected):
+    proc = run_py([override, "model=tiny_llama", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
