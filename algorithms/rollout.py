@@ -63,8 +63,9 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
 @torch.inference_mode()
 def _sample(
     model: torch.nn.Module,
-    prompt_ids: Tensor,  # [N, Tp]
-    prompt_mask: Tensor,  # [N, Tp]
+    prompt_ids: Tensor,  # [P, Tp] each distinct prompt once
+    prompt_mask: Tensor,  # [P, Tp]
+    group_size: int,  # G: samples per prompt; N = P * G
     stop_ids: Tensor,  # [S]
     pad_id: int,
     max_new_tokens: int,
@@ -73,20 +74,23 @@ def _sample(
     generator: torch.Generator | None,
     progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    N = prompt_ids.shape[0]
     cache = DynamicCache()
-    mask = prompt_mask
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    # logits_to_keep=1: the prefill needs only the last position's logits
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    # the prefill runs once per distinct prompt, and only the last position becomes logits
     out = model(
-        input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids,
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
         cache=cache, use_cache=True, logits_to_keep=1,
     )
-    next_pos = position_ids[:, -1:] + 1  # [N, 1]
+    if group_size > 1:  # then the prompt's cache is copied to its G samples
+        cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, Tp]
+    next_pos = position_ids[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [N, 1]
+    N = mask.shape[0]
     finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps = [], []
     for _ in tqdm(range(max_new_tokens), desc="generate", leave=False, disable=not progress):
-        z = out.logits[:, -1].float() / temperature  # [N, V]
+        z = logits.float() / temperature  # [N, V]
         logp_all = torch.log_softmax(z, dim=-1)
         probs = torch.softmax(top_p_filter(z, top_p), dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
@@ -102,6 +106,7 @@ def _sample(
             input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
             cache=cache, use_cache=True,
         )
+        logits = out.logits[:, -1]
         next_pos = next_pos + 1
     completion_ids = torch.stack(tokens, dim=1)  # [N, Tc]
     logp = torch.stack(logps, dim=1)  # [N, Tc]
@@ -126,15 +131,17 @@ def generate_rollout(
     device = next(model.parameters()).device
     prompts = [row["prompt"] for row in rows for _ in range(group_size)]
     sample_rows = [row for row in rows for _ in range(group_size)]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    enc = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+    unique_ids, unique_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # [P, Tp]
     stop_ids = torch.tensor(stop_token_ids(tokenizer, model), device=device)
     was_training = model.training
     model.eval()
     completion_ids, completion_mask, logp = _sample(
-        model, prompt_ids, prompt_mask, stop_ids, tokenizer.pad_token_id,
+        model, unique_ids, unique_mask, group_size, stop_ids, tokenizer.pad_token_id,
         max_new_tokens, temperature, top_p, generator, progress,
     )
+    prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)  # [N, Tp]
+    prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
     model.train(was_training)
     truncated = ~torch.isin(completion_ids, stop_ids).any(-1)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
