@@ -1,13 +1,14 @@
 """Entry point: compose conf/, build the pieces, run one stage.
 
     python run.py algo=grpo
-    python run.py algo=grpo model=tiny_llama trainer.max_steps=2
-    python run.py -m algo=grpo seed=0,1,2
+    python run.py algo=ppo model=tiny_llama trainer.max_steps=2
+    python run.py -m algo=ppo,grpo seed=0,1,2
+    python run.py algo=reward_model                      # writes <run_dir>/reward_model
+    python run.py algo=grpo reward=reward_model reward.path=<run_dir>/reward_model
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import sys
@@ -19,16 +20,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms.grpo import GRPO
+from algorithms.grpo import build_grpo
+from algorithms.ppo import build_ppo
+from algorithms.reward_model import train_reward_model
 from algorithms.tracking import RunLogger
-from algorithms.trainer import Trainer, build_optimizer
-from algorithms.update import OptimTarget
+from algorithms.trainer import Trainer
 from conf.schema import Config, ConfigError, validate
 from data.loading import PromptSampler, attach_prompts, load_examples
 from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
 from rewards import build_reward
+from rewards.reward_model import reward_extras
 
 ROOT = Path(__file__).resolve().parent
+# algo.name -> build(cfg, policy, tokenizer, reward_fn, generator) -> (algorithm, {name: optimizer})
+RL_BUILDERS = {"grpo": build_grpo, "ppo": build_ppo}
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -68,26 +73,22 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     policy = load_causal_lm(cfg.model, tokenizer).to(device)
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
-    reward_fn = build_reward(cfg.reward)
+    reward_fn = None  # built before the logger starts a run, so that a bad reward config fails first
+    if cfg.algo.name in RL_BUILDERS:  # (the reward-model stage trains a reward rather than using one)
+        reward_fn = build_reward(cfg.reward, extra=reward_extras(cfg.reward, device))
 
-    algo_cfg = cfg.algo
-    reference = None
-    if algo_cfg.beta > 0:  # a frozen copy; with beta = 0 GRPO never needs it
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.trainer)
-    targets = [OptimTarget(optimizer, params, cfg.trainer.max_grad_norm, "actor")]
-    algo = GRPO(algo_cfg, policy, reference, tokenizer, reward_fn, targets, generator)
-
-    sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
     logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
     logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
         "data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))}, step=0)
-    eval_sampling = {"max_new_tokens": algo_cfg.max_new_tokens, "temperature": algo_cfg.temperature,
-                     "top_p": algo_cfg.top_p}
-    trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
-                      {"actor": optimizer}, eval_sampling, cfg.seed)
     try:
+        if cfg.algo.name == "reward_model":
+            return train_reward_model(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
+        algo, optimizers = RL_BUILDERS[cfg.algo.name](cfg, policy, tokenizer, reward_fn, generator)
+        sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
+        eval_sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": cfg.algo.temperature,
+                         "top_p": cfg.algo.top_p}
+        trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
+                          optimizers, eval_sampling, cfg.seed)
         return trainer.fit()
     finally:
         logger.finish()
@@ -105,7 +106,7 @@ def main(raw: DictConfig) -> float | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return final.get("reward/total_mean")
+    return final.get("reward/total_mean", final.get("eval/rm/accuracy"))  # a sweeper's objective
 
 
 if __name__ == "__main__":

@@ -56,3 +56,37 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     if not shift_mean:
         out = out + mean
     return out * mask.to(out.dtype)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over per-token rewards.
+
+    rewards, values, mask: [B, T]; values[:, t] is V of the state in which token t is chosen.
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  returns = A + V.
+    Masked positions are skipped as if absent (the recursion carries over them) and get 0 in both
+    outputs; the value after the last real token is 0 (the episode ends there).
+    Returns (advantages [B, T], returns [B, T]) in the dtype of `values`.
+    """
+    real = mask.bool()
+    rewards = rewards.to(values.dtype)
+    B, T = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = values.new_zeros(B)  # V_{t+1}: 0 past the end
+    last_gae = values.new_zeros(B)  # A_{t+1}
+    for t in reversed(range(T)):  # cleanrl's backward loop, vectorised over the batch
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        gae_t = delta + gamma * lam * last_gae
+        advantages[:, t] = torch.where(real[:, t], gae_t, 0.0)
+        last_gae = torch.where(real[:, t], gae_t, last_gae)
+        next_value = torch.where(real[:, t], values[:, t], next_value)
+    returns = torch.where(real, advantages + values, 0.0)
+    return advantages, returns
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect critic, 0 no better
+    than a constant, < 0 worse; NaN when the returns do not vary (cleanrl's `explained_var`)."""
+    var_returns = masked_var(returns, mask)
+    if var_returns == 0:
+        return torch.tensor(float("nan"))
+    return 1.0 - masked_var(returns - values, mask) / var_returns

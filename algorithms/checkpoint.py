@@ -18,8 +18,11 @@ def save_checkpoint(
     tokenizer,
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
+    extra_models: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write model (HF format, safetensors), tokenizer, optimizer states and `state` (json) to `directory`.
+
+    `extra_models`: name -> a model with `save(dir)` (PPO's critic, models.heads), written to `directory/name`.
 
     A reader never sees a half-written checkpoint: the files go to a sibling temp dir first, and a
     crash mid-write leaves the previous checkpoint of the same name untouched.
@@ -32,6 +35,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for name, extra in (extra_models or {}).items():
+            extra.save(tmp / name)
         if directory.exists():
             old = directory.with_name(f".old-{directory.name}")
             os.replace(directory, old)

@@ -1,9 +1,12 @@
-"""Pieces of an RL step that PPO and GRPO share: timing, scoring, no-grad log-prob passes, metrics."""
+"""Pieces of an RL step that PPO and GRPO share: timing, no-grad log-prob / value passes, the actor's
+optimiser and reference, metrics."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -11,6 +14,8 @@ from torch import Tensor
 
 from algorithms.advantages import masked_mean
 from algorithms.rollout import Rollout
+from algorithms.update import OptimTarget, build_optimizer
+from conf.schema import TrainerConfig
 from models.logprobs import completion_logprobs
 
 
@@ -43,30 +48,56 @@ def rollout_tensors(rollout: Rollout) -> dict[str, Tensor]:
     }
 
 
-def micro_logprobs(
-    model: torch.nn.Module, micro: dict[str, Tensor], temperature: float, with_entropy: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Completion log-probs of one (trimmed) micro-batch: ([n, Tc], entropy [n, Tc] | None)."""
+def micro_inputs(micro: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
+    """(input_ids [n, Tp + Tc], attention_mask [n, Tp + Tc], Tc) of one micro-batch of rollout tensors."""
     input_ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
     attention_mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)
-    return completion_logprobs(
-        model, input_ids, attention_mask, micro["completion_ids"].shape[1], temperature, with_entropy
-    )
+    return input_ids, attention_mask, micro["completion_ids"].shape[1]
+
+
+def micro_logprobs(
+    model: torch.nn.Module, micro: dict[str, Tensor], temperature: float, with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Completion log-probs of one (trimmed) micro-batch: ([n, Tc], entropy [n, Tc] | None)."""
+    input_ids, attention_mask, tc = micro_inputs(micro)
+    return completion_logprobs(model, input_ids, attention_mask, tc, temperature, with_entropy, entropy_grad)
+
+
+def micro_values(critic: torch.nn.Module, micro: dict[str, Tensor]) -> Tensor:
+    """Critic values of one micro-batch's completion tokens, [n, Tc] fp32 (see models.heads.ValueModel)."""
+    return critic.values(*micro_inputs(micro))
 
 
 @torch.inference_mode()
-def batched_logprobs(
-    model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float
-) -> Tensor:
-    """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
+def batched_forward(fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout, micro_batch_size: int) -> Tensor:
+    """fn(micro) -> [n, Tc] over the rollout in micro-batches, no grad: [N, Tc] fp32, 0 on padding."""
     batch = rollout_tensors(rollout)
     n, tc = rollout.completion_ids.shape
     out = torch.zeros(n, tc, dtype=torch.float32, device=rollout.completion_ids.device)
     for start in range(0, n, micro_batch_size):
         micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
-        logp, _ = micro_logprobs(model, micro, temperature)
-        out[start : start + micro_batch_size] = logp
+        out[start : start + micro_batch_size] = fn(micro)
     return out.clone() * rollout.completion_mask  # clone: leave inference mode behind
+
+
+def batched_logprobs(
+    model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float
+) -> Tensor:
+    """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
+    return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch_size)
+
+
+def actor_target(policy: torch.nn.Module, cfg: TrainerConfig) -> tuple[OptimTarget, torch.optim.Optimizer]:
+    """The policy's trainable parameters with their AdamW (lr = trainer.lr)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    return OptimTarget(optimizer, params, cfg.max_grad_norm, "actor"), optimizer
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy (the reference policy): eval mode, no gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],

@@ -10,11 +10,20 @@ import torch
 from torch import Tensor
 
 from algorithms.advantages import group_advantages
-from algorithms.common import PhaseTimer, batched_logprobs, micro_logprobs, rollout_metrics, rollout_tensors, sequence_mean
+from algorithms.common import (
+    PhaseTimer,
+    actor_target,
+    batched_logprobs,
+    frozen_copy,
+    micro_logprobs,
+    rollout_metrics,
+    rollout_tensors,
+    sequence_mean,
+)
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
 from algorithms.rollout import Rollout, generate_rollout
 from algorithms.update import OptimTarget, minibatch_update
-from conf.schema import GRPOConfig
+from conf.schema import Config, GRPOConfig
 
 
 class GRPO:
@@ -33,6 +42,12 @@ class GRPO:
     @property
     def prompts_per_step(self) -> int:
         return self.cfg.prompts_per_step
+
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        return {}  # the policy is saved by the trainer; GRPO has no other trained model
+
+    def state_dict(self) -> dict:
+        return {}
 
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()
@@ -93,3 +108,11 @@ class GRPO:
             "reward/zero_std_group_frac": float((std_per_group == 0).float().mean()),
         })
         return metrics, rollout, {"total": rewards, **scored.parts}
+
+
+def build_grpo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Generator
+               ) -> tuple[GRPO, dict[str, torch.optim.Optimizer]]:
+    """GRPO on `policy` with a frozen reference (none when beta = 0) and the actor's optimiser."""
+    reference = frozen_copy(policy) if cfg.algo.beta > 0 else None
+    target, optimizer = actor_target(policy, cfg.trainer)
+    return GRPO(cfg.algo, policy, reference, tokenizer, reward_fn, [target], generator), {"actor": optimizer}

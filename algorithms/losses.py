@@ -119,3 +119,16 @@ def accumulation_weight(loss_type: str, share: float) -> float:
     share: the micro-batch's fraction of the minibatch's sequences.
     """
     return 1.0 if loss_type == "dapo" else share
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reward-model loss -log sigmoid(r_chosen - r_rejected), mean over pairs (Ouyang et al. 2022, eq. 1).
+
+    chosen, rejected: [B] scores of the preferred and the other response to the same prompt.
+    Stats: accuracy (share of pairs ranked right; a tie counts as wrong) and the mean margin.
+    """
+    margin = chosen - rejected  # [B]
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    with torch.no_grad():
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+    return loss, stats

@@ -24,10 +24,9 @@ class Algorithm(Protocol):
 
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, torch.Tensor]]: ...
 
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]: ...  # trained models besides the policy
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas),
-                             weight_decay=cfg.weight_decay)
+    def state_dict(self) -> dict: ...  # algorithm state a resume needs (PPO's KL coefficient)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -77,8 +76,10 @@ class Trainer:
         return {f"eval/{k}": sum(v) / len(self.eval_rows) for k, v in metrics.items() if not k.endswith("_std")}
 
     def save(self, name: str, step: int) -> Path:
-        state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals}
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers, state)
+        state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
+                 "algo": self.algo.state_dict()}
+        return save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers, state,
+                               self.algo.checkpoint_models())
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from conf.schema import TrainerConfig
+
 
 @dataclass
 class OptimTarget:
@@ -23,6 +25,12 @@ class OptimTarget:
     params: list[torch.nn.Parameter]
     max_grad_norm: float
     name: str = "actor"
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with the trainer's settings; `lr` overrides trainer.lr (PPO's critic)."""
+    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas),
+                             weight_decay=cfg.weight_decay)
 
 
 def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -89,17 +89,20 @@ class RewardConfig:
     weights: dict[str, float] = field(default_factory=dict)
     # reward name -> keyword arguments passed to that reward function
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the learned reward (weights.reward_model): directory written by algo=reward_model
+    path: str | None = None
+    batch_size: int = 16  # completions per reward-model forward pass
 
 
 @dataclass
 class GRPOConfig:
     name: str = "grpo"
-    prompts_per_step: int = 4  # P prompts, each sampled group_size times
+    prompts_per_step: int = 2  # P prompts, each sampled group_size times
     group_size: int = 4  # G
     num_iterations: int = 1  # mu: optimisation passes over one rollout batch
-    minibatch_size: int = 16  # sequences per optimiser step (a multiple of group_size is natural)
+    minibatch_size: int = 8  # sequences per optimiser step (a multiple of group_size is natural)
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
@@ -126,16 +129,87 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    name: str = "ppo"
+    prompts_per_step: int = 8  # P prompts per RL step
+    samples_per_prompt: int = 1  # completions per prompt; N = P * samples_per_prompt sequences per step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 8  # sequences per optimiser step (N / minibatch_size optimiser steps per epoch)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "bnpo"  # policy-loss aggregation, as in GRPOConfig (bnpo: mean over all tokens)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    vf_coef: float = 0.1  # weight of the value loss
+    value_clip: float = 0.2  # new values clipped to old +- value_clip
+    ent_coef: float = 0.0  # entropy bonus (0 = none)
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    beta: float = 0.05  # initial KL coefficient of the per-token penalty -beta * KL in the reward
+    kl_estimator: str = "k1"  # k1 | k2 | k3, the per-token KL in the penalty
+    kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
+    target_kl: float = 6.0  # adaptive: target KL per sequence (nats)
+    kl_horizon: int = 10000  # adaptive: horizon in sequences
+    critic: str = "policy"  # critic initialisation: policy (a copy of the policy backbone + a zero head)
+    critic_lr: float | None = None  # null = trainer.lr
+    recompute_old_logp: bool = False  # when false, sampling-time log-probs serve as old log-probs
+
+    def __post_init__(self) -> None:
+        check_choice("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check_choice("algo.loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo", "gspo"))
+        check_choice("algo.kl_control", self.kl_control, ("fixed", "adaptive"))
+        check_choice("algo.critic", self.critic, ("policy",))
+        for key in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "minibatch_size", "micro_batch_size",
+                    "max_new_tokens", "kl_horizon"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+        check_range("algo.gamma", self.gamma, 0.0, 1.0)
+        check_range("algo.lam", self.lam, 0.0, 1.0)
+        for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl"):
+            check_range(f"algo.{key}", getattr(self, key), 0.0)
+        if self.critic_lr is not None:
+            check_range("algo.critic_lr", self.critic_lr, 0.0)
+
+
+@dataclass
+class RewardModelConfig:
+    name: str = "reward_model"
+    # what a preference pair opposes to the row's reference response (always the chosen one):
+    # other_response (the reference of another question) | truncated | policy_sample
+    rejected: str = "other_response"
+    truncate_frac: float = 0.5  # rejected=truncated: share of the reference's words kept
+    batch_size: int = 8  # preference pairs per optimiser step
+    micro_batch_size: int = 8  # pairs per forward/backward
+    max_response_tokens: int = 256  # responses are cut to this many tokens (chosen and rejected alike)
+    # rejected=policy_sample: how the policy samples
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("algo.rejected", self.rejected, ("other_response", "truncated", "policy_sample"))
+        check_range("algo.truncate_frac", self.truncate_frac, 0.0, 1.0)
+        for key in ("batch_size", "micro_batch_size", "max_response_tokens", "max_new_tokens"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+
+
+@dataclass
 class TrainerConfig:
     name: str = "default"
-    max_steps: int = 40
-    lr: float = 1e-5
+    max_steps: int = 36
+    lr: float = 3e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 12  # 0 = only at the end
     eval_batch_size: int = 8
     log_samples: int = 4  # completions per step written to samples.jsonl
     save_every: int = 0  # 0 = only at the end
@@ -163,7 +237,7 @@ class LoggerConfig:
         check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
-ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOConfig}
+ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOConfig, "ppo": PPOConfig, "reward_model": RewardModelConfig}
 
 
 @dataclass

@@ -17,11 +17,14 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_rows: int = 1024,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits / temperature)[tokens] per position, accumulated in fp32.
 
     Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Entropy is of the same
-    temperature-scaled distribution, H = logsumexp(z) - sum softmax(z) * z, and carries no gradient.
+    temperature-scaled distribution, H = logsumexp(z) - sum softmax(z) * z; it carries no gradient
+    unless entropy_grad (an entropy bonus in the loss), which keeps one [rows, V] softmax per chunk
+    alive for backward.
     """
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V)
@@ -33,8 +36,8 @@ def token_logprobs(
             z = z / temperature
         lse = torch.logsumexp(z, dim=-1)  # [c]
         logp_chunks.append(z.gather(-1, flat_tokens[start : start + chunk_rows]).squeeze(-1) - lse)
-        if with_entropy:  # a diagnostic: no graph is kept for it
-            with torch.no_grad():
+        if with_entropy:  # by default a diagnostic: no graph is kept for it
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 ent_chunks.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
     logp = torch.cat(logp_chunks).view(B, T)
     entropy = torch.cat(ent_chunks).view(B, T) if with_entropy else None
@@ -48,6 +51,7 @@ def completion_logprobs(
     completion_len: int,  # Tc
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the completion tokens under `model`: (logp [B, Tc], entropy [B, Tc] | None).
 
@@ -60,4 +64,5 @@ def completion_logprobs(
     ).last_hidden_state  # [B, Tp + Tc, H]
     hidden = hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
     logits = model.get_output_embeddings()(hidden)  # [B, Tc, V]
-    return token_logprobs(logits, input_ids[:, -completion_len:], temperature, with_entropy=with_entropy)
+    return token_logprobs(logits, input_ids[:, -completion_len:], temperature, with_entropy=with_entropy,
+                          entropy_grad=entropy_grad)

@@ -54,8 +54,10 @@ def test_grpo_multirun_two_seeds(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     assert [p.name for p in run_dirs] == ["0_grpo_seed0", "1_grpo_seed1"]
-    rewards = [[m["reward/total_mean"] for m in check_run_dir(d, 2) if "reward/total_mean" in m] for d in run_dirs]
-    assert rewards[0] != rewards[1], "different seeds gave identical runs"
+    for run_dir in run_dirs:
+        check_run_dir(run_dir, steps=2)
+    samples = [(d / "samples.jsonl").read_text() for d in run_dirs]
+    assert samples[0] != samples[1], "different seeds sampled identical completions"
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,73 @@ def test_grpo_multirun_two_seeds(tmp_path):
 )
 def test_bad_config_names_valid_choices(tmp_path, override, expected):
     proc = run_py([override, "model=tiny_llama", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# PPO has no group_size; it samples samples_per_prompt completions per prompt instead
+PPO_TINY = [a for a in TINY if not a.startswith("algo.group_size")] + ["algo.samples_per_prompt=2"]
+SHARED_TINY = [a for a in TINY if not a.startswith("algo.group_size")]  # valid for every RL algo
+
+
+@pytest.mark.slow
+def test_ppo_single_run_saves_the_critic(tmp_path):
+    out = tmp_path / "run"
+    proc = run_py(["algo=ppo", *PPO_TINY, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [m for m in check_run_dir(out, steps=2) if "reward/total_mean" in m][-1]
+    for key in ("value_loss", "explained_var", "value_clip_frac", "kl/sequence", "kl_coef", "returns/mean",
+                "grad_norm/actor", "grad_norm/critic", "time/values", "time/reference"):
+        assert key in last, key
+    final = out / "checkpoints" / "final"
+    assert (final / "critic" / "head.safetensors").exists() and (final / "critic" / "model.safetensors").exists()
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["algo"]["kl_ctl"]["value"] == pytest.approx(0.05)
+
+
+@pytest.mark.slow
+def test_ppo_and_grpo_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_py(["-m", "algo=ppo,grpo", *SHARED_TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert [p.name for p in run_dirs] == ["0_ppo_seed0", "1_grpo_seed0"]
+    for run_dir in run_dirs:
+        check_run_dir(run_dir, steps=2)
+
+
+@pytest.mark.slow
+def test_reward_model_then_grpo_on_it(tmp_path):
+    rm_run = tmp_path / "rm"
+    proc = run_py(["algo=reward_model", "model=tiny_llama", "trainer.max_steps=2", "algo.batch_size=2",
+                   "algo.max_response_tokens=32", "data.eval_size=2", "trainer.eval_batch_size=2",
+                   f"hydra.run.dir={rm_run}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(rm_run)
+    assert [m["step"] for m in metrics if "rm/loss" in m] == [1, 2]
+    assert 0.0 <= metrics[-1]["eval/rm/accuracy"] <= 1.0
+    assert (rm_run / "reward_model" / "head.safetensors").exists()
+
+    out = tmp_path / "grpo"
+    args = [a for a in TINY if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=1"]
+    proc = run_py(["algo=grpo", "reward=reward_model", f"reward.path={rm_run / 'reward_model'}", *args,
+                   f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [m for m in check_run_dir(out, steps=1) if "reward/total_mean" in m][-1]
+    assert last["reward/reward_model_mean"] == pytest.approx(last["reward/total_mean"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algo=ppo", "algo.kl_control=pid"], "choose one of: fixed, adaptive"),
+        (["algo=reward_model", "algo.rejected=random"], "choose one of: other_response, truncated, policy_sample"),
+        (["reward=reward_model"], "reward.path"),
+    ],
+)
+def test_bad_ppo_and_reward_model_config(tmp_path, overrides, expected):
+    proc = run_py([*overrides, "model=tiny_llama", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, timeout=300)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -9,10 +9,9 @@ import torch
 from algorithms.grpo import GRPO
 from algorithms.update import OptimTarget
 from conf.schema import GRPOConfig
-from rewards import CombinedReward, register
+from rewards import CombinedReward
 
 
-@register("letter_e")
 def letter_e(prompts, completions, **_):
     """Synthetic verifiable task: the share of the letter 'e' among up to 40 characters."""
     return [min(c.lower().count("e") / 40.0, 1.0) for c in completions]
@@ -27,7 +26,7 @@ def train_grpo(model, tokenizer, steps: int, beta: float, seed: int = 0) -> list
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     reference = copy.deepcopy(model).requires_grad_(False) if beta > 0 else None
-    algo = GRPO(cfg, model, reference, tokenizer, CombinedReward({"letter_e": 1.0}),
+    algo = GRPO(cfg, model, reference, tokenizer, CombinedReward({"letter_e": 1.0}, extra={"letter_e": letter_e}),
                 [OptimTarget(optimizer, params, 1.0)], torch.Generator().manual_seed(seed))
     return [algo.step(rows)[0]["reward/total_mean"] for _ in range(steps)]
 

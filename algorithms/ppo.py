@@ -1,0 +1,173 @@
+"""PPO for LLMs (Ziegler et al. 2019; Ouyang et al. 2022): actor, critic, reward, frozen reference.
+
+One `step()` reads top to bottom: rollout -> score -> reference log-probs and critic values ->
+per-token rewards (-beta * KL on every token, the sequence reward on the last one) -> GAE ->
+ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value loss.
+Rollout, scoring, log-probs, the policy loss and the minibatch loop are GRPO's; what differs is the
+advantage estimator (GAE on a learned critic) and where the KL enters (the reward, not the loss).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
+from algorithms.common import (
+    PhaseTimer,
+    actor_target,
+    batched_forward,
+    batched_logprobs,
+    frozen_copy,
+    micro_logprobs,
+    micro_values,
+    rollout_metrics,
+    rollout_tensors,
+    sequence_mean,
+)
+from algorithms.kl_control import KLController
+from algorithms.losses import accumulation_weight, kl_estimate, policy_loss, value_loss
+from algorithms.rollout import Rollout, generate_rollout
+from algorithms.update import OptimTarget, build_optimizer, minibatch_update
+from conf.schema import Config, PPOConfig
+from models.heads import ValueModel
+
+
+class PPO:
+    """The PPO update on a policy, its critic, an optional frozen reference and a reward function."""
+
+    def __init__(self, cfg: PPOConfig, policy, critic: ValueModel, reference, tokenizer, reward_fn,
+                 targets: list[OptimTarget], generator: torch.Generator, kl_ctl: KLController):
+        self.cfg = cfg
+        self.policy = policy
+        self.critic = critic
+        self.reference = reference  # None when beta == 0: no penalty, no reference forward
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.targets = targets  # the actor's and the critic's optimisers, stepped together
+        self.generator = generator
+        self.kl_ctl = kl_ctl
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.prompts_per_step
+
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        return {"critic": self.critic}
+
+    def state_dict(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
+        cfg, timer = self.cfg, PhaseTimer()
+
+        # ---- ROLLOUT ---------------------------------------------------------------------------
+        with timer("generate"):
+            rollout = generate_rollout(
+                self.policy, self.tokenizer, rows, cfg.samples_per_prompt, cfg.max_new_tokens,
+                cfg.temperature, cfg.top_p, self.generator,
+            )
+        mask = rollout.completion_mask  # [N, Tc]
+        N = mask.shape[0]
+
+        # ---- SCORE: one reward per sequence --------------------------------------------------
+        with timer("score"):
+            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        scores = scored.total.to(mask.device)  # [N]
+
+        # ---- REFERENCE LOG-PROBS AND OLD VALUES (no grad) ------------------------------------
+        batch = rollout_tensors(rollout)
+        if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
+            with timer("old_logp"):
+                batch["old_logp"] = batched_logprobs(self.policy, rollout, cfg.micro_batch_size, cfg.temperature)
+        kl_k1 = kl_penalty = torch.zeros_like(batch["old_logp"])  # [N, Tc]
+        if self.reference is not None:
+            with timer("reference"):
+                ref_logp = batched_logprobs(self.reference, rollout, cfg.micro_batch_size, cfg.temperature)
+            kl_k1 = (batch["old_logp"] - ref_logp) * mask
+            kl_penalty = kl_estimate(batch["old_logp"], ref_logp, cfg.kl_estimator) * mask
+        with timer("values"):
+            old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
+                                         cfg.micro_batch_size)  # [N, Tc]
+
+        # ---- ALGO LOGIC: per-token rewards, GAE, whitening -----------------------------------
+        beta = self.kl_ctl.value
+        token_rewards = -beta * kl_penalty  # [N, Tc]
+        last = mask.sum(-1) - 1  # index of each completion's last real token (EOS or the cut), [N]
+        token_rewards[torch.arange(N, device=mask.device), last] += scores
+        raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
+        advantages = whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
+        batch.update(advantages=advantages, returns=returns, old_values=old_values)
+
+        def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
+            micro_mask = micro["completion_mask"]
+            logp, entropy = micro_logprobs(self.policy, micro, cfg.temperature, with_entropy=True,
+                                           entropy_grad=cfg.ent_coef > 0)
+            values = micro_values(self.critic, micro)  # [n, Tc]
+            # no KL term here: PPO's KL is already in the rewards
+            pg_loss, stats = policy_loss(
+                logp, micro["old_logp"], micro["advantages"], micro_mask,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
+                max_len=cfg.max_new_tokens, num_tokens=minibatch_tokens,
+            )
+            v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
+            entropy_bonus = masked_mean(entropy, micro_mask)
+            # dapo's policy loss is already divided by the minibatch's tokens; the token means are not
+            loss = (pg_loss * accumulation_weight(cfg.loss_type, share)
+                    + (cfg.vf_coef * v_loss - cfg.ent_coef * entropy_bonus) * share)
+            stats.update(v_stats)
+            stats["pg_loss"] = pg_loss.detach()
+            stats["value_loss"] = v_loss.detach()
+            stats["entropy"] = torch.tensor(sequence_mean(entropy.detach(), micro_mask))
+            stats["loss"] = (pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_bonus).detach()
+            return loss, stats
+
+        # ---- UPDATE: ppo_epochs passes over minibatches, actor and critic together -----------
+        with timer("train"):
+            self.policy.train()
+            self.critic.train()
+            update_stats = minibatch_update(
+                batch, loss_fn, self.targets, cfg.ppo_epochs, cfg.minibatch_size,
+                cfg.micro_batch_size, self.generator,
+            )
+            self.policy.eval()
+            self.critic.eval()
+
+        kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL
+        self.kl_ctl.update(kl_per_sequence, N)
+
+        metrics = rollout_metrics(rollout, scores, scored.parts, scored.failures)
+        metrics.update(update_stats)
+        metrics.update(timer.metrics())
+        metrics.update({
+            "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
+            "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
+            "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
+            "returns/mean": float(masked_mean(returns, mask)),
+            "values/mean": float(masked_mean(old_values, mask)),
+            "explained_var": float(explained_variance(old_values, returns, mask)),
+            "kl_coef": beta,  # the beta this step's rewards used
+        })
+        if self.reference is not None:
+            metrics.update({
+                "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
+                "kl/sequence": kl_per_sequence,  # k1 summed over each sequence, mean over sequences
+                "reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean()),
+            })
+        return metrics, rollout, {"total": scores, **scored.parts}
+
+
+def build_ppo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Generator
+              ) -> tuple[PPO, dict[str, torch.optim.Optimizer]]:
+    """PPO's four models: `policy` (actor), a critic from the policy's weights, a frozen reference
+    (none when beta = 0) and `reward_fn`; the actor and the critic get their own AdamW."""
+    algo = cfg.algo
+    reference = frozen_copy(policy) if algo.beta > 0 else None
+    critic = ValueModel.from_causal_lm(policy)  # algo.critic == "policy": the policy's backbone, a zero head
+    actor, actor_optimizer = actor_target(policy, cfg.trainer)
+    critic_params = [p for p in critic.parameters() if p.requires_grad]
+    critic_optimizer = build_optimizer(critic_params, cfg.trainer, lr=algo.critic_lr)
+    targets = [actor, OptimTarget(critic_optimizer, critic_params, cfg.trainer.max_grad_norm, "critic")]
+    kl_ctl = KLController(algo.beta, algo.kl_control == "adaptive", algo.target_kl, algo.kl_horizon)
+    ppo = PPO(algo, policy, critic.eval(), reference, tokenizer, reward_fn, targets, generator, kl_ctl)
+    return ppo, {"actor": actor_optimizer, "critic": critic_optimizer}
