@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from algorithms.advantages import masked_mean
-from algorithms.rollout import Rollout
+from algorithms.rollout import Rollout, generate_rollout
 from algorithms.update import OptimTarget, build_optimizer
 from conf.schema import TrainerConfig
 from models.logprobs import completion_logprobs
@@ -35,6 +35,21 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: PhaseTimer) -> tuple[Rollout, object]:
+    """Rollout then reward scoring, timed: the first half of every RL step, PPO's and GRPO's alike.
+
+    `algo` supplies policy, tokenizer, reward_fn, generator and cfg (max_new_tokens, temperature, top_p).
+    Returns (rollout, RewardOutput) with the N = len(rows) * samples_per_prompt samples group-contiguous.
+    """
+    cfg = algo.cfg
+    with timer("generate"):
+        rollout = generate_rollout(algo.policy, algo.tokenizer, rows, samples_per_prompt, cfg.max_new_tokens,
+                                   cfg.temperature, cfg.top_p, algo.generator)
+    with timer("score"):
+        scored = algo.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+    return rollout, scored
 
 
 def rollout_tensors(rollout: Rollout) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from algorithms.advantages import group_advantages
 from algorithms.common import (
     PhaseTimer,
+    sample_and_score,
     actor_target,
     batched_logprobs,
     frozen_copy,
@@ -21,7 +22,7 @@ from algorithms.common import (
     sequence_mean,
 )
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
-from algorithms.rollout import Rollout, generate_rollout
+from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, minibatch_update
 from conf.schema import Config, GRPOConfig
 
@@ -52,17 +53,9 @@ class GRPO:
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()
 
-        # ---- ROLLOUT: G samples per prompt, group-contiguous --------------------------------
-        with timer("generate"):
-            rollout = generate_rollout(
-                self.policy, self.tokenizer, rows, cfg.group_size, cfg.max_new_tokens,
-                cfg.temperature, cfg.top_p, self.generator,
-            )
+        # ---- ROLLOUT AND SCORE: G samples per prompt, group-contiguous ------------------------
+        rollout, scored = sample_and_score(self, rows, cfg.group_size, timer)
         mask = rollout.completion_mask  # [N, Tc]
-
-        # ---- SCORE ---------------------------------------------------------------------------
-        with timer("score"):
-            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
         rewards = scored.total.to(mask.device)  # [N]
 
         # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------

@@ -15,6 +15,7 @@ from torch import Tensor
 from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
 from algorithms.common import (
     PhaseTimer,
+    sample_and_score,
     actor_target,
     batched_forward,
     batched_logprobs,
@@ -27,7 +28,7 @@ from algorithms.common import (
 )
 from algorithms.kl_control import KLController
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss, value_loss
-from algorithms.rollout import Rollout, generate_rollout
+from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, build_optimizer, minibatch_update
 from conf.schema import Config, PPOConfig
 from models.heads import ValueModel
@@ -61,18 +62,10 @@ class PPO:
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()
 
-        # ---- ROLLOUT ---------------------------------------------------------------------------
-        with timer("generate"):
-            rollout = generate_rollout(
-                self.policy, self.tokenizer, rows, cfg.samples_per_prompt, cfg.max_new_tokens,
-                cfg.temperature, cfg.top_p, self.generator,
-            )
+        # ---- ROLLOUT AND SCORE: one reward per sequence ---------------------------------------
+        rollout, scored = sample_and_score(self, rows, cfg.samples_per_prompt, timer)
         mask = rollout.completion_mask  # [N, Tc]
         N = mask.shape[0]
-
-        # ---- SCORE: one reward per sequence --------------------------------------------------
-        with timer("score"):
-            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
         scores = scored.total.to(mask.device)  # [N]
 
         # ---- REFERENCE LOG-PROBS AND OLD VALUES (no grad) ------------------------------------

@@ -102,7 +102,7 @@ class GRPOConfig:
     num_iterations: int = 1  # mu: optimisation passes over one rollout batch
     minibatch_size: int = 8  # sequences per optimiser step (a multiple of group_size is natural)
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
@@ -136,7 +136,7 @@ class PPOConfig:
     ppo_epochs: int = 4  # passes over each rollout batch
     minibatch_size: int = 8  # sequences per optimiser step (N / minibatch_size optimiser steps per epoch)
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
     loss_type: str = "bnpo"  # policy-loss aggregation, as in GRPOConfig (bnpo: mean over all tokens)
@@ -186,7 +186,7 @@ class RewardModelConfig:
     micro_batch_size: int = 8  # pairs per forward/backward
     max_response_tokens: int = 256  # responses are cut to this many tokens (chosen and rejected alike)
     # rejected=policy_sample: how the policy samples
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -202,14 +202,14 @@ class RewardModelConfig:
 @dataclass
 class TrainerConfig:
     name: str = "default"
-    max_steps: int = 36
-    lr: float = 3e-5
+    max_steps: int = 28
+    lr: float = 5e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    eval_every: int = 12  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end
     eval_batch_size: int = 8
     log_samples: int = 4  # completions per step written to samples.jsonl
     save_every: int = 0  # 0 = only at the end
