@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
 from conf.schema import ModelConfig
 from models.loading import load_causal_lm, load_tokenizer
 
@@ -19,3 +21,25 @@ def tokenizer():
 @pytest.fixture()
 def tiny_model(tokenizer):
     return load_causal_lm(ModelConfig(name="tiny_llama", **TINY), tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a 64-wide model gains nothing from threads, and loses a lot on a shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def letter_e(prompts, completions, **_):
+    """Synthetic verifiable task: the share of the letter 'e' among up to 40 characters."""
+    return [min(c.lower().count("e") / 40.0, 1.0) for c in completions]
+
+
+@pytest.fixture()
+def letter_e_reward():
+    """A combined reward of the synthetic task alone, for the learning tests."""
+    from rewards import CombinedReward
+
+    return CombinedReward({"letter_e": 1.0}, extra={"letter_e": letter_e})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from algorithms.kl_control import KLController
@@ -17,24 +16,11 @@ from algorithms.ppo import PPO
 from algorithms.update import OptimTarget
 from conf.schema import PPOConfig
 from models.heads import ValueModel
-from rewards import CombinedReward
 
 
-def letter_e(prompts, completions, **_):
-    """Synthetic verifiable task: the share of the letter 'e' among up to 40 characters."""
-    return [min(c.lower().count("e") / 40.0, 1.0) for c in completions]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a 64-wide model gains nothing from threads, and loses a lot on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def train_ppo(model, tokenizer, steps: int, seed: int = 0) -> list[dict[str, float]]:
+def train_ppo(model, tokenizer, reward, steps: int, seed: int = 0) -> list[dict[str, float]]:
     torch.manual_seed(seed)
     cfg = PPOConfig(samples_per_prompt=8, ppo_epochs=2, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
                     temperature=0.1, beta=0.04, vf_coef=0.5)
@@ -45,14 +31,13 @@ def train_ppo(model, tokenizer, steps: int, seed: int = 0) -> list[dict[str, flo
     targets = [OptimTarget(torch.optim.AdamW(actor_params, lr=1e-3), actor_params, 1.0, "actor"),
                OptimTarget(torch.optim.AdamW(critic_params, lr=1e-3), critic_params, 1.0, "critic")]
     reference = copy.deepcopy(model).requires_grad_(False)
-    reward = CombinedReward({"letter_e": 1.0}, extra={"letter_e": letter_e})
     algo = PPO(cfg, model, critic.eval(), reference, tokenizer, reward, targets, torch.Generator().manual_seed(seed),
                KLController(cfg.beta))
     return [algo.step(rows)[0] for _ in range(steps)]
 
 
-def test_ppo_raises_reward_and_critic_fits(tiny_model, tokenizer):
-    metrics = train_ppo(tiny_model, tokenizer, steps=25)
+def test_ppo_raises_reward_and_critic_fits(tiny_model, tokenizer, letter_e_reward):
+    metrics = train_ppo(tiny_model, tokenizer, letter_e_reward, steps=25)
     rewards = [m["reward/total_mean"] for m in metrics]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.1, f"reward did not rise: first {first:.3f}, last {last:.3f}: {rewards}"
@@ -63,7 +48,7 @@ def test_ppo_raises_reward_and_critic_fits(tiny_model, tokenizer):
             assert torch.isfinite(torch.tensor(m[key])), (key, m[key])
 
 
-def test_ppo_learning_is_deterministic(tiny_model, tokenizer):
+def test_ppo_learning_is_deterministic(tiny_model, tokenizer, letter_e_reward):
     twin = copy.deepcopy(tiny_model)
-    first = [m["reward/total_mean"] for m in train_ppo(tiny_model, tokenizer, steps=2)]
-    assert first == [m["reward/total_mean"] for m in train_ppo(twin, tokenizer, steps=2)]
+    first = [m["reward/total_mean"] for m in train_ppo(tiny_model, tokenizer, letter_e_reward, steps=2)]
+    assert first == [m["reward/total_mean"] for m in train_ppo(twin, tokenizer, letter_e_reward, steps=2)]
