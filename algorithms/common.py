@@ -16,6 +16,7 @@ from algorithms.advantages import masked_mean
 from algorithms.rollout import Rollout, generate_rollout
 from algorithms.update import OptimTarget, build_optimizer
 from conf.schema import TrainerConfig
+from rewards.combine import RewardOutput
 from models.logprobs import completion_logprobs
 
 
@@ -37,7 +38,7 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: PhaseTimer) -> tuple[Rollout, object]:
+def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
     """Rollout then reward scoring, timed: the first half of every RL step, PPO's and GRPO's alike.
 
     `algo` supplies policy, tokenizer, reward_fn, generator and cfg (max_new_tokens, temperature, top_p).
