@@ -12,13 +12,13 @@ from torch import Tensor
 from algorithms.advantages import group_advantages
 from algorithms.common import (
     PhaseTimer,
-    sample_and_score,
     actor_target,
     batched_logprobs,
     frozen_copy,
     micro_logprobs,
     rollout_metrics,
     rollout_tensors,
+    sample_and_score,
     sequence_mean,
 )
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss

@@ -15,7 +15,6 @@ from torch import Tensor
 from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
 from algorithms.common import (
     PhaseTimer,
-    sample_and_score,
     actor_target,
     batched_forward,
     batched_logprobs,
@@ -24,6 +23,7 @@ from algorithms.common import (
     micro_values,
     rollout_metrics,
     rollout_tensors,
+    sample_and_score,
     sequence_mean,
 )
 from algorithms.kl_control import KLController

@@ -45,6 +45,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total: int) -> float:
+    """One metric over all eval batches: extremes of extremes, sums of counts, weighted means of means."""
+    values = [metrics[key] for _, metrics in batches]
+    if key.endswith("_max"):
+        return max(values)
+    if key.endswith("_min"):
+        return min(values)
+    if key.endswith("_failures") or key == "tokens/generated":
+        return sum(values)
+    return sum(n * metrics[key] for n, metrics in batches) / total
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -66,14 +78,14 @@ class Trainer:
         if not self.eval_rows:
             return {}
         generator = torch.Generator().manual_seed(self.seed + 10_000)
-        metrics: dict[str, list[float]] = {}
+        batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
         for start in range(0, len(self.eval_rows), self.cfg.eval_batch_size):
             rows = self.eval_rows[start : start + self.cfg.eval_batch_size]
             rollout = generate_rollout(self.policy, self.tokenizer, rows, 1, generator=generator, **self.eval_sampling)
             scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
-            for key, value in rollout_metrics(rollout, scored.total, scored.parts, scored.failures).items():
-                metrics.setdefault(key, []).append(value * len(rows))
-        return {f"eval/{k}": sum(v) / len(self.eval_rows) for k, v in metrics.items() if not k.endswith("_std")}
+            batches.append((len(rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures)))
+        return {f"eval/{key}": combine_batches(key, batches, len(self.eval_rows))
+                for key in batches[0][1] if not key.endswith("_std")}
 
     def save(self, name: str, step: int) -> Path:
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
