@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from algorithms.accounting import model_params, step_compute_metrics
 from algorithms.advantages import group_advantages
 from algorithms.common import (
     PhaseTimer,
@@ -39,6 +40,7 @@ class GRPO:
         self.reward_fn = reward_fn
         self.targets = targets
         self.generator = generator
+        self.params = model_params(policy, reference, reward_fn=reward_fn)
 
     @property
     def prompts_per_step(self) -> int:
@@ -93,6 +95,8 @@ class GRPO:
         metrics = rollout_metrics(rollout, rewards, scored.parts, scored.failures)
         metrics.update(update_stats)
         metrics.update(timer.metrics())
+        metrics.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
+                                            cfg.num_iterations, cfg.recompute_old_logp))
         std_per_group = rewards.view(-1, cfg.group_size).std(dim=1) if cfg.group_size > 1 else rewards * 0
         metrics.update({
             "advantages/mean": float(advantages.mean()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from algorithms.accounting import model_params, step_compute_metrics
 from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
 from algorithms.common import (
     PhaseTimer,
@@ -48,6 +49,7 @@ class PPO:
         self.targets = targets  # the actor's and the critic's optimisers, stepped together
         self.generator = generator
         self.kl_ctl = kl_ctl
+        self.params = model_params(policy, reference, critic, reward_fn)
 
     @property
     def prompts_per_step(self) -> int:
@@ -79,7 +81,7 @@ class PPO:
                 ref_logp = batched_logprobs(self.reference, rollout, cfg.micro_batch_size, cfg.temperature)
             kl_k1 = (batch["old_logp"] - ref_logp) * mask
             kl_penalty = kl_estimate(batch["old_logp"], ref_logp, cfg.kl_estimator) * mask
-        with timer("values"):
+        with timer("critic"):
             old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
                                          cfg.micro_batch_size)  # [N, Tc]
 
@@ -132,6 +134,8 @@ class PPO:
         metrics = rollout_metrics(rollout, scores, scored.parts, scored.failures)
         metrics.update(update_stats)
         metrics.update(timer.metrics())
+        metrics.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
+                                            cfg.ppo_epochs, cfg.recompute_old_logp))
         metrics.update({
             "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
             "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from algorithms.accounting import accumulate_totals, peak_cuda_mb
 from algorithms.checkpoint import save_checkpoint
 from algorithms.common import rollout_metrics
 from algorithms.rollout import Rollout, generate_rollout
@@ -71,7 +72,7 @@ class Trainer:
         self.logger, self.run_dir, self.policy, self.tokenizer = logger, Path(run_dir), policy, tokenizer
         self.reward_fn, self.optimizers, self.eval_sampling, self.seed = reward_fn, optimizers, eval_sampling, seed
         self.schedulers = [build_scheduler(opt, cfg) for opt in optimizers.values()]
-        self.totals = {"tokens/generated_total": 0.0, "time/total": 0.0}
+        self.totals: dict[str, float] = {"time/total": 0.0}  # running sums, logged every step, resumed
 
     def evaluate(self) -> dict[str, float]:
         """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
@@ -105,12 +106,13 @@ class Trainer:
             metrics, rollout, rewards = self.algo.step(rows)
             for scheduler in self.schedulers:
                 scheduler.step()
-            self.totals["tokens/generated_total"] += metrics["tokens/generated"]
-            self.totals["time/total"] += time.perf_counter() - start
-            metrics.update(self.totals)
             metrics["time/step"] = time.perf_counter() - start
+            self.totals["time/total"] += metrics["time/step"]
+            metrics.update(accumulate_totals(self.totals, metrics))
             metrics["lr"] = self.schedulers[0].get_last_lr()[0]
             metrics["memory/peak_rss_mb"] = peak_rss_mb()
+            if (cuda_mb := peak_cuda_mb()) is not None:
+                metrics["memory/peak_cuda_mb"] = cuda_mb
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
                 metrics.update(self.evaluate())
             if step == cfg.max_steps:

@@ -19,6 +19,19 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message says which key and what is allowed."""
 
 
+def _divide(total: int, parts: int) -> int:
+    """`${div:8,${algo.group_size}}`: an exact integer division for budget-preserving presets."""
+    total, parts = int(total), int(parts)
+    if parts <= 0 or total % parts:
+        raise ConfigError(f"div:{total},{parts}: {total} sequences per step do not split into groups of {parts}; "
+                          f"choose a divisor of {total}")
+    return total // parts
+
+
+if not OmegaConf.has_resolver("div"):
+    OmegaConf.register_new_resolver("div", _divide)
+
+
 def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
@@ -272,6 +285,11 @@ def validate(cfg: DictConfig) -> Config:
     unknown = sorted(set(cfg.keys()) - known - {"hydra"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
+    try:  # resolve interpolations across groups (${algo.group_size} in a preset) before splitting the groups
+        cfg = OmegaConf.create({key: cfg[key] for key in cfg if key != "hydra"})
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
     algo_name = cfg.algo.get("name")
     check_choice("algo", algo_name, tuple(ALGO_SCHEMAS))
     return Config(

@@ -12,7 +12,7 @@ import inspect
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ class RewardOutput:
     total: torch.Tensor  # [N] float32, sum over components of weight * score
     parts: dict[str, torch.Tensor]  # name -> [N] float32, unweighted component scores
     failures: dict[str, int]  # name -> samples that raised or returned NaN/inf (scored 0)
+    model_tokens: dict[str, int] = field(default_factory=dict)  # learned-model rewards: tokens forwarded
 
 
 def _to_list(result: Any) -> list:
@@ -133,15 +134,22 @@ class CombinedReward:
             raise ValueError(f"{len(prompts)} prompts and {len(rows)} rows for {n} completions")
         keys = dict.fromkeys(key for row in rows for key in row if key not in ("prompts", "completions"))
         columns = {key: [row.get(key) for row in rows] for key in keys}
-        parts, failures = {}, {}
+        parts, failures, model_tokens = {}, {}, {}
         for name, fn in self.fns.items():
+            tokens_before = getattr(fn, "forward_tokens", None)
             scores, failed = self._score(name, fn, prompts, completions, columns) if n else ([], 0)
             parts[name] = torch.tensor(scores, dtype=torch.float32).reshape(n)
             failures[name] = failed
+            if tokens_before is not None:
+                model_tokens[name] = fn.forward_tokens - tokens_before
         total = torch.zeros(n, dtype=torch.float32)
         for name, weight in self.weights.items():
             total += weight * parts[name]
-        return RewardOutput(total=total, parts=parts, failures=failures)
+        return RewardOutput(total=total, parts=parts, failures=failures, model_tokens=model_tokens)
+
+    def model_params(self) -> dict[str, int]:
+        """Parameter counts of the learned-model rewards (those that count `forward_tokens`)."""
+        return {name: fn.num_params for name, fn in self.fns.items() if hasattr(fn, "forward_tokens")}
 
     def _score(self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict):
         """Scores of one component for the batch and the number of failed samples."""

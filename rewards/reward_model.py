@@ -26,6 +26,8 @@ class RewardModelScorer:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.forward_tokens = 0  # real tokens scored so far (compute accounting)
 
     @classmethod
     def from_path(cls, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardModelScorer:
@@ -48,6 +50,7 @@ class RewardModelScorer:
             batch = encode_texts(self.tokenizer, prompts[start : start + self.batch_size],
                                  completions[start : start + self.batch_size], self.model.device)
             scores += self.model.score(**batch).tolist()
+            self.forward_tokens += int(batch["attention_mask"].sum())
         return scores
 
 

@@ -30,7 +30,9 @@ def check_run_dir(run_dir: Path, steps: int) -> list[dict]:
     train = [m for m in metrics if "reward/total_mean" in m]
     assert [m["step"] for m in train] == list(range(1, steps + 1))
     for key in ("reward/total_mean", "advantages/std", "kl", "entropy", "clip_frac", "completion/length_mean",
-                "time/generate", "time/train", "tokens/generated", "tokens/generated_total", "eval/reward/total_mean"):
+                "time/generate", "time/train", "tokens/generated", "tokens/generated_total", "eval/reward/total_mean",
+                "tokens/trained", "compute/actor_forward_tokens", "compute/flops", "compute/flops_total",
+                "time/train_total", "memory/peak_rss_mb"):
         assert key in train[-1], key
     assert (run_dir / "samples.jsonl").read_text().strip()
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
@@ -89,7 +91,8 @@ def test_ppo_single_run_saves_the_critic(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [m for m in check_run_dir(out, steps=2) if "reward/total_mean" in m][-1]
     for key in ("value_loss", "explained_var", "value_clip_frac", "kl/sequence", "kl_coef", "returns/mean",
-                "grad_norm/actor", "grad_norm/critic", "time/values", "time/reference"):
+                "grad_norm/actor", "grad_norm/critic", "time/critic", "time/reference",
+                "compute/critic_backward_tokens", "compute/reference_forward_tokens"):
         assert key in last, key
     final = out / "checkpoints" / "final"
     assert (final / "critic" / "head.safetensors").exists() and (final / "critic" / "model.safetensors").exists()
