@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo compare lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,16 @@ test-fast: install
 # GRPO on the embedded SmolLM2-135M-Instruct with the default config (offline, CPU).
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) run.py algo=grpo
+
+# PPO vs GRPO at an equal generated-token budget on the embedded model, 2 seeds each, then the report
+# (table + plots) in experiments/results/ppo_vs_grpo/. About 35 min on 2 CPU cores.
+COMPARE_STEPS ?= 16
+COMPARE_DIR := outputs/compare/ppo_vs_grpo_$(shell date +%Y-%m-%d_%H-%M-%S)
+compare: install
+	HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=ppo_vs_grpo trainer.max_steps=$(COMPARE_STEPS) \
+		hydra.sweep.dir=$(COMPARE_DIR)
+	$(PY) experiments/compare.py $(COMPARE_DIR) --out experiments/results/ppo_vs_grpo \
+		--title "PPO vs GRPO, SmolLM2-135M-Instruct (embedded), medical_o1_verifiable, $(COMPARE_STEPS) steps"
 
 lint: install
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check .
