@@ -144,11 +144,11 @@ class GRPOConfig:
 @dataclass
 class PPOConfig:
     name: str = "ppo"
-    prompts_per_step: int = 4  # P prompts per RL step
+    prompts_per_step: int = 8  # P prompts per RL step
     samples_per_prompt: int = 1  # completions per prompt; N = P * samples_per_prompt sequences per step
     ppo_epochs: int = 1  # passes over each rollout batch
-    minibatch_size: int = 4  # sequences per optimiser step (N / minibatch_size optimiser steps per epoch)
-    micro_batch_size: int = 4  # sequences per forward/backward; gradients accumulate up to minibatch_size
+    minibatch_size: int = 8  # sequences per optimiser step (N / minibatch_size optimiser steps per epoch)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
     max_new_tokens: int = 40
     temperature: float = 1.0
     top_p: float = 1.0

@@ -1,0 +1,66 @@
+"""The experiment presets compose, validate, sweep what they say, and hold the budget they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conf.schema import ConfigError, validate
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+PRESETS = {
+    "ppo_vs_grpo": {"algo": "ppo,grpo", "seed": "0,1"},
+    "grpo_group_size": {"algo.group_size": "2,4,8"},
+    "kl_ablation": {"algo.beta": "0,0.04,0.1", "algo.kl_estimator": "k1,k3"},
+    "loss_type": {"algo.loss_type": "grpo,dr_grpo,dapo,gspo"},
+    "clip_higher": {"algo.clip_high": "0.2,0.28"},
+}
+
+
+def composed(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def sequences_per_step(algo) -> int:
+    return algo.prompts_per_step * (algo.group_size if algo.name == "grpo" else algo.samples_per_prompt)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_sweeps_what_it_says(name):
+    cfg = composed([f"experiment={name}"], hydra=True)
+    assert dict(cfg.hydra.sweeper.params) == PRESETS[name]
+    assert cfg.experiment_name == name  # the wandb group
+    assert f"multirun/{name}/" in cfg.hydra.sweep.dir
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_point_of_the_sweep_validates(name):
+    import itertools
+
+    params = PRESETS[name]
+    for values in itertools.product(*(v.split(",") for v in params.values())):
+        overrides = [f"experiment={name}", *(f"{k}={v}" for k, v in zip(params, values))]
+        validate(composed(overrides))
+
+
+def test_ppo_vs_grpo_spends_the_same_generation_budget():
+    ppo = validate(composed(["experiment=ppo_vs_grpo", "algo=ppo"]))
+    grpo = validate(composed(["experiment=ppo_vs_grpo", "algo=grpo"]))
+    assert sequences_per_step(ppo.algo) == sequences_per_step(grpo.algo) == 8
+    assert ppo.algo.max_new_tokens == grpo.algo.max_new_tokens
+    assert ppo.algo.samples_per_prompt == 1  # PPO: P x G distinct prompts, one sample each
+    assert (ppo.model, ppo.data, ppo.reward, ppo.trainer) == (grpo.model, grpo.data, grpo.reward, grpo.trainer)
+
+
+@pytest.mark.parametrize("group_size, prompts", [(2, 4), (4, 2), (8, 1)])
+def test_group_size_sweep_holds_the_budget(group_size, prompts):
+    cfg = validate(composed(["experiment=grpo_group_size", f"algo.group_size={group_size}"]))
+    assert (cfg.algo.prompts_per_step, sequences_per_step(cfg.algo)) == (prompts, 8)
+
+
+def test_group_size_that_does_not_divide_the_budget_is_a_clear_error():
+    with pytest.raises(ConfigError, match="choose a divisor of 8"):
+        validate(composed(["experiment=grpo_group_size", "algo.group_size=3"]))
