@@ -57,7 +57,10 @@ class PPO:
         return {"critic": self.critic}
 
     def state_dict(self) -> dict:
-        return {"kl_ctl": self.kl_ctl.state_dict()}
+        return {"kl_ctl": self.kl_ctl.state_dict()}  # the adaptive beta (critic weights: checkpoint_models)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()

@@ -26,6 +26,10 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise ConfigError(f"{key}={value!r} must be at least {low}")
+        if low is None:
+            raise ConfigError(f"{key}={value!r} must be at most {high}")
         raise ConfigError(f"{key}={value!r} must lie in [{low}, {high}]")
 
 
@@ -126,6 +130,9 @@ class GRPOConfig:
         check_range("algo.temperature", self.temperature, 1e-3)
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
         check_range("algo.beta", self.beta, 0.0)
+        check_range("algo.max_new_tokens", self.max_new_tokens, 1)
+        for key in ("clip_low", "clip_high", "advantage_eps"):
+            check_range(f"algo.{key}", getattr(self, key), 0.0)
 
 
 @dataclass
@@ -169,7 +176,7 @@ class PPOConfig:
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
         check_range("algo.gamma", self.gamma, 0.0, 1.0)
         check_range("algo.lam", self.lam, 0.0, 1.0)
-        for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl"):
+        for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl", "clip_low", "clip_high"):
             check_range(f"algo.{key}", getattr(self, key), 0.0)
         if self.critic_lr is not None:
             check_range("algo.critic_lr", self.critic_lr, 0.0)
@@ -213,7 +220,10 @@ class TrainerConfig:
     eval_batch_size: int = 8
     log_samples: int = 4  # completions per step written to samples.jsonl
     save_every: int = 0  # 0 = only at the end
+    keep_last: int = 3  # step_N checkpoints kept (the newest ones; final is always kept); 0 = all
     save_final: bool = True
+    resume: str | None = None  # null (fresh start) | auto (newest checkpoint of the run dir) | a path
+    max_consecutive_skips: int = 5  # stop after this many steps in a row with only non-finite updates
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda
 
@@ -222,6 +232,12 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
+        check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
+        check_range("trainer.weight_decay", self.weight_decay, 0.0)
+        for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads"):
+            check_range(f"trainer.{key}", getattr(self, key), 0)
+        for key in ("eval_batch_size", "max_consecutive_skips"):
+            check_range(f"trainer.{key}", getattr(self, key), 1)
 
 
 @dataclass
