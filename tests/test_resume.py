@@ -105,7 +105,7 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
     checkpoint = run_dir / "checkpoints" / f"step_{stopped_at}"
     err = capsys.readouterr().err
     assert f"stopped by SIGINT after step {stopped_at}" in err and f"trainer.resume={checkpoint}" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     assert not (run_dir / "checkpoints" / "final").exists()
 
     # resume from the path it printed, into a new run dir; the result equals an uninterrupted run
