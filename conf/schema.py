@@ -232,6 +232,8 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")
         check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
         check_range("trainer.weight_decay", self.weight_decay, 0.0)
         for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads"):
@@ -277,9 +279,17 @@ def _structured(schema: type, node: Any, key: str) -> Any:
         if "not in" in msg:  # an unknown key: list the ones that exist
             valid = ", ".join(f.name for f in dataclasses.fields(schema))
             msg = f"{msg}; valid keys: {valid}"
-        raise ConfigError(f"{key}: {msg}") from None
+        where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) and "not in" not in msg else key
+        raise ConfigError(f"{where}: {msg}") from None
     except TypeError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def _seed(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed={value!r} must be an integer") from None
 
 
 def validate(cfg: DictConfig) -> Config:
@@ -297,6 +307,6 @@ def validate(cfg: DictConfig) -> Config:
         algo=_structured(ALGO_SCHEMAS[algo_name], cfg.algo, "algo"),
         trainer=_structured(TrainerConfig, cfg.trainer, "trainer"),
         logger=_structured(LoggerConfig, cfg.logger, "logger"),
-        seed=int(cfg.get("seed", 0)),
+        seed=_seed(cfg.get("seed", 0)),
         experiment_name=str(cfg.get("experiment_name", "default")),
     )
