@@ -180,9 +180,10 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, skip: tuple
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
         raise ValueError(f"weights in {directory} do not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]}, other shape {wrong_shape[:5]}")
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)

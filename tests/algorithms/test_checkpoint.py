@@ -132,3 +132,14 @@ def test_rng_states_round_trip(tmp_path, tiny_model, tokenizer):
     draws()
     load_checkpoint(tmp_path / "ckpt", tiny_model, {"actor": optimizer}, generators={"sampling": generator})
     assert draws() == expected
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, tiny_model, tokenizer):
+    from conf.schema import ModelConfig
+    from models.loading import load_causal_lm
+
+    save(tmp_path, "ckpt", tiny_model, tokenizer, trained(tiny_model), 1)
+    narrower = ModelConfig(name="tiny_llama", source="random", tokenizer="embedded", hidden_size=32)
+    wider = load_causal_lm(narrower, tokenizer)
+    with pytest.raises(CheckpointError, match=r"ckpt does not fit this run: .*other shape \['model.embed_tokens"):
+        load_checkpoint(tmp_path / "ckpt", wider, {"actor": torch.optim.AdamW(wider.parameters())})
