@@ -27,7 +27,7 @@ from algorithms.ppo import build_ppo
 from algorithms.reward_model import train_reward_model
 from algorithms.tracking import RunLogger
 from algorithms.trainer import Trainer
-from conf.schema import Config, ConfigError, validate
+from conf.schema import Config, ConfigError, check_override_keys, validate
 from data.loading import DataUnavailable, PromptSampler, attach_prompts, load_examples
 from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
 from rewards import build_reward
@@ -130,5 +130,18 @@ def main(raw: DictConfig) -> float | None:
     return final.get("reward/total_mean", final.get("eval/rm/accuracy"))  # a sweeper's objective
 
 
+def default_algo() -> str:
+    """The algo group's default in conf/config.yaml (what runs without `algo=...`)."""
+    for entry in OmegaConf.load(ROOT / "conf" / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and "algo" in entry:
+            return str(entry.algo)
+    return "grpo"
+
+
 if __name__ == "__main__":
+    try:
+        check_override_keys(sys.argv[1:], default_algo())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -270,6 +270,36 @@ class Config:
     experiment_name: str = "default"  # groups runs (wandb group, report titles)
 
 
+GROUP_SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "reward": RewardConfig,
+                                  "trainer": TrainerConfig, "logger": LoggerConfig}
+
+
+def check_override_keys(overrides: list[str], default_algo: str) -> None:
+    """Fail on a command-line override of an option that does not exist, naming the valid ones.
+
+    Hydra rejects `trainer.lr_shedule=cosine` itself, but without saying which keys exist; this runs
+    first. `+key=value` (adding a key) and group choices (`algo=ppo`) are left to Hydra and `validate`.
+    """
+    algos = [default_algo]
+    for arg in overrides:
+        if arg.startswith("algo="):
+            algos = arg.split("=", 1)[1].split(",")  # a sweep may list several
+    for arg in overrides:
+        if arg.startswith(("-", "+", "~", "hydra.")) or "=" not in arg:
+            continue
+        parts = arg.split("=", 1)[0].split(".")
+        if len(parts) < 2:
+            continue
+        group, name = parts[0], parts[1]
+        schemas = [ALGO_SCHEMAS[a] for a in algos if a in ALGO_SCHEMAS] if group == "algo" else \
+            [GROUP_SCHEMAS[group]] if group in GROUP_SCHEMAS else []
+        for schema in schemas:
+            valid = [f.name for f in dataclasses.fields(schema)]
+            if name not in valid:
+                which = f"algo={schema().name}" if group == "algo" else group
+                raise ConfigError(f"{group}.{name} is not an option of {which}; valid keys: {', '.join(valid)}")
+
+
 def _structured(schema: type, node: Any, key: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)

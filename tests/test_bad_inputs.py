@@ -14,8 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from conf.schema import DataConfig, GRPOConfig, LoggerConfig, ModelConfig, PPOConfig, TrainerConfig, validate
-from run import load_data, run_cli
+from conf.schema import (ConfigError, DataConfig, GRPOConfig, ModelConfig, PPOConfig, TrainerConfig,
+                         check_override_keys, validate)
+from run import default_algo, load_data, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model=tiny_llama", "logger.mode=disabled", "data.source=local", "trainer.max_steps=1"]
@@ -83,6 +84,17 @@ def test_fuzzed_config_values_are_one_line_errors_naming_the_key(tmp_path, capsy
     # through Hydra's own override parsing too
     line = one_line_error(capsys, ["+trainer.not_a_key=1"], tmp_path / "run")
     assert "trainer" in line and "valid keys" in line and "keep_last" in line
+
+
+def test_misspelt_override_keys_list_the_valid_ones():
+    # what run.py checks before Hydra, which rejects these without naming the keys that exist
+    assert default_algo() == "grpo"
+    with pytest.raises(ConfigError, match=r"trainer.lr_shedule is not an option of trainer; valid keys: .*lr_schedule"):
+        check_override_keys(["trainer.lr_shedule=cosine"], "grpo")
+    with pytest.raises(ConfigError, match=r"algo.group_size is not an option of algo=ppo; .*samples_per_prompt"):
+        check_override_keys(["-m", "algo=ppo,grpo", "algo.group_size=2"], "grpo")
+    check_override_keys(["-m", "algo=ppo,grpo", "algo.beta=0", "+trainer.new=1", "reward.weights.format=2",
+                         "model=tiny_llama", "seed=0,1", "hydra.run.dir=x"], "grpo")
 
 
 def bad_row(rng: random.Random, i: int) -> tuple[str, str | None]:
