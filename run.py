@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def run_cli(raw: DictConfig, run_dir: Path) -> tuple[int, dict[str, float]]:
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code, {}
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing was saved
+        print("interrupted: no checkpoint written by this stop (earlier ones are intact)", file=sys.stderr)
+        return 128 + signal.SIGINT, {}
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
