@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -20,13 +21,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from algorithms.checkpoint import CheckpointError, resolve_resume
 from algorithms.grpo import build_grpo
+from algorithms.interrupts import TrainingError, TrainingInterrupted
 from algorithms.ppo import build_ppo
 from algorithms.reward_model import train_reward_model
 from algorithms.tracking import RunLogger
 from algorithms.trainer import Trainer
-from conf.schema import Config, ConfigError, validate
-from data.loading import PromptSampler, attach_prompts, load_examples
+from conf.schema import Config, ConfigError, check_override_keys, validate
+from data.loading import DataUnavailable, PromptSampler, attach_prompts, load_examples
 from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
 from rewards import build_reward
 from rewards.reward_model import reward_extras
@@ -34,6 +37,9 @@ from rewards.reward_model import reward_extras
 ROOT = Path(__file__).resolve().parent
 # algo.name -> build(cfg, policy, tokenizer, reward_fn, generator) -> (algorithm, {name: optimizer})
 RL_BUILDERS = {"grpo": build_grpo, "ppo": build_ppo}
+# what a user can fix: reported as one line, not a traceback (HYDRA_FULL_ERROR=1 shows the traceback)
+USER_ERRORS = (ConfigError, ModelLoadError, ValueError, CheckpointError, TrainingError, DataUnavailable,
+               FileNotFoundError)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -66,6 +72,9 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str,
 def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    if cfg.trainer.resume and cfg.algo.name not in RL_BUILDERS:
+        raise ConfigError(f"trainer.resume is for the RL stages ({', '.join(RL_BUILDERS)}), not algo={cfg.algo.name}")
+    checkpoint = resolve_resume(cfg.trainer.resume, run_dir)  # first: a bad path fails before any model loads
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
 
@@ -88,26 +97,55 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
         eval_sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": cfg.algo.temperature,
                          "top_p": cfg.algo.top_p}
         trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
-                          optimizers, eval_sampling, cfg.seed)
+                          optimizers, eval_sampling, cfg.seed, generator)
+        if checkpoint is not None:
+            print(f"resuming from {checkpoint} (step {trainer.resume(checkpoint)})")
+        elif cfg.trainer.resume == "auto":
+            print(f"trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
         return trainer.fit()
     finally:
         logger.finish()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(raw: DictConfig) -> float | None:
+def run_cli(raw: DictConfig, run_dir: Path) -> tuple[int, dict[str, float]]:
+    """Validate and run; (exit code, last metrics). Errors the user can fix and interruptions are
+    reported in one line on stderr instead of a traceback."""
     try:
         cfg = validate(raw)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        final = run(cfg, run_dir, OmegaConf.to_container(raw, resolve=True))
-    except (ConfigError, ModelLoadError, ValueError) as err:
-        # a clear one-line reason, not a traceback, for what the user can fix
+        return 0, run(cfg, run_dir, OmegaConf.to_container(raw, resolve=True))
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code, {}
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: nothing was saved
+        print("interrupted: no checkpoint written by this stop (earlier ones are intact)", file=sys.stderr)
+        return 128 + signal.SIGINT, {}
+    except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2, {}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(raw: DictConfig) -> float | None:
+    code, final = run_cli(raw, Path(HydraConfig.get().runtime.output_dir))
+    if code:
+        sys.exit(code)
     return final.get("reward/total_mean", final.get("eval/rm/accuracy"))  # a sweeper's objective
 
 
+def default_algo() -> str:
+    """The algo group's default in conf/config.yaml (what runs without `algo=...`)."""
+    for entry in OmegaConf.load(ROOT / "conf" / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and "algo" in entry:
+            return str(entry.algo)
+    return "grpo"
+
+
 if __name__ == "__main__":
+    try:
+        check_override_keys(sys.argv[1:], default_algo())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

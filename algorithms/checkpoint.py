@@ -1,15 +1,97 @@
-"""Checkpoints written atomically: into a temporary directory, renamed into place when complete."""
+"""Checkpoints written atomically and verified on load.
+
+A checkpoint is a directory (`checkpoints/step_N/`, `checkpoints/final/`) holding everything a run
+needs to continue exactly where it stopped:
+
+    model.safetensors, config.json, tokenizer files   the policy (HF format, loadable by path)
+    <name>/                                           other trained models (PPO's critic)
+    optimizer.pt                                      {optimizer name: state_dict}
+    training_state.pt                                 LR schedulers and RNG states (python, numpy,
+                                                      torch, CUDA, the sampling generator)
+    trainer_state.json                                step, data position, counters, algorithm state
+    manifest.json                                     size and sha256 of every file above, written last
+
+Files go to a hidden sibling temp dir that is renamed into place when complete, so a crash mid-write
+leaves the previous checkpoints untouched; a directory without a matching manifest is reported as
+incomplete or corrupt, naming the file, rather than loaded.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names it and says what to do."""
+
+
+# ------------------------------------------------------------------------------------ RNG states
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random stream a step draws from, as plain lists and tensors (loadable with weights_only)."""
+    version, keys, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        generator.set_state(state["generators"][name])
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, step: int | None) -> None:
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    body = json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1)
+    with open(directory / MANIFEST, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_checkpoint(
@@ -19,13 +101,14 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
     extra_models: dict[str, torch.nn.Module] | None = None,
+    schedulers: list[Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
-    """Write model (HF format, safetensors), tokenizer, optimizer states and `state` (json) to `directory`.
+    """Write model (HF format, safetensors), tokenizer, optimizer and scheduler states, RNG states and
+    `state` (json) to `directory`, atomically.
 
-    `extra_models`: name -> a model with `save(dir)` (PPO's critic, models.heads), written to `directory/name`.
-
-    A reader never sees a half-written checkpoint: the files go to a sibling temp dir first, and a
-    crash mid-write leaves the previous checkpoint of the same name untouched.
+    `extra_models`: name -> a model with `save(dir)` and `load_weights(dir)` (models.heads), written to
+    `directory/name`. `generators`: the run's own sampling generators, saved with the global RNGs.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -33,12 +116,16 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         for name, extra in (extra_models or {}).items():
             extra.save(tmp / name)
-        if directory.exists():
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizer.pt")
+        torch.save({"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
+                   tmp / "training_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _write_manifest(tmp, state.get("step"))  # last: its presence means every other file is complete
+        if directory.exists():  # overwrite (checkpoints/final): swap, then drop the old copy
             old = directory.with_name(f".old-{directory.name}")
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
@@ -47,3 +134,136 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def checkpoint_step(directory: Path) -> int:
+    return int(json.loads((Path(directory) / MANIFEST).read_text())["step"])
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step_N checkpoints under `root` (0 keeps all), and temp
+    dirs of interrupted writes. `final` is never pruned. Returns the deleted paths."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
+    if keep_last > 0:
+        steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+        removed += [p for _, p in steps[:-keep_last]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; raises CheckpointError naming what is wrong otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if directory.name.startswith(".tmp-"):
+        raise CheckpointError(f"checkpoint {directory} is a partial write (the run stopped while saving it); "
+                              "resume from an earlier checkpoint")
+    if not (directory / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {directory} is incomplete: it has no {MANIFEST} (written last), so "
+                              "its write was interrupted or it predates verified checkpoints; resume from another one")
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {directory} is corrupt: {MANIFEST} is unreadable") from None
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
+        if path.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} has {path.stat().st_size} bytes, "
+                                  f"expected {meta['bytes']} (truncated?)")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its checksum")
+    return manifest
+
+
+def _candidates(root: Path) -> list[Path]:
+    names = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    return [p for p in names if STEP_DIR.match(p.name) or p.name in ("final", ".old-final")]
+
+
+def find_latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root` (a checkpoints/ dir); None if none.
+
+    Incomplete or corrupt ones are skipped with a warning that names them.
+    """
+    root = Path(root)
+    for path in (p for p in root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")) if root.is_dir() else []:
+        log.warning("ignoring %s: a checkpoint whose write was interrupted", path)
+    best: tuple[int, int, Path] | None = None
+    for path in _candidates(root):
+        try:
+            step = int(verify_checkpoint(path)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("skipping checkpoint: %s", e)
+            continue
+        key = (step, path.name == "final", path)  # at equal steps prefer final (same state)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume` names: None (start fresh), "auto" (the newest complete checkpoint
+    of this run dir, or None), a checkpoint dir, or a run / checkpoints dir (its newest checkpoint)."""
+    if resume in (None, ""):
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(Path(run_dir) / "checkpoints")
+    path = Path(resume).expanduser()
+    if (path / MANIFEST).exists() or path.name.startswith(".tmp-") or STEP_DIR.match(path.name) or path.name == "final":
+        verify_checkpoint(path)
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"trainer.resume={resume}: no such checkpoint or run directory")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = find_latest_checkpoint(root)
+    if found is None:
+        raise CheckpointError(f"trainer.resume={resume}: no complete checkpoint under {root}")
+    return found
+
+
+def load_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    extra_models: dict[str, torch.nn.Module] | None = None,
+    schedulers: list[Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
+    """Verify `directory`, load it into the given objects in place and return its trainer_state.json.
+
+    Restores weights, optimizer and scheduler states and every RNG state (global and `generators`).
+    """
+    from models.loading import load_weights_into
+
+    directory = Path(directory)
+    verify_checkpoint(directory)
+    try:
+        load_weights_into(model, directory)
+        for name, extra in (extra_models or {}).items():
+            if not (directory / name).is_dir():
+                raise CheckpointError(f"checkpoint {directory} has no {name}/ (saved by another algorithm?)")
+            extra.load_weights(directory / name)
+        saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        if set(saved) != set(optimizers):
+            raise CheckpointError(f"checkpoint {directory} holds optimizers {sorted(saved)}, this run has "
+                                  f"{sorted(optimizers)} (saved by another algorithm?)")
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved[name])
+        training = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
+        for scheduler, sched_state in zip(schedulers or [], training["schedulers"]):
+            scheduler.load_state_dict(sched_state)
+        set_rng_state(training["rng"], generators)
+    except ValueError as e:  # shapes or keys that do not fit this run's model
+        raise CheckpointError(f"checkpoint {directory} does not fit this run: {e}") from None
+    return json.loads((directory / "trainer_state.json").read_text())

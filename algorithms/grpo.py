@@ -50,7 +50,10 @@ class GRPO:
         return {}  # the policy is saved by the trainer; GRPO has no other trained model
 
     def state_dict(self) -> dict:
-        return {}
+        return {}  # nothing beyond the weights, optimiser and RNGs the trainer saves
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()

@@ -59,7 +59,10 @@ class PPO:
         return {"critic": self.critic}
 
     def state_dict(self) -> dict:
-        return {"kl_ctl": self.kl_ctl.state_dict()}
+        return {"kl_ctl": self.kl_ctl.state_dict()}  # the adaptive beta (critic weights: checkpoint_models)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
         cfg, timer = self.cfg, PhaseTimer()
@@ -131,6 +134,9 @@ class PPO:
         kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL
         self.kl_ctl.update(kl_per_sequence, N)
 
+        # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
+        # logged as 0, "no better than a constant", so that no NaN reaches the logs
+        explained = explained_variance(old_values, returns, mask)
         metrics = rollout_metrics(rollout, scores, scored.parts, scored.failures)
         metrics.update(update_stats)
         metrics.update(timer.metrics())
@@ -142,7 +148,7 @@ class PPO:
             "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
             "returns/mean": float(masked_mean(returns, mask)),
             "values/mean": float(masked_mean(old_values, mask)),
-            "explained_var": float(explained_variance(old_values, returns, mask)),
+            "explained_var": float(explained) if torch.isfinite(explained) else 0.0,
             "kl_coef": beta,  # the beta this step's rewards used
         })
         if self.reference is not None:

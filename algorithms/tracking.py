@@ -40,12 +40,31 @@ class RunLogger:
         for record in records:
             self.samples_file.write(json.dumps({"step": step, **record}) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` from metrics.jsonl and samples.jsonl: a run resumed from
+        the checkpoint of `step` redoes them, and each step should appear once."""
+        for name in ("metrics_file", "samples_file"):
+            file = getattr(self, name)
+            file.close()
+            path = Path(file.name)
+            kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+            setattr(self, name, open(path, "a", buffering=1))
+
     def finish(self) -> None:
         self.metrics_file.close()
         self.samples_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _record_step(line: str) -> float:
+    """The step of one jsonl record; a line cut short by a killed process counts as after every step."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return math.inf
 
 
 def sample_records(prompts: list[str], completions: list[str], rewards: dict[str, Any], limit: int) -> list[dict]:

@@ -39,6 +39,10 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise ConfigError(f"{key}={value!r} must be at least {low}")
+        if low is None:
+            raise ConfigError(f"{key}={value!r} must be at most {high}")
         raise ConfigError(f"{key}={value!r} must lie in [{low}, {high}]")
 
 
@@ -139,6 +143,9 @@ class GRPOConfig:
         check_range("algo.temperature", self.temperature, 1e-3)
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
         check_range("algo.beta", self.beta, 0.0)
+        check_range("algo.max_new_tokens", self.max_new_tokens, 1)
+        for key in ("clip_low", "clip_high", "advantage_eps"):
+            check_range(f"algo.{key}", getattr(self, key), 0.0)
 
 
 @dataclass
@@ -182,7 +189,7 @@ class PPOConfig:
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
         check_range("algo.gamma", self.gamma, 0.0, 1.0)
         check_range("algo.lam", self.lam, 0.0, 1.0)
-        for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl"):
+        for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl", "clip_low", "clip_high"):
             check_range(f"algo.{key}", getattr(self, key), 0.0)
         if self.critic_lr is not None:
             check_range("algo.critic_lr", self.critic_lr, 0.0)
@@ -226,7 +233,10 @@ class TrainerConfig:
     eval_batch_size: int = 8
     log_samples: int = 4  # completions per step written to samples.jsonl
     save_every: int = 0  # 0 = only at the end
+    keep_last: int = 3  # step_N checkpoints kept (the newest ones; final is always kept); 0 = all
     save_final: bool = True
+    resume: str | None = None  # null (fresh start) | auto (newest checkpoint of the run dir) | a path
+    max_consecutive_skips: int = 5  # stop after this many steps in a row with only non-finite updates
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda
 
@@ -235,6 +245,14 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")
+        check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
+        check_range("trainer.weight_decay", self.weight_decay, 0.0)
+        for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads"):
+            check_range(f"trainer.{key}", getattr(self, key), 0)
+        for key in ("eval_batch_size", "max_consecutive_skips"):
+            check_range(f"trainer.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -265,6 +283,36 @@ class Config:
     experiment_name: str = "default"  # groups runs (wandb group, report titles)
 
 
+GROUP_SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "reward": RewardConfig,
+                                  "trainer": TrainerConfig, "logger": LoggerConfig}
+
+
+def check_override_keys(overrides: list[str], default_algo: str) -> None:
+    """Fail on a command-line override of an option that does not exist, naming the valid ones.
+
+    Hydra rejects `trainer.lr_shedule=cosine` itself, but without saying which keys exist; this runs
+    first. `+key=value` (adding a key) and group choices (`algo=ppo`) are left to Hydra and `validate`.
+    """
+    algos = [default_algo]
+    for arg in overrides:
+        if arg.startswith("algo="):
+            algos = arg.split("=", 1)[1].split(",")  # a sweep may list several
+    for arg in overrides:
+        if arg.startswith(("-", "+", "~", "hydra.")) or "=" not in arg:
+            continue
+        parts = arg.split("=", 1)[0].split(".")
+        if len(parts) < 2:
+            continue
+        group, name = parts[0], parts[1]
+        schemas = [ALGO_SCHEMAS[a] for a in algos if a in ALGO_SCHEMAS] if group == "algo" else \
+            [GROUP_SCHEMAS[group]] if group in GROUP_SCHEMAS else []
+        for schema in schemas:
+            valid = [f.name for f in dataclasses.fields(schema)]
+            if name not in valid:
+                which = f"algo={schema().name}" if group == "algo" else group
+                raise ConfigError(f"{group}.{name} is not an option of {which}; valid keys: {', '.join(valid)}")
+
+
 def _structured(schema: type, node: Any, key: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
@@ -274,9 +322,17 @@ def _structured(schema: type, node: Any, key: str) -> Any:
         if "not in" in msg:  # an unknown key: list the ones that exist
             valid = ", ".join(f.name for f in dataclasses.fields(schema))
             msg = f"{msg}; valid keys: {valid}"
-        raise ConfigError(f"{key}: {msg}") from None
+        where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) and "not in" not in msg else key
+        raise ConfigError(f"{where}: {msg}") from None
     except TypeError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def _seed(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed={value!r} must be an integer") from None
 
 
 def validate(cfg: DictConfig) -> Config:
@@ -299,6 +355,6 @@ def validate(cfg: DictConfig) -> Config:
         algo=_structured(ALGO_SCHEMAS[algo_name], cfg.algo, "algo"),
         trainer=_structured(TrainerConfig, cfg.trainer, "trainer"),
         logger=_structured(LoggerConfig, cfg.logger, "logger"),
-        seed=int(cfg.get("seed", 0)),
+        seed=_seed(cfg.get("seed", 0)),
         experiment_name=str(cfg.get("experiment_name", "default")),
     )

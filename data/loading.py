@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 2.0
 
 
+class DataUnavailable(RuntimeError):
+    """The hub dataset could not be loaded; the message says how to use the shipped sample instead."""
+
+
 def _hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the hub endpoint answers a TLS handshake, decided within `timeout` seconds in total.
 
@@ -104,7 +108,7 @@ def _read_hub(cfg: DataConfig) -> list[dict[str, Any]]:
         ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split)
     except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
         first = (str(e).splitlines() or [""])[0][:300]
-        raise RuntimeError(
+        raise DataUnavailable(
             f"could not load {cfg.hub_id!r} (config {cfg.hub_config!r}, split {cfg.hub_split!r}) from the "
             f"Hugging Face hub: it is unreachable or the dataset is unavailable ({type(e).__name__}: {first}). "
             f"Use data.source=local to train on the shipped sample {cfg.local_path}."
@@ -193,7 +197,7 @@ def load_examples(cfg: DataConfig, root: Path) -> tuple[list[dict], list[dict], 
         try:
             raw_rows = _read_hub(cfg)
             where = f"hub dataset {cfg.hub_id} ({cfg.hub_config or 'default'}/{cfg.hub_split})"
-        except RuntimeError as e:
+        except DataUnavailable as e:
             if cfg.source == "hub":
                 raise
             # auto: the probe passed but the download did not; the sample keeps the run going

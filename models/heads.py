@@ -85,6 +85,15 @@ class ScalarHeadModel(nn.Module):
         model.head.load_state_dict(load_file(directory / HEAD_FILE, device=str(device)))
         return model.eval()
 
+    def load_weights(self, directory: str | Path) -> None:
+        """Overwrite this model's backbone and head, in place, with those `save` wrote to `directory`."""
+        from models.loading import load_weights_into
+
+        load_weights_into(self.backbone, directory, skip=(HEAD_FILE,))
+        with torch.no_grad():
+            for key, value in load_file(Path(directory) / HEAD_FILE).items():
+                self.head.state_dict(keep_vars=True)[key].copy_(value)
+
 
 class ValueModel(ScalarHeadModel):
     """PPO's critic: a value per completion token.

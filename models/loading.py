@@ -160,3 +160,30 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # dropout off: RL log-probs must be the same function at sampling and training time
     return model
+
+
+def load_weights_into(model: torch.nn.Module, directory: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Load the safetensors files of `directory` (top level, minus `skip`) into `model` in place.
+
+    In place, so that optimisers keep pointing at the same parameters (resuming a run). A tensor that
+    `save_pretrained` left out because it is tied to another one (lm_head <-> embeddings) may be
+    absent; any other missing or unexpected key is an error.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        if file.name not in skip:
+            state.update(load_file(file))
+    own = model.state_dict(keep_vars=True)
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(f"weights in {directory} do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shape {wrong_shape[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)

@@ -68,6 +68,7 @@ def test_grpo_multirun_two_seeds(tmp_path):
         ("algo.loss_type=foo", "choose one of: grpo, bnpo, dr_grpo, dapo, gspo"),
         ("algo.kl_estimator=k9", "choose one of: k1, k2, k3"),
         ("+algo.not_a_key=1", "valid keys"),
+        ("trainer.lr_shedule=cosine", "valid keys: name, max_steps, lr"),  # no "+": run.py checks before Hydra
         ("algo=nope", "Available options in 'algo'"),
         ("trainer.lr=fast", "could not be converted"),
     ],
