@@ -145,3 +145,27 @@ def test_degenerate_batches_give_no_nan(tmp_path, tokenizer, tiny_model, algo, c
         if "reward/total_std" in step_metrics:
             assert step_metrics["reward/total_std"] == 0 and step_metrics["skipped_steps"] == 0
     assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
+
+
+def flaky(prompts, completions, id, **_):  # noqa: A002 - the data column is called id
+    """Raises on odd rows, NaN on rows divisible by 4, else 1: a broken user reward."""
+    if any(int(i) % 2 for i in id):
+        raise RuntimeError("reward service timed out")
+    return [math.nan if int(i) % 4 == 0 else 1.0 for i in id]
+
+
+def test_a_raising_or_nan_reward_scores_zero_and_is_counted_in_training(tmp_path, tokenizer):
+    from rewards import CombinedReward
+
+    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS["grpo"], "trainer.max_steps=3"],
+                                   wrap=lambda _: CombinedReward({"flaky": 1.0}, extra={"flaky": flaky}))
+    replay = PromptSampler(trainer.sampler.rows, 2, seed=0)  # the prompts each step drew, G=2 samples each
+    expected = [2 * sum(int(r["id"]) % 2 == 1 or int(r["id"]) % 4 == 0 for r in replay.next_batch()) for _ in range(3)]
+    trainer.fit()
+    logger.finish()
+    metrics = logged(tmp_path)
+    assert [metrics[s]["reward/flaky_failures"] for s in (1, 2, 3)] == expected and sum(expected) > 0
+    for step in (1, 2, 3):
+        assert all(v is not None and math.isfinite(v) for v in metrics[step].values()), metrics[step]
+        assert metrics[step]["reward/flaky_mean"] == pytest.approx(1 - expected[step - 1] / 4)
+        assert metrics[step]["skipped_steps"] == 0
