@@ -15,8 +15,8 @@ from algorithms.common import (
     PhaseTimer,
     actor_target,
     batched_logprobs,
-    frozen_copy,
     micro_logprobs,
+    reference_model,
     rollout_metrics,
     rollout_tensors,
     sample_and_score,
@@ -110,6 +110,6 @@ class GRPO:
 def build_grpo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Generator
                ) -> tuple[GRPO, dict[str, torch.optim.Optimizer]]:
     """GRPO on `policy` with a frozen reference (none when beta = 0) and the actor's optimiser."""
-    reference = frozen_copy(policy) if cfg.algo.beta > 0 else None
+    reference = reference_model(policy) if cfg.algo.beta > 0 else None
     target, optimizer = actor_target(policy, cfg.trainer)
     return GRPO(cfg.algo, policy, reference, tokenizer, reward_fn, [target], generator), {"actor": optimizer}

@@ -19,9 +19,9 @@ from algorithms.common import (
     actor_target,
     batched_forward,
     batched_logprobs,
-    frozen_copy,
     micro_logprobs,
     micro_values,
+    reference_model,
     rollout_metrics,
     rollout_tensors,
     sample_and_score,
@@ -33,6 +33,7 @@ from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, build_optimizer, minibatch_update
 from conf.schema import Config, PPOConfig
 from models.heads import ValueModel
+from models.lora import add_critic_adapter, is_lora
 
 
 class PPO:
@@ -159,8 +160,11 @@ def build_ppo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Genera
     """PPO's four models: `policy` (actor), a critic from the policy's weights, a frozen reference
     (none when beta = 0) and `reward_fn`; the actor and the critic get their own AdamW."""
     algo = cfg.algo
-    reference = frozen_copy(policy) if algo.beta > 0 else None
-    critic = ValueModel.from_causal_lm(policy)  # algo.critic == "policy": the policy's backbone, a zero head
+    reference = reference_model(policy) if algo.beta > 0 else None
+    if is_lora(policy):  # a second adapter on the same frozen base, a zero head
+        critic = ValueModel(add_critic_adapter(policy))
+    else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
+        critic = ValueModel.from_causal_lm(policy)
     actor, actor_optimizer = actor_target(policy, cfg.trainer)
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     critic_optimizer = build_optimizer(critic_params, cfg.trainer, lr=algo.critic_lr)
