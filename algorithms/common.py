@@ -47,8 +47,10 @@ def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: Pha
     """
     cfg = algo.cfg
     with timer("generate"):
+        # prompt_seeds: set by algorithms.distributed.ShardedAlgorithm, for samples independent of the layout
         rollout = generate_rollout(algo.policy, algo.tokenizer, rows, samples_per_prompt, cfg.max_new_tokens,
-                                   cfg.temperature, cfg.top_p, algo.generator)
+                                   cfg.temperature, cfg.top_p, algo.generator,
+                                   prompt_seeds=getattr(algo, "prompt_seeds", None))
     with timer("score"):
         scored = algo.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
     return rollout, scored

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from algorithms.accounting import model_params, step_compute_metrics
-from algorithms.advantages import group_advantages
 from algorithms.common import (
     PhaseTimer,
     actor_target,
@@ -22,6 +21,7 @@ from algorithms.common import (
     sample_and_score,
     sequence_mean,
 )
+from algorithms.distributed import sharded_group_advantages
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
 from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, minibatch_update
@@ -61,7 +61,7 @@ class GRPO:
         rewards = scored.total.to(mask.device)  # [N]
 
         # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+        advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
         batch = rollout_tensors(rollout)
         batch["advantages"] = advantages
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from algorithms.accounting import model_params, step_compute_metrics
-from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
+from algorithms.advantages import explained_variance, gae, masked_mean, masked_var
 from algorithms.common import (
     PhaseTimer,
     actor_target,
@@ -27,6 +27,7 @@ from algorithms.common import (
     sample_and_score,
     sequence_mean,
 )
+from algorithms.distributed import all_mean, global_whiten, world_size
 from algorithms.kl_control import KLController
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss, value_loss
 from algorithms.rollout import Rollout
@@ -92,7 +93,8 @@ class PPO:
         last = mask.sum(-1) - 1  # index of each completion's last real token (EOS or the cut), [N]
         token_rewards[torch.arange(N, device=mask.device), last] += scores
         raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
-        advantages = whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
+        # whitened with the statistics of the whole batch, over all ranks
+        advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
         batch.update(advantages=advantages, returns=returns, old_values=old_values)
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
@@ -130,7 +132,8 @@ class PPO:
             self.critic.eval()
 
         kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL
-        self.kl_ctl.update(kl_per_sequence, N)
+        # every rank updates the coefficient with the whole batch's KL, so they stay equal
+        self.kl_ctl.update(all_mean(kl_per_sequence), N * world_size())
 
         metrics = rollout_metrics(rollout, scores, scored.parts, scored.failures)
         metrics.update(update_stats)
