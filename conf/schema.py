@@ -60,6 +60,8 @@ class ModelConfig:
     init_seed: int = 0
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # a template in models/chat_templates/ (e.g. r1_distill) to use instead of the tokenizer's own
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("embedded", "hub", "local", "random"))
