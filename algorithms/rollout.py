@@ -153,6 +153,10 @@ def generate_rollout(
         if len(prompt_seeds) != len(rows):
             raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(rows)} prompts")
         generator = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
+    elif generator is not None and generator.device.type != device.type:
+        # a CPU generator cannot drive sampling on a GPU: seed a generator there from it, deterministically
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        generator = torch.Generator(device=device).manual_seed(seed)
     prompts = [row["prompt"] for row in rows for _ in range(group_size)]
     sample_rows = [row for row in rows for _ in range(group_size)]
     enc = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, add_special_tokens=False)

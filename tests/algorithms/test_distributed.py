@@ -129,7 +129,7 @@ def launch(args: list[str], run_dir: Path, nproc: int | None) -> None:
     if nproc is None:
         cmd = [sys.executable, str(ROOT / "run.py")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "run.py")]
     proc = subprocess.run([*cmd, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -178,3 +178,24 @@ def test_torchrun_ppo_matches_one_process(tmp_path):
     compare_one_and_two_processes(tmp_path, ["algo=ppo", "algo.samples_per_prompt=2", *TINY],
                                   ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor",
                                    "grad_norm/critic", "returns/mean"))
+
+
+def test_strategy_errors_say_what_to_do(monkeypatch):
+    from algorithms.distributed import init_distributed, local_algo_config
+    from conf.schema import Config, ConfigError, DataConfig, GRPOConfig, LoggerConfig, RewardConfig, TrainerConfig
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node=N"):
+        init_distributed("ddp", "cpu")
+    with pytest.raises(ConfigError, match="choose one of: single, ddp"):
+        init_distributed("fsdp", "cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="choose one of: ddp"):
+        init_distributed("single", "cpu")
+    cfg = Config(model=ModelConfig(), data=DataConfig(), reward=RewardConfig(), trainer=TrainerConfig(),
+                 algo=GRPOConfig(prompts_per_step=4, minibatch_size=6), logger=LoggerConfig())
+    assert local_algo_config(cfg, 2).algo.minibatch_size == 3
+    with pytest.raises(ConfigError, match="algo.minibatch_size=6 does not split over 4 ranks"):
+        local_algo_config(cfg, 4)
