@@ -62,11 +62,14 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device)  # torchrun's ranks, or one process
-    if dist_ctx.world_size > 1 or cfg.trainer.strategy != "single":
-        if cfg.algo.name not in RL_BUILDERS:
-            raise ConfigError(f"trainer.strategy={cfg.trainer.strategy} runs the RL stages; for algo={cfg.algo.name} "
-                              f"use trainer.strategy=single")
-        cfg = local_algo_config(cfg, dist_ctx.world_size)
+    scale_options = {"trainer.strategy": dist_ctx.strategy != "single",
+                     "trainer.lora.enabled": cfg.trainer.lora.enabled}
+    for key, used in scale_options.items():
+        if used and cfg.algo.name not in RL_BUILDERS:
+            raise ConfigError(f"{key} applies to the RL stages ({', '.join(RL_BUILDERS)}); for algo={cfg.algo.name} "
+                              f"leave it at its default")
+    if dist_ctx.strategy != "single":
+        cfg = local_algo_config(cfg, dist_ctx.world_size)  # global batch sizes -> this rank's share
     generator = seed_everything(cfg.seed)  # the same on every rank: identical initial weights
     device = dist_ctx.device
     model_cfg = model_config_for(cfg.model, cfg.trainer)  # trainer.precision

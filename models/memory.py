@@ -71,7 +71,8 @@ class Architecture:
         shapes = self.linears()
         unknown = sorted(set(targets) - set(shapes))
         if unknown:
-            raise ValueError(f"LoRA targets {unknown} are not projections of a Llama layer; choose from {sorted(shapes)}")
+            raise ValueError(f"LoRA targets {unknown} are not projections of a Llama layer; "
+                             f"choose from {sorted(shapes)}")
         return self.num_hidden_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
     def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:

@@ -23,8 +23,8 @@ def test_r1_chat_template_renders_r1_turns():
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
          {"role": "assistant", "content": "<think>hmm</think>Because."}, {"role": "user", "content": "Sure?"}],
         tokenize=False, add_generation_prompt=True)
-    assert text == (f"{tokenizer.bos_token or ''}Be brief.<｜User｜>Why?<｜Assistant｜>Because.<｜end▁of▁sentence｜>"
-                    "<｜User｜>Sure?<｜Assistant｜><think>\n")
+    assert text == (f"{tokenizer.bos_token or ''}Be brief.<｜User｜>Why?<｜Assistant｜>Because."
+                    "<｜end▁of▁sentence｜><｜User｜>Sure?<｜Assistant｜><think>\n")
 
 
 def test_unknown_chat_template_names_the_valid_ones():
