@@ -6,8 +6,8 @@ Every rank runs the same loop on its own shard of each step's prompts:
 - all ranks draw the same global batch from the seeded PromptSampler and keep their contiguous
   slice of it (`ShardedSampler`); a prompt's G samples are drawn on one rank, so a group never
   crosses ranks and GRPO's group statistics stay local;
-- each prompt's samples come from its own generator, seeded from (seed, data position, prompt
-  index), so the samples do not depend on the number of ranks;
+- each prompt's samples come from its own generator, seeded from (seed, epoch, position of the
+  prompt in that epoch's order), so the samples do not depend on the number of ranks;
 - algo.prompts_per_step and algo.minibatch_size are global: each rank takes 1/world of them;
   micro_batch_size is per rank;
 - gradients are averaged over ranks before clipping (`average_gradients`), so every rank takes the
@@ -15,11 +15,14 @@ Every rank runs the same loop on its own shard of each step's prompts:
 - statistics over the whole batch use every rank's data: PPO's advantage whitening
   (`global_whiten`), GRPO's batch-scaled advantages, the adaptive KL controller's KL;
 - step metrics are reduced over ranks (`reduce_metrics`); rank 0 alone logs and writes checkpoints.
-With equal-length completions the result equals one process on the same global batch (tested).
+With equal-length completions the result equals one process on the same global batch (tested); with
+unequal lengths a token mean (bnpo, PPO's value loss) weighs each rank's tokens by its own count, as
+it already weighs micro-batches within one process.
 
 The gradient all-reduce runs after the backward passes of a minibatch rather than overlapped with
 them (as torch's DistributedDataParallel would): the loss code calls the decoder and the lm_head
-directly, which DDP's forward wrapper would not see. Under LoRA the gradients are a few MB.
+directly, which DDP's forward wrapper would not see. Under LoRA the gradients are the adapters'
+(0.16 GiB for the 8B model at rank 16).
 """
 
 from __future__ import annotations

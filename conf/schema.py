@@ -261,7 +261,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (model.dtype) | fp32 | bf16: the dtype the weights are loaded and run in
     gradient_checkpointing: bool = False  # recompute activations in backward (also on when the model's yaml asks)
     strategy: str = "single"  # single | ddp (launched with torchrun); fsdp is reserved and refused for now
-    # seed each prompt's samples from (seed, data position, prompt index): the samples then do not depend
+    # seed each prompt's samples from (seed, epoch, position in the data order): the samples then do not depend
     # on how prompts are split over ranks or batched (always on for ddp and fsdp)
     prompt_seeded_sampling: bool = False
     lora: LoraOptions = field(default_factory=LoraOptions)
