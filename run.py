@@ -22,6 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms.checkpoint import CheckpointError, resolve_resume
+from algorithms.distributed import (NullLogger, ShardedAlgorithm, ShardedSampler, init_distributed,
+                                    is_main_process, local_algo_config, shutdown)
 from algorithms.grpo import build_grpo
 from algorithms.interrupts import TrainingError, TrainingInterrupted
 from algorithms.ppo import build_ppo
@@ -31,6 +33,7 @@ from algorithms.trainer import Trainer
 from conf.schema import Config, ConfigError, check_override_keys, validate
 from data.loading import DataUnavailable, PromptSampler, attach_prompts, load_examples
 from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
+from models.scale import model_config_for, prepare_policy
 from rewards import build_reward
 from rewards.reward_model import reward_extras
 
@@ -49,14 +52,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    return torch.device(name)
-
-
 def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
     train, evals, skipped = load_examples(cfg.data, ROOT)
     train, skipped_train = attach_prompts(train, tokenizer, cfg.data)
@@ -72,21 +67,34 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str,
 def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    if cfg.trainer.resume and cfg.algo.name not in RL_BUILDERS:
-        raise ConfigError(f"trainer.resume is for the RL stages ({', '.join(RL_BUILDERS)}), not algo={cfg.algo.name}")
+    dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device)  # torchrun's ranks, or one process
+    scale_options = {"trainer.strategy": dist_ctx.strategy != "single",
+                     "trainer.lora.enabled": cfg.trainer.lora.enabled,
+                     "trainer.resume": bool(cfg.trainer.resume)}
+    for key, used in scale_options.items():
+        if used and cfg.algo.name not in RL_BUILDERS:
+            raise ConfigError(f"{key} applies to the RL stages ({', '.join(RL_BUILDERS)}); for algo={cfg.algo.name} "
+                              f"leave it at its default")
     checkpoint = resolve_resume(cfg.trainer.resume, run_dir)  # first: a bad path fails before any model loads
-    generator = seed_everything(cfg.seed)
-    device = pick_device(cfg.trainer.device)
+    if dist_ctx.strategy != "single":
+        cfg = local_algo_config(cfg, dist_ctx.world_size)  # global batch sizes -> this rank's share
+    generator = seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+    device = dist_ctx.device
+    model_cfg = model_config_for(cfg.model, cfg.trainer)  # trainer.precision
 
-    tokenizer = load_tokenizer(cfg.model)
-    policy = load_causal_lm(cfg.model, tokenizer).to(device)
+    tokenizer = load_tokenizer(model_cfg)
+    policy = load_causal_lm(model_cfg, tokenizer).to(device)
+    policy = prepare_policy(policy, cfg.model, cfg.trainer)  # checkpointing, LoRA
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
     reward_fn = None  # built before the logger starts a run, so that a bad reward config fails first
     if cfg.algo.name in RL_BUILDERS:  # (the reward-model stage trains a reward rather than using one)
         reward_fn = build_reward(cfg.reward, extra=reward_extras(cfg.reward, device))
 
-    logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
+    if is_main_process():
+        logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
+    else:  # rank 0 alone logs; the metrics it logs are reduced over all ranks
+        logger = NullLogger()
     logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
         "data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))}, step=0)
     try:
@@ -94,6 +102,9 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
             return train_reward_model(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
         algo, optimizers = RL_BUILDERS[cfg.algo.name](cfg, policy, tokenizer, reward_fn, generator)
         sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
+        if dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling:
+            sampler = ShardedSampler(sampler, dist_ctx.rank, dist_ctx.world_size)
+            algo = ShardedAlgorithm(algo, sampler)
         eval_sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": cfg.algo.temperature,
                          "top_p": cfg.algo.top_p}
         trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
@@ -105,6 +116,7 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
         return trainer.fit()
     finally:
         logger.finish()
+        shutdown()
 
 
 def run_cli(raw: DictConfig, run_dir: Path) -> tuple[int, dict[str, float]]:

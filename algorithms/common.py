@@ -18,6 +18,7 @@ from algorithms.update import OptimTarget, build_optimizer
 from conf.schema import TrainerConfig
 from rewards.combine import RewardOutput
 from models.logprobs import completion_logprobs
+from models.lora import actor_parameters, is_lora, reference_view
 
 
 class PhaseTimer:
@@ -46,8 +47,10 @@ def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: Pha
     """
     cfg = algo.cfg
     with timer("generate"):
+        # prompt_seeds: set by algorithms.distributed.ShardedAlgorithm, for samples independent of the layout
         rollout = generate_rollout(algo.policy, algo.tokenizer, rows, samples_per_prompt, cfg.max_new_tokens,
-                                   cfg.temperature, cfg.top_p, algo.generator)
+                                   cfg.temperature, cfg.top_p, algo.generator,
+                                   prompt_seeds=getattr(algo, "prompt_seeds", None))
     with timer("score"):
         scored = algo.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
     return rollout, scored
@@ -106,7 +109,7 @@ def batched_logprobs(
 
 def actor_target(policy: torch.nn.Module, cfg: TrainerConfig) -> tuple[OptimTarget, torch.optim.Optimizer]:
     """The policy's trainable parameters with their AdamW (lr = trainer.lr)."""
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = actor_parameters(policy)  # under LoRA: the actor's adapter, not the critic's
     optimizer = build_optimizer(params, cfg)
     return OptimTarget(optimizer, params, cfg.max_grad_norm, "actor"), optimizer
 
@@ -114,6 +117,11 @@ def actor_target(policy: torch.nn.Module, cfg: TrainerConfig) -> tuple[OptimTarg
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy (the reference policy): eval mode, no gradients."""
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def reference_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy: under LoRA the shared base with adapters off, else a frozen copy."""
+    return reference_view(policy) if is_lora(policy) else frozen_copy(policy)
 
 
 def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],

@@ -10,18 +10,18 @@ import torch
 from torch import Tensor
 
 from algorithms.accounting import model_params, step_compute_metrics
-from algorithms.advantages import group_advantages
 from algorithms.common import (
     PhaseTimer,
     actor_target,
     batched_logprobs,
-    frozen_copy,
     micro_logprobs,
+    reference_model,
     rollout_metrics,
     rollout_tensors,
     sample_and_score,
     sequence_mean,
 )
+from algorithms.distributed import sharded_group_advantages
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
 from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, minibatch_update
@@ -64,7 +64,7 @@ class GRPO:
         rewards = scored.total.to(mask.device)  # [N]
 
         # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+        advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
         batch = rollout_tensors(rollout)
         batch["advantages"] = advantages
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
@@ -113,6 +113,6 @@ class GRPO:
 def build_grpo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Generator
                ) -> tuple[GRPO, dict[str, torch.optim.Optimizer]]:
     """GRPO on `policy` with a frozen reference (none when beta = 0) and the actor's optimiser."""
-    reference = frozen_copy(policy) if cfg.algo.beta > 0 else None
+    reference = reference_model(policy) if cfg.algo.beta > 0 else None
     target, optimizer = actor_target(policy, cfg.trainer)
     return GRPO(cfg.algo, policy, reference, tokenizer, reward_fn, [target], generator), {"actor": optimizer}

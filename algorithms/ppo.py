@@ -13,26 +13,28 @@ import torch
 from torch import Tensor
 
 from algorithms.accounting import model_params, step_compute_metrics
-from algorithms.advantages import explained_variance, gae, masked_mean, masked_var, whiten
+from algorithms.advantages import explained_variance, gae, masked_mean, masked_var
 from algorithms.common import (
     PhaseTimer,
     actor_target,
     batched_forward,
     batched_logprobs,
-    frozen_copy,
     micro_logprobs,
     micro_values,
+    reference_model,
     rollout_metrics,
     rollout_tensors,
     sample_and_score,
     sequence_mean,
 )
+from algorithms.distributed import all_mean, global_whiten, world_size
 from algorithms.kl_control import KLController
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss, value_loss
 from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, build_optimizer, minibatch_update
 from conf.schema import Config, PPOConfig
 from models.heads import ValueModel
+from models.lora import add_critic_adapter, is_lora
 
 
 class PPO:
@@ -94,7 +96,8 @@ class PPO:
         last = mask.sum(-1) - 1  # index of each completion's last real token (EOS or the cut), [N]
         token_rewards[torch.arange(N, device=mask.device), last] += scores
         raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
-        advantages = whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
+        # whitened with the statistics of the whole batch, over all ranks
+        advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
         batch.update(advantages=advantages, returns=returns, old_values=old_values)
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
@@ -132,7 +135,8 @@ class PPO:
             self.critic.eval()
 
         kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL
-        self.kl_ctl.update(kl_per_sequence, N)
+        # every rank updates the coefficient with the whole batch's KL, so they stay equal
+        self.kl_ctl.update(all_mean(kl_per_sequence), N * world_size())
 
         # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
         # logged as 0, "no better than a constant", so that no NaN reaches the logs
@@ -165,8 +169,11 @@ def build_ppo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Genera
     """PPO's four models: `policy` (actor), a critic from the policy's weights, a frozen reference
     (none when beta = 0) and `reward_fn`; the actor and the critic get their own AdamW."""
     algo = cfg.algo
-    reference = frozen_copy(policy) if algo.beta > 0 else None
-    critic = ValueModel.from_causal_lm(policy)  # algo.critic == "policy": the policy's backbone, a zero head
+    reference = reference_model(policy) if algo.beta > 0 else None
+    if is_lora(policy):  # a second adapter on the same frozen base, a zero head
+        critic = ValueModel(add_critic_adapter(policy))
+    else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
+        critic = ValueModel.from_causal_lm(policy)
     actor, actor_optimizer = actor_target(policy, cfg.trainer)
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     critic_optimizer = build_optimizer(critic_params, cfg.trainer, lr=algo.critic_lr)

@@ -60,6 +60,21 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
     return sorted(i for i in ids if i is not None)
 
 
+def draw_tokens(probs: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """One token per row of probs [N, V] -> [N].
+
+    With one generator per prompt (a list of P, rows group-contiguous) each group draws its own noise,
+    so a sample does not depend on which other prompts share its batch or rank. The draw is the
+    exponential race argmax(p / E), E ~ Exp(1), an exact sample from p (what torch.multinomial
+    itself does for one sample).
+    """
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    groups = probs.chunk(len(generator))
+    noise = torch.cat([torch.empty_like(g).exponential_(generator=gen) for g, gen in zip(groups, generator)])
+    return (probs / noise).argmax(-1)
+
+
 @torch.inference_mode()
 def _sample(
     model: torch.nn.Module,
@@ -71,7 +86,7 @@ def _sample(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,  # a list: one per prompt
     progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     cache = DynamicCache()
@@ -93,7 +108,7 @@ def _sample(
         z = logits.float() / temperature  # [N, V]
         logp_all = torch.log_softmax(z, dim=-1)
         probs = torch.softmax(top_p_filter(z, top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+        token = draw_tokens(probs, generator)  # [N]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         # the ratio's denominator is the untruncated policy, matching what training recomputes
         logps.append(torch.where(finished, 0.0, logp_all.gather(-1, token[:, None]).squeeze(-1)))
@@ -126,9 +141,22 @@ def generate_rollout(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    prompt_seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample `group_size` completions for each row's "prompt"; returns a group-contiguous Rollout."""
+    """Sample `group_size` completions for each row's "prompt"; returns a group-contiguous Rollout.
+
+    prompt_seeds: one seed per row; each prompt's samples then come from its own generator (and
+    `generator` is not used), independent of the batch they are drawn in.
+    """
     device = next(model.parameters()).device
+    if prompt_seeds is not None:
+        if len(prompt_seeds) != len(rows):
+            raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(rows)} prompts")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
+    elif generator is not None and generator.device.type != device.type:
+        # a CPU generator cannot drive sampling on a GPU: seed a generator there from it, deterministically
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        generator = torch.Generator(device=device).manual_seed(seed)
     prompts = [row["prompt"] for row in rows for _ in range(group_size)]
     sample_rows = [row for row in rows for _ in range(group_size)]
     enc = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from algorithms.accounting import accumulate_totals, peak_cuda_mb
 from algorithms.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from algorithms.common import rollout_metrics
+from algorithms.distributed import is_main_process
 from algorithms.interrupts import GracefulStop, TrainingError, TrainingInterrupted
 from algorithms.rollout import Rollout, generate_rollout
 from algorithms.tracking import RunLogger, sample_records
@@ -96,7 +97,9 @@ class Trainer:
         return {f"eval/{key}": combine_batches(key, batches, len(self.eval_rows))
                 for key in batches[0][1] if not key.endswith("_std")}
 
-    def save(self, name: str, step: int) -> Path:
+    def save(self, name: str, step: int) -> Path | None:
+        if not is_main_process():  # one writer: every rank holds the same weights (algorithms.distributed)
+            return None
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
                  "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict()}
         path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,

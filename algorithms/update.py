@@ -25,6 +25,9 @@ class OptimTarget:
     params: list[torch.nn.Parameter]
     max_grad_norm: float
     name: str = "actor"
+    # (params, this rank's loss was finite) -> every rank's was; averages the gradients over ranks
+    # (algorithms.distributed.average_gradients); None in a single process
+    grad_sync: Callable[[list[torch.nn.Parameter], bool], bool] | None = None
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -88,6 +91,9 @@ def minibatch_update(
                 for key, value in stats.items():
                     sums[key] += float(value)
                     counts[key] += 1
+            for t in targets:  # every rank reaches this, finite or not, so the collectives pair up
+                if t.grad_sync is not None:
+                    finite = t.grad_sync(t.params, finite)
             if finite:
                 for t in targets:
                     norm = torch.nn.utils.clip_grad_norm_(t.params, t.max_grad_norm)

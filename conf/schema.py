@@ -64,6 +64,8 @@ class ModelConfig:
     init_seed: int = 0
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # a template in models/chat_templates/ (e.g. r1_distill) to use instead of the tokenizer's own
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("embedded", "hub", "local", "random"))
@@ -219,6 +221,33 @@ class RewardModelConfig:
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
 
 
+LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters (peft) on the policy's decoder; the base weights stay frozen and shared."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    # 0 by default: dropout in train mode would make the training log-probs a different function
+    # from the sampling-time (eval mode) ones, biasing the PPO ratio
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        check_range("trainer.lora.rank", self.rank, 1)
+        check_range("trainer.lora.alpha", self.alpha, 0.0)
+        check_range("trainer.lora.dropout", self.dropout, 0.0, 1.0)
+        if not self.target_modules:
+            raise ConfigError("trainer.lora.target_modules is empty; e.g. " + ",".join(LLAMA_LORA_TARGETS))
+        if "lm_head" in self.target_modules:
+            # the reference reads the same lm_head as the base; adapters live in the decoder only
+            raise ConfigError("trainer.lora.target_modules may not include lm_head; choose decoder "
+                              "projections such as " + ",".join(LLAMA_LORA_TARGETS))
+
+
 @dataclass
 class TrainerConfig:
     name: str = "default"
@@ -239,10 +268,19 @@ class TrainerConfig:
     max_consecutive_skips: int = 5  # stop after this many steps in a row with only non-finite updates
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (model.dtype) | fp32 | bf16: the dtype the weights are loaded and run in
+    gradient_checkpointing: bool = False  # recompute activations in backward (also on when the model's yaml asks)
+    strategy: str = "single"  # single | ddp (launched with torchrun); fsdp is reserved and refused for now
+    # seed each prompt's samples from (seed, epoch, position in the data order): the samples then do not depend
+    # on how prompts are split over ranks or batched (always on for ddp and fsdp)
+    prompt_seeded_sampling: bool = False
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     def __post_init__(self) -> None:
         check_choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("trainer.strategy", self.strategy, ("single", "ddp", "fsdp"))
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

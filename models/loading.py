@@ -116,10 +116,24 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except OSError as err:
         raise _hub_error(cfg, err) from None
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = chat_template(cfg.chat_template)
     tokenizer.padding_side = "left"  # prompts end where generation starts
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+CHAT_TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+
+
+def chat_template(name: str) -> str:
+    """The jinja text of models/chat_templates/<name>.jinja."""
+    path = CHAT_TEMPLATES / f"{name}.jinja"
+    if not path.exists():
+        valid = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+        raise ModelLoadError(f"model.chat_template={name!r} is not valid; choose one of: {valid} (or null)")
+    return path.read_text()
 
 
 def random_llama(cfg: ModelConfig, vocab_size: int) -> LlamaForCausalLM:

@@ -1,0 +1,202 @@
+"""Projected GPU memory of a PPO or GRPO run, per model: weights, gradients, optimiser state, activations.
+
+    python -m models.memory model=r1_distill_llama_8b trainer=h100
+    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false algo=ppo
+
+Takes the same overrides as run.py and prints one table per algorithm (GRPO and PPO). The counts
+are exact for weights, gradients and AdamW state (tests compare them with the bytes of real tensors
+on the tiny model); activations are given per token of a training micro-batch:
+- with activation checkpointing (what the large configs use), each decoder layer keeps its input
+  (H values per token) and one layer at a time is recomputed in backward;
+- without it, a Llama layer keeps about 10 H + 2 KV + 4 I values per token (norm inputs in fp32,
+  q, k, v, attention output, MLP gate, up and product; memory-efficient attention, no T^2 term);
+- every completion token also keeps its fp32 logits row (4 V bytes) for the log-prob backward.
+The KV cache of generation is reported per sampled sequence token. Peak memory of a step is roughly
+weights + gradients + optimiser + max(training activations, KV cache) + allocator slack.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from conf.schema import Config, ModelConfig
+
+# Architectures of hub models, so the projection needs neither the hub nor the weights.
+KNOWN_ARCHITECTURES = {
+    # Llama-3.1-8B's shape (config.json of deepseek-ai/DeepSeek-R1-Distill-Llama-8B)
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A Llama-style decoder: the shapes that decide its memory."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection of one decoder layer."""
+        H, I, q, kv = self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, self.kv_size
+        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+                "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+    def num_params(self, lm_head: bool = True) -> int:
+        """Parameters of the causal LM (lm_head=False: the decoder alone, a critic's backbone)."""
+        H, V = self.hidden_size, self.vocab_size
+        layer = sum(i * o for i, o in self.linears().values()) + 2 * H  # + two RMSNorm weights
+        head = V * H if lm_head and not self.tie_word_embeddings else 0
+        return V * H + self.num_hidden_layers * layer + H + head
+
+    def lora_params(self, rank: int, targets: list[str]) -> int:
+        shapes = self.linears()
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not projections of a Llama layer; "
+                             f"choose from {sorted(shapes)}")
+        return self.num_hidden_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+    def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:
+        """Bytes kept for backward per token of a training forward, decoder only (see module doc)."""
+        H, I, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        if checkpointing:
+            return L * H * dtype_bytes
+        per_layer = 2 * H * 4 + (8 * H + 2 * self.kv_size + 4 * I) * dtype_bytes
+        return L * per_layer
+
+    def logits_bytes_per_token(self) -> float:
+        return 4.0 * self.vocab_size  # the fp32 logits row of a completion token
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int) -> float:
+        return 2.0 * self.num_hidden_layers * self.kv_size * dtype_bytes
+
+
+def architecture(cfg: ModelConfig, vocab_size: int | None = None) -> Architecture:
+    """The shape of the model `cfg` loads: from the config (random), the known table, or config.json."""
+    if cfg.source == "random":
+        if vocab_size is None:
+            from models.loading import load_tokenizer
+
+            vocab_size = len(load_tokenizer(cfg))
+        return Architecture(vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                            cfg.num_attention_heads, cfg.num_key_value_heads, tie_word_embeddings=True)
+    if cfg.source == "hub" and cfg.path in KNOWN_ARCHITECTURES:
+        return Architecture(**KNOWN_ARCHITECTURES[cfg.path])
+    from transformers import AutoConfig
+
+    from models.loading import _pretrained_source
+
+    name, kwargs = _pretrained_source(cfg)
+    hf = AutoConfig.from_pretrained(name, **kwargs)
+    return Architecture(hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers,
+                        hf.num_attention_heads, getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+                        bool(getattr(hf, "tie_word_embeddings", False)))
+
+
+@dataclass
+class ModelMemory:
+    """Bytes of one model of an RL run (0 where a model has none of that kind)."""
+
+    name: str
+    params: int
+    weights: float
+    grads: float = 0.0
+    optimizer: float = 0.0
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def project(arch: Architecture, algo: str, dtype_bytes: int, lora_rank: int | None = None,
+            lora_targets: list[str] | None = None, reference: bool = True) -> list[ModelMemory]:
+    """Weights, gradients and AdamW state of each model of `algo` (grpo | ppo), as this project builds them.
+
+    Full fine-tuning: the actor, the reference (a frozen copy) and PPO's critic (a copy of the decoder
+    plus an fp32 head) each hold their weights in the model dtype; trained weights have gradients
+    and two AdamW moments in the same dtype. LoRA (lora_rank set): one base in the model dtype serves
+    all three; each adapter and the head are fp32 with fp32 gradients and moments.
+    """
+    P, H = arch.num_params(), arch.hidden_size
+    head = H + 1  # the critic's value head, fp32
+    models = []
+    if lora_rank is None:
+        models.append(ModelMemory("actor", P, P * dtype_bytes, P * dtype_bytes, 2 * P * dtype_bytes))
+        if reference:
+            models.append(ModelMemory("reference", P, P * dtype_bytes))
+        if algo == "ppo":
+            C = arch.num_params(lm_head=False)
+            models.append(ModelMemory("critic", C + head, C * dtype_bytes + 4 * head, C * dtype_bytes + 4 * head,
+                                      2 * (C * dtype_bytes + 4 * head)))
+        return models
+    A = arch.lora_params(lora_rank, lora_targets or [])
+    models.append(ModelMemory("base (shared)", P, P * dtype_bytes))
+    models.append(ModelMemory("actor adapter", A, 4 * A, 4 * A, 8 * A))
+    if reference:
+        models.append(ModelMemory("reference (adapters off)", 0, 0.0))
+    if algo == "ppo":
+        models.append(ModelMemory("critic adapter + head", A + head, 4 * (A + head), 4 * (A + head), 8 * (A + head)))
+    return models
+
+
+def report(cfg: Config, arch: Architecture) -> str:
+    """The markdown tables `python -m models.memory` prints."""
+    from models.scale import model_config_for
+
+    model_cfg = model_config_for(cfg.model, cfg.trainer)
+    b = DTYPE_BYTES[model_cfg.dtype]
+    ckpt = cfg.model.gradient_checkpointing or cfg.trainer.gradient_checkpointing
+    lora = cfg.trainer.lora
+    act = arch.activation_bytes_per_token(b, ckpt)
+    logits = arch.logits_bytes_per_token()
+    kv = arch.kv_cache_bytes_per_token(b)
+    lines = [f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {model_cfg.dtype}, "
+             f"{'LoRA r=' + str(lora.rank) if lora.enabled else 'full fine-tuning'}, "
+             f"activation checkpointing {'on' if ckpt else 'off'}", ""]
+    for algo in ("grpo", "ppo"):
+        models = project(arch, algo, b, lora.rank if lora.enabled else None, list(lora.target_modules))
+        lines += [f"## {algo.upper()}", "", "| model | params | weights GiB | grads GiB | AdamW GiB | total GiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m in models:
+            lines.append(f"| {m.name} | {m.params / 1e6:,.1f} M | {m.weights / GiB:.2f} | {m.grads / GiB:.2f} | "
+                         f"{m.optimizer / GiB:.2f} | {m.static / GiB:.2f} |")
+        total = sum(m.static for m in models)
+        trained = 2 if algo == "ppo" else 1  # PPO's critic runs its own decoder pass with activations
+        lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", "",
+                  f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
+                  f"+ {logits / 2**20:.3f} MiB per completion token (fp32 logits row); "
+                  f"KV cache per sampled token: {kv / 2**20:.3f} MiB", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from conf.schema import validate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=argv))
+    print(report(cfg, architecture(cfg.model)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,28 @@
+"""What the trainer's scale settings do to the policy: precision, activation checkpointing, LoRA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from conf.schema import ModelConfig, TrainerConfig
+from models.lora import apply_lora, enable_checkpointing
+
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def model_config_for(model: ModelConfig, trainer: TrainerConfig) -> ModelConfig:
+    """`model` with trainer.precision (unless auto) as its dtype and checkpointing on when either asks."""
+    dtype = model.dtype if trainer.precision == "auto" else PRECISION_DTYPES[trainer.precision]
+    # checkpointing is switched on after loading (prepare_policy), where it can be made LoRA-aware
+    return dataclasses.replace(model, dtype=dtype, gradient_checkpointing=False)
+
+
+def prepare_policy(policy: nn.Module, model: ModelConfig, trainer: TrainerConfig) -> nn.Module:
+    """Checkpointing (model's yaml or trainer.gradient_checkpointing), then LoRA when trainer.lora.enabled."""
+    if model.gradient_checkpointing or trainer.gradient_checkpointing:
+        enable_checkpointing(policy)
+    if trainer.lora.enabled:
+        policy = apply_lora(policy, trainer.lora)
+    return policy

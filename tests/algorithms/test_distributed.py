@@ -1,0 +1,201 @@
+"""Data parallelism: collectives against single-process references on a real 2-process gloo group,
+sharding and per-prompt sampling seeds, and (slow) torchrun runs against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from algorithms.advantages import group_advantages, whiten
+from algorithms.distributed import (ShardedSampler, average_gradients, global_masked_mean, global_whiten,
+                                    reduce_metrics, sharded_group_advantages)
+from algorithms.rollout import draw_tokens
+from conf.schema import ModelConfig
+from data.loading import PromptSampler
+from models.loading import load_causal_lm
+from safetensors.torch import load_file
+from tests.conftest import TINY as TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2
+
+
+def _collectives(rank: int, init_file: str, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        g = torch.Generator().manual_seed(0)  # the same full data on both ranks; each keeps its half
+        x, mask = torch.randn(8, 5, generator=g), (torch.rand(8, 5, generator=g) > 0.3).long()
+        rewards = torch.rand(8, generator=g)
+        half = slice(rank * 4, rank * 4 + 4)
+        out = {
+            "whiten": global_whiten(x[half], mask[half]),
+            "whiten_keep_mean": global_whiten(x[half], mask[half], shift_mean=False),
+            "mean": global_masked_mean(x[half], mask[half]),
+            "adv_batch": sharded_group_advantages(rewards[half], 2, "batch"),
+            "adv_group": sharded_group_advantages(rewards[half], 2, "group"),
+        }
+        metrics = {"loss": float(rank), "completion/length_max": float(rank), "completion/length_min": float(rank),
+                   "tokens/generated": 10.0, "reward/format_failures": 1.0, "time/generate": float(rank + 1)}
+        out["metrics"] = reduce_metrics(metrics)
+        param = torch.nn.Parameter(torch.zeros(3))
+        param.grad = torch.full((3,), float(rank + 1))
+        none_grad = torch.nn.Parameter(torch.zeros(2))  # this rank skipped its backward: counted as zeros
+        if rank == 0:
+            none_grad.grad = torch.ones(2)
+        out["finite"] = average_gradients([param, none_grad], finite=True)
+        out["finite_one_failed"] = average_gradients([param, none_grad], finite=rank == 0)
+        out["grads"] = (param.grad.clone(), none_grad.grad.clone())
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_match_one_process(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_collectives, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(8, 5, generator=g), (torch.rand(8, 5, generator=g) > 0.3).long()
+    rewards = torch.rand(8, generator=g)
+    both = lambda key: torch.cat([results[0][key], results[1][key]])  # noqa: E731
+    torch.testing.assert_close(both("whiten"), whiten(x, mask))
+    torch.testing.assert_close(both("whiten_keep_mean"), whiten(x, mask, shift_mean=False))
+    x_masked_mean = (x * mask).sum() / mask.sum()
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r]["mean"], x_masked_mean)
+    torch.testing.assert_close(both("adv_batch"), group_advantages(rewards, 2, "batch"))
+    torch.testing.assert_close(both("adv_group"), group_advantages(rewards, 2, "group"))
+    assert results[0]["metrics"] == results[1]["metrics"] == {
+        "loss": 0.5, "completion/length_max": 1.0, "completion/length_min": 0.0, "tokens/generated": 20.0,
+        "reward/format_failures": 2.0, "time/generate": 2.0}
+    assert results[0]["finite"] and results[1]["finite"]
+    assert not results[0]["finite_one_failed"] and not results[1]["finite_one_failed"]
+    for r in range(WORLD):  # averaged twice: (1 + 2) / 2 = 1.5, then 1.5; (1 + 0) / 2 = 0.5, then 0.5
+        torch.testing.assert_close(results[r]["grads"][0], torch.full((3,), 1.5))
+        torch.testing.assert_close(results[r]["grads"][1], torch.full((2,), 0.5))
+
+
+def test_sharded_sampler_splits_the_global_batch_and_seeds_do_not_depend_on_the_world():
+    rows = [{"id": str(i)} for i in range(10)]
+    single = ShardedSampler(PromptSampler(rows, 4, seed=3), rank=0, world=1)
+    shards = [ShardedSampler(PromptSampler(rows, 4, seed=3), rank=r, world=2) for r in range(2)]
+    for _ in range(4):  # 16 rows: crosses an epoch boundary of the 10 rows
+        batch = single.next_batch()
+        halves = [s.next_batch() for s in shards]
+        assert halves[0] + halves[1] == batch
+        assert shards[0].prompt_seeds + shards[1].prompt_seeds == single.prompt_seeds
+        assert len(set(single.prompt_seeds)) == 4
+    assert shards[0].state_dict() == single.state_dict()
+
+
+def test_per_prompt_draws_do_not_depend_on_the_batch():
+    probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), -1)  # 3 prompts x G=2
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = draw_tokens(probs, gens([1, 2, 3]))
+    apart = torch.cat([draw_tokens(probs[:2], gens([1])), draw_tokens(probs[2:], gens([2, 3]))])
+    assert torch.equal(together, apart)
+
+
+def test_per_prompt_draws_follow_the_distribution():
+    probs = torch.tensor([[0.1, 0.6, 0.3]]).repeat(2, 1)
+    gen = [torch.Generator().manual_seed(0)]
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        counts += torch.bincount(draw_tokens(probs, gen), minlength=3)
+    torch.testing.assert_close(counts / counts.sum(), probs[0], atol=0.02, rtol=0)
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+
+TINY = ["model=tiny_llama", "trainer.max_steps=2", "algo.max_new_tokens=8", "algo.prompts_per_step=2",
+        "algo.minibatch_size=4", "algo.micro_batch_size=2", "data.eval_size=2", "trainer.eval_batch_size=2",
+        "trainer.threads=1", "trainer.device=cpu", "trainer.lr=1e-3",
+        # a reward that varies on a random model's text (DAPO's overlong penalty on its ~10-15 tokens of
+        # characters), so the advantages are not all 0
+        "+reward.weights.length=1.0", "+reward.options.length.max_tokens=14", "+reward.options.length.buffer=10"]
+
+
+def launch(args: list[str], run_dir: Path, nproc: int | None) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc is None:
+        cmd = [sys.executable, str(ROOT / "run.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "run.py")]
+    proc = subprocess.run([*cmd, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "loss" in m]
+
+
+def compare_one_and_two_processes(tmp_path: Path, args: list[str], keys: tuple[str, ...]) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch([*args, "trainer.prompt_seeded_sampling=true"], one, None)
+    launch([*args, "trainer.strategy=ddp"], two, nproc=2)
+    m1, m2 = train_metrics(one), train_metrics(two)
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
+    for a, b in zip(m1, m2):
+        # equal-length completions make every token mean over ranks equal the global one
+        assert a["completion/length_min"] == a["completion/length_max"] == 8, "a completion ended early"
+        assert a["tokens/generated"] == b["tokens/generated"]
+        assert a["reward/total_mean"] == pytest.approx(b["reward/total_mean"], abs=1e-6)
+        assert a["reward/total_std"] > 0, "no reward signal: the comparison would be trivial"
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    w1 = load_file(one / "checkpoints" / "final" / "model.safetensors")
+    w2 = load_file(two / "checkpoints" / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    init = load_causal_lm(ModelConfig(name="tiny_llama", **TINY_MODEL)).state_dict()
+    moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
+    differ = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert differ < 0.01 * moved, f"weights moved by {moved} in training but differ by {differ} between the runs"
+    if (one / "checkpoints" / "final" / "critic").exists():  # PPO's critic head too
+        h1, h2 = (load_file(d / "checkpoints" / "final" / "critic" / "head.safetensors") for d in (one, two))
+        torch.testing.assert_close(h1["weight"], h2["weight"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_grpo_matches_one_process(tmp_path):
+    compare_one_and_two_processes(tmp_path, ["algo=grpo", "algo.group_size=2", *TINY],
+                                  ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"))
+
+
+@pytest.mark.slow
+def test_torchrun_ppo_matches_one_process(tmp_path):
+    compare_one_and_two_processes(tmp_path, ["algo=ppo", "algo.samples_per_prompt=2", *TINY],
+                                  ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor",
+                                   "grad_norm/critic", "returns/mean"))
+
+
+def test_strategy_errors_say_what_to_do(monkeypatch):
+    from algorithms.distributed import init_distributed, local_algo_config
+    from conf.schema import Config, ConfigError, DataConfig, GRPOConfig, LoggerConfig, RewardConfig, TrainerConfig
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node=N"):
+        init_distributed("ddp", "cpu")
+    with pytest.raises(ConfigError, match="choose one of: single, ddp"):
+        init_distributed("fsdp", "cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="choose one of: ddp"):
+        init_distributed("single", "cpu")
+    cfg = Config(model=ModelConfig(), data=DataConfig(), reward=RewardConfig(), trainer=TrainerConfig(),
+                 algo=GRPOConfig(prompts_per_step=4, minibatch_size=6), logger=LoggerConfig())
+    assert local_algo_config(cfg, 2).algo.minibatch_size == 3
+    with pytest.raises(ConfigError, match="algo.minibatch_size=6 does not split over 4 ranks"):
+        local_algo_config(cfg, 4)

@@ -1,0 +1,122 @@
+"""The memory projection against the bytes of real tensors on the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms.common import micro_logprobs, micro_values, rollout_tensors
+from algorithms.grpo import build_grpo
+from algorithms.ppo import build_ppo
+from algorithms.rollout import generate_rollout
+from conf.schema import Config, DataConfig, GRPOConfig, LoggerConfig, LoraOptions, ModelConfig, PPOConfig, RewardConfig
+from conf.schema import TrainerConfig
+from models.loading import load_causal_lm
+from models.logprobs import completion_logprobs
+from models.memory import DTYPE_BYTES, Architecture, architecture, project
+from models.scale import prepare_policy
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tied or shared weight counts once)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def build(algo_name: str, lora: bool, dtype: str, tokenizer, reward):
+    algo_cfg = PPOConfig(samples_per_prompt=2, max_new_tokens=6) if algo_name == "ppo" else GRPOConfig(
+        group_size=2, max_new_tokens=6)
+    model_cfg = ModelConfig(name="tiny_llama", **{**TINY, "dtype": dtype})
+    trainer = TrainerConfig(lora=LoraOptions(enabled=lora, rank=4, alpha=8))
+    cfg = Config(model=model_cfg, data=DataConfig(), reward=RewardConfig(), algo=algo_cfg, trainer=trainer,
+                 logger=LoggerConfig(mode="disabled"))
+    policy = prepare_policy(load_causal_lm(model_cfg, tokenizer), model_cfg, trainer)
+    builder = build_ppo if algo_name == "ppo" else build_grpo
+    algo, optimizers = builder(cfg, policy, tokenizer, reward, torch.Generator().manual_seed(0))
+    return algo, optimizers
+
+
+@pytest.mark.parametrize("algo_name, lora, dtype", [("ppo", False, "float32"), ("ppo", True, "bfloat16"),
+                                                     ("grpo", False, "bfloat16"), ("grpo", True, "float32")])
+def test_weights_grads_and_optimizer_bytes_are_exact(algo_name, lora, dtype, tokenizer, letter_e_reward):
+    algo, optimizers = build(algo_name, lora, dtype, tokenizer, letter_e_reward)
+    arch = architecture(ModelConfig(name="tiny_llama", **TINY), vocab_size=len(tokenizer))
+    projected = project(arch, algo_name, DTYPE_BYTES[dtype], 4 if lora else None,
+                        list(LoraOptions().target_modules))
+    models = [algo.policy, algo.reference] + ([algo.critic] if algo_name == "ppo" else [])
+    assert storage_bytes(p for m in models for p in m.parameters()) == sum(m.weights for m in projected)
+    unique = {p.untyped_storage().data_ptr(): p for m in models for p in m.parameters()}
+    assert sum(p.numel() for p in unique.values()) == sum(m.params for m in projected)
+
+    # one backward through every trained model, then one optimiser step
+    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
+                                                     add_generation_prompt=True)}]
+    micro = rollout_tensors(generate_rollout(algo.policy, tokenizer, rows, 2, 5))
+    loss = micro_logprobs(algo.policy, micro, 1.0)[0].sum()
+    if algo_name == "ppo":
+        loss = loss + micro_values(algo.critic, micro).sum()
+    loss.backward()
+    params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
+    assert storage_bytes(p.grad for p in params) == sum(m.grads for m in projected)
+    for opt in optimizers.values():
+        opt.step()
+    moments = [s[k] for opt in optimizers.values() for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert storage_bytes(moments) == sum(m.optimizer for m in projected)
+
+
+def saved_activation_bytes(model, input_ids, attention_mask, completion_len: int) -> int:
+    """Bytes autograd keeps for backward in one training forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_logprobs(model, input_ids, attention_mask, completion_len)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpointed_activations_match_measured(dtype, tokenizer):
+    B, Tp, Tc = 2, 24, 16
+    ids = torch.randint(0, 1000, (B, Tp + Tc), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    measured = {}
+    for layers in (2, 4):
+        cfg = ModelConfig(name="tiny_llama", **{**TINY, "dtype": dtype, "num_hidden_layers": layers})
+        model = load_causal_lm(cfg, tokenizer)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        measured[layers] = saved_activation_bytes(model, ids, mask, Tc)
+    arch = Architecture(len(tokenizer), 64, 128, 4, 4, 2, True)
+    arch2 = Architecture(len(tokenizer), 64, 128, 2, 4, 2, True)
+    b = DTYPE_BYTES[dtype]
+    # each checkpointed layer keeps exactly its input: H values per token
+    per_layer = (arch.activation_bytes_per_token(b, True) - arch2.activation_bytes_per_token(b, True)) * B * (Tp + Tc)
+    assert measured[4] - measured[2] == per_layer
+    # and the whole forward is the layers plus the fp32 logits rows of the completion tokens (+ small terms)
+    projected = arch.activation_bytes_per_token(b, True) * B * (Tp + Tc) + arch.logits_bytes_per_token() * B * Tc
+    assert projected <= measured[4] <= 1.1 * projected
+
+
+def test_memory_cli_prints_the_8b_tables():
+    proc = subprocess.run([sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "## GRPO" in out and "## PPO" in out and "critic adapter + head" in out
+    assert "8.03 B params" in out  # Llama-3.1-8B's 8,030,261,248 parameters
+    assert "| base (shared) | 8,030.3 M | 14.96 |" in out  # bf16: 2 bytes per weight
