@@ -70,7 +70,16 @@ def test_sft_then_eval_with_before_after_answers(tmp_path):
 @pytest.mark.slow
 def test_r1_pipeline_end_to_end(tmp_path):
     out = tmp_path / "pipe"
-    proc = run_py(["experiment=r1_pipeline", *TINY_COMMON, f"hydra.run.dir={out}"], tmp_path, timeout=900)
+    def stage(name: str, *overrides: str) -> str:  # replaces the preset's overrides of one stage
+        return f"algo.stages.{name}.overrides=[" + ",".join(f'"{o}"' for o in overrides) + "]"
+
+    tiny_rl = ("data=medical_o1_verifiable", "algo.max_new_tokens=8", "algo.group_size=2")
+    budgets = [stage("sft", "data=medical_o1", "algo.batch_size=2"), stage("grpo", *tiny_rl),
+               stage("rejection_sampling", "data=medical_o1_verifiable", "algo.num_prompts=4", "algo.max_new_tokens=8",
+                     "algo.source_rows=4"),
+               stage("sft_rs", "data=medical_o1", "algo.batch_size=2"), stage("grpo_final", *tiny_rl),
+               'algo.eval_overrides=["data=medical_o1_verifiable","algo.max_new_tokens=8","algo.num_answers=1"]']
+    proc = run_py(["experiment=r1_pipeline", *TINY_COMMON, *budgets, f"hydra.run.dir={out}"], tmp_path, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     stages = ["01_sft", "02_grpo", "03_rejection_sampling", "04_sft_rs", "05_grpo_final"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name[0].isdigit()) == ["00_start", *stages]
