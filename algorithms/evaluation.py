@@ -29,7 +29,8 @@ def format_rate(prompts: list[str], completions: list[str]) -> float:
     """Share of completions in the R1 format (`<think>` reasoning `</think>` answer), prefill counted."""
     if not completions:
         return 0.0
-    return sum(is_think_format(with_prefill(p, c)) for p, c in zip(prompts, completions, strict=True)) / len(completions)
+    formatted = [is_think_format(with_prefill(p, c)) for p, c in zip(prompts, completions, strict=True)]
+    return sum(formatted) / len(formatted)
 
 
 def pick_questions(eval_rows: list[dict], train_rows: list[dict], patterns: list[str], count: int) -> list[dict]:

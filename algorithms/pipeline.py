@@ -118,7 +118,8 @@ def run_pipeline(cfg: Config, run_dir: Path, overrides: list[str], run_py: Path)
         stage_dir = run_dir / f"{i:02d}_{name}"
         args = [f"algo={stage.algo}", *stage.overrides, *common, *model_overrides(model)]
         if stage.data_from is not None:
-            rows = outputs[stage.data_from] / OmegaConf.load(outputs[stage.data_from] / ".hydra" / "config.yaml").algo.output
+            source_dir = outputs[stage.data_from]
+            rows = source_dir / OmegaConf.load(source_dir / ".hydra" / "config.yaml").algo.output
             args += ["data.source=local", f"data.local_path={rows}"]
         seconds = run_stage(run_py, args, stage_dir, f"{i}/{len(pipe.order)} {name}")
         outputs[name] = stage_dir

@@ -272,7 +272,7 @@ PIPELINE_STAGE_ALGOS = ("sft", "grpo", "ppo", "rejection_sampling", "reward_mode
 @dataclass
 class StageConfig:
     algo: str = "sft"  # the stage's algorithm (its conf/algo/<name>.yaml)
-    overrides: list[str] = field(default_factory=list)  # run.py overrides of this stage (data=..., trainer.max_steps=...)
+    overrides: list[str] = field(default_factory=list)  # run.py overrides of this stage (data=..., trainer.max_steps=)
     data_from: str | None = None  # sft: train on the rows an earlier rejection_sampling stage (by name) wrote
     evaluate: bool = True  # run algo=eval on the stage's checkpoint afterwards (model-producing stages)
 
@@ -298,8 +298,9 @@ class PipelineConfig:
                 if source is None or source.algo != "rejection_sampling":
                     raise ConfigError(f"algo.stages.{name}.data_from={stage.data_from!r} must name a "
                                       "rejection_sampling stage")
-                if stage.data_from not in self.order or name in self.order and (
-                        self.order.index(stage.data_from) > self.order.index(name)):
+                runs_after = name in self.order and stage.data_from in self.order and (
+                    self.order.index(stage.data_from) < self.order.index(name))
+                if name in self.order and not runs_after:
                     raise ConfigError(f"algo.stages.{name}.data_from: stage {stage.data_from!r} must run before it")
 
 

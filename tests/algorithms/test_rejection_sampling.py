@@ -10,7 +10,8 @@ from algorithms.common import actor_target
 from algorithms.rejection_sampling import rejection_sample, select, split_think
 from algorithms.sft import collate, encode_example, sft_update
 from algorithms.tracking import RunLogger
-from conf.schema import Config, DataConfig, LoggerConfig, ModelConfig, RejectionSamplingConfig, RewardConfig, TrainerConfig
+from conf.schema import (Config, DataConfig, LoggerConfig, ModelConfig, RejectionSamplingConfig, RewardConfig,
+                         TrainerConfig)
 from data.loading import attach_prompts, load_examples, render_prompt
 from rewards import CombinedReward
 
