@@ -69,7 +69,7 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: di
     generator = torch.Generator().manual_seed(seed)
     batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
     scored_batches = []
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, dynamic_ncols=True):
         batch_rows = rows[start : start + batch_size]
         rollout = generate_rollout(policy, tokenizer, batch_rows, 1, generator=generator, **sampling)
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
