@@ -5,6 +5,10 @@
     python run.py -m algo=ppo,grpo seed=0,1,2
     python run.py algo=reward_model                      # writes <run_dir>/reward_model
     python run.py algo=grpo reward=reward_model reward.path=<run_dir>/reward_model
+    python run.py algo=sft data=medical_o1                 # cold-start SFT -> <run_dir>/checkpoints/final
+    python run.py algo=eval model.source=local model.path=<run_dir>/checkpoints/final algo.before_path=embedded
+    python run.py algo=rejection_sampling model.source=local model.path=<checkpoint>   # -> <run_dir>/sft_rows.jsonl
+    python run.py experiment=r1_pipeline                  # sft -> grpo -> rejection sampling -> sft -> grpo
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from algorithms.checkpoint import CheckpointError, resolve_resume
 from algorithms.distributed import (NullLogger, ShardedAlgorithm, ShardedSampler, init_distributed,
                                     is_main_process, local_algo_config, shutdown)
+from algorithms.evaluation import run_eval
 from algorithms.grpo import build_grpo
 from algorithms.interrupts import TrainingError, TrainingInterrupted
+from algorithms.pipeline import run_pipeline
 from algorithms.ppo import build_ppo
+from algorithms.rejection_sampling import rejection_sample
 from algorithms.reward_model import train_reward_model
+from algorithms.sft import train_sft
 from algorithms.tracking import RunLogger
 from algorithms.trainer import Trainer
 from conf.schema import Config, ConfigError, check_override_keys, validate
@@ -43,6 +51,8 @@ RL_BUILDERS = {"grpo": build_grpo, "ppo": build_ppo}
 # what a user can fix: reported as one line, not a traceback (HYDRA_FULL_ERROR=1 shows the traceback)
 USER_ERRORS = (ConfigError, ModelLoadError, ValueError, CheckpointError, TrainingError, DataUnavailable,
                FileNotFoundError)
+# the stages besides RL that score samples with the configured rewards
+SCORING_STAGES = ("eval", "rejection_sampling")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -64,7 +74,9 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str,
     return train, evals, skipped
 
 
-def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
+def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple = ()) -> dict[str, float]:
+    if cfg.algo.name == "pipeline":  # a driver of run.py stages: it loads no model itself
+        return run_pipeline(cfg, run_dir, list(overrides), ROOT / "run.py")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device)  # torchrun's ranks, or one process
@@ -88,7 +100,7 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
     reward_fn = None  # built before the logger starts a run, so that a bad reward config fails first
-    if cfg.algo.name in RL_BUILDERS:  # (the reward-model stage trains a reward rather than using one)
+    if cfg.algo.name in RL_BUILDERS or cfg.algo.name in SCORING_STAGES:  # (reward_model, sft: none needed)
         reward_fn = build_reward(cfg.reward, extra=reward_extras(cfg.reward, device))
 
     if is_main_process():
@@ -100,6 +112,12 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
     try:
         if cfg.algo.name == "reward_model":
             return train_reward_model(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
+        if cfg.algo.name == "sft":
+            return train_sft(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
+        if cfg.algo.name == "eval":
+            return run_eval(cfg, policy, tokenizer, train_rows, eval_rows, reward_fn, logger, run_dir)
+        if cfg.algo.name == "rejection_sampling":
+            return rejection_sample(cfg, policy, tokenizer, train_rows, reward_fn, logger, run_dir, generator)
         algo, optimizers = RL_BUILDERS[cfg.algo.name](cfg, policy, tokenizer, reward_fn, generator)
         sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
         if dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling:
@@ -119,12 +137,12 @@ def run(cfg: Config, run_dir: Path, resolved: dict) -> dict[str, float]:
         shutdown()
 
 
-def run_cli(raw: DictConfig, run_dir: Path) -> tuple[int, dict[str, float]]:
+def run_cli(raw: DictConfig, run_dir: Path, overrides: list[str] | tuple = ()) -> tuple[int, dict[str, float]]:
     """Validate and run; (exit code, last metrics). Errors the user can fix and interruptions are
     reported in one line on stderr instead of a traceback."""
     try:
         cfg = validate(raw)
-        return 0, run(cfg, run_dir, OmegaConf.to_container(raw, resolve=True))
+        return 0, run(cfg, run_dir, OmegaConf.to_container(raw, resolve=True), overrides)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code, {}
@@ -140,10 +158,14 @@ def run_cli(raw: DictConfig, run_dir: Path) -> tuple[int, dict[str, float]]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(raw: DictConfig) -> float | None:
-    code, final = run_cli(raw, Path(HydraConfig.get().runtime.output_dir))
+    code, final = run_cli(raw, Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().overrides.task)
     if code:
         sys.exit(code)
-    return final.get("reward/total_mean", final.get("eval/rm/accuracy"))  # a sweeper's objective
+    for key in ("reward/total_mean", "eval/rm/accuracy", "eval/reward/total_mean", "eval/sft/loss",
+                "rs/acceptance_rate"):
+        if key in final:
+            return final[key]  # a sweeper's objective
+    return None
 
 
 def default_algo() -> str:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from algorithms.losses import bradley_terry_loss
 from algorithms.rollout import generate_rollout
 from algorithms.tracking import RunLogger
-from algorithms.trainer import build_scheduler
+from algorithms.supervised import supervised_fit
 from algorithms.update import build_optimizer
 from conf.schema import Config
 from data.loading import PromptSampler
@@ -137,7 +136,6 @@ def train_reward_model(cfg: Config, policy, tokenizer, train_rows: list[dict], e
     # sampling needs the policy intact, so the reward model trains a copy of its backbone then
     rm = RewardModel.from_causal_lm(policy, copy_weights=algo.rejected == "policy_sample")
     optimizer = build_optimizer([p for p in rm.parameters() if p.requires_grad], tcfg)
-    scheduler = build_scheduler(optimizer, tcfg)
     sampler = PromptSampler(train_rows, algo.batch_size, seed=cfg.seed)
     rng = random.Random(cfg.seed)
     eval_pairs = make_pairs(eval_rows, random.Random(cfg.seed + 10_000)) if eval_rows else []
@@ -147,20 +145,13 @@ def train_reward_model(cfg: Config, policy, tokenizer, train_rows: list[dict], e
             return {}
         return {f"eval/rm/{k}": v for k, v in evaluate_pairs(rm, tokenizer, eval_pairs, tcfg.eval_batch_size).items()}
 
-    if tcfg.eval_every:
-        logger.log(evaluate(), step=0)
-    last: dict[str, float] = {}
-    bar = tqdm(range(1, tcfg.max_steps + 1), desc="reward model", dynamic_ncols=True)
-    for step in bar:
+    def step() -> dict[str, float]:
         pairs = make_pairs(sampler.next_batch(), rng)
         stats = bt_step(rm, tokenizer, pairs, optimizer, algo.micro_batch_size, tcfg.max_grad_norm)
-        scheduler.step()
-        metrics = {f"rm/{k}": v for k, v in stats.items()} | {"lr": scheduler.get_last_lr()[0]}
-        if step == tcfg.max_steps or (tcfg.eval_every and step % tcfg.eval_every == 0):
-            metrics.update(evaluate())
-        logger.log(metrics, step)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        last = metrics
+        return {f"rm/{k}": v for k, v in stats.items()}
+
+    last = supervised_fit(tcfg, optimizer, step, evaluate, logger, "reward model",
+                          lambda m: {"loss": f"{m['rm/loss']:.3f}", "acc": f"{m['rm/accuracy']:.2f}"})
     path = rm.save(Path(run_dir) / "reward_model", tokenizer)
     print(f"reward model saved to {path} (use: reward=reward_model reward.path={path})")
     return last

@@ -20,6 +20,7 @@ from algorithms.rollout import Rollout, generate_rollout
 from algorithms.tracking import RunLogger, sample_records
 from conf.schema import TrainerConfig
 from data.loading import PromptSampler
+from rewards.combine import RewardOutput
 
 
 class Algorithm(Protocol):
@@ -66,6 +67,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
+                    ) -> tuple[dict[str, float], list[tuple[Rollout, RewardOutput]]]:
+    """One sample per row, in batches, seeded by `seed`: (rollout metrics over all rows, every batch's
+    (rollout, scores)). `sampling`: max_new_tokens, temperature, top_p. No rows: ({}, [])."""
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
+    scored_batches = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, dynamic_ncols=True):
+        batch_rows = rows[start : start + batch_size]
+        rollout = generate_rollout(policy, tokenizer, batch_rows, 1, generator=generator, **sampling)
+        scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures)))
+        scored_batches.append((rollout, scored))
+    if not batches:
+        return {}, []
+    metrics = {key: combine_batches(key, batches, len(rows)) for key in batches[0][1] if not key.endswith("_std")}
+    return metrics, scored_batches
+
+
 class Trainer:
     """Runs `algo.step` max_steps times; evaluates, logs and checkpoints on the way."""
 
@@ -85,17 +105,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
-        if not self.eval_rows:
-            return {}
-        generator = torch.Generator().manual_seed(self.seed + 10_000)
-        batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
-        for start in range(0, len(self.eval_rows), self.cfg.eval_batch_size):
-            rows = self.eval_rows[start : start + self.cfg.eval_batch_size]
-            rollout = generate_rollout(self.policy, self.tokenizer, rows, 1, generator=generator, **self.eval_sampling)
-            scored = self.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
-            batches.append((len(rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures)))
-        return {f"eval/{key}": combine_batches(key, batches, len(self.eval_rows))
-                for key in batches[0][1] if not key.endswith("_std")}
+        metrics, _ = evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.reward_fn, self.eval_sampling,
+                                     self.cfg.eval_batch_size, self.seed + 10_000)
+        return {f"eval/{key}": value for key, value in metrics.items()}
 
     def save(self, name: str, step: int) -> Path | None:
         if not is_main_process():  # one writer: every rank holds the same weights (algorithms.distributed)

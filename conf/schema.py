@@ -249,6 +249,111 @@ class LoraOptions:
 
 
 @dataclass
+class SFTConfig:
+    name: str = "sft"
+    batch_size: int = 8  # rows per optimiser step
+    micro_batch_size: int = 8  # rows per forward/backward; gradients accumulate up to batch_size
+    max_length: int = 512  # prompt + target tokens; longer rows lose the end of their target (counted)
+    # the chain of thought / response are cut to their first N tokens (at a sentence end when one is
+    # close) before rendering, so that `</think>` and the answer stay within a short budget; null = whole
+    max_cot_tokens: int | None = None
+    max_response_tokens: int | None = None
+    lr: float | None = None  # null = trainer.lr (SFT usually wants a larger step than RL)
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            check_range("algo.lr", self.lr, 0.0)
+        for key in ("batch_size", "micro_batch_size", "max_length"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        for key in ("max_cot_tokens", "max_response_tokens"):
+            if getattr(self, key) is not None:
+                check_range(f"algo.{key}", getattr(self, key), 1)
+
+
+@dataclass
+class EvalConfig:
+    name: str = "eval"
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 1.0
+    accuracy_metric: str = "f1"  # f1 | exact | contains: the extracted answer against the ground truth
+    before_path: str | None = None  # a model directory (or "embedded") whose answers go beside the model's
+    num_answers: int = 3  # held-out questions whose answers are written to answers.md
+    # questions (case-insensitive substrings) always written to answers.md when some row contains them
+    fixed_questions: list[str] = field(default_factory=lambda: ["61-year-old woman", "cystometry"])
+
+    def __post_init__(self) -> None:
+        check_choice("algo.accuracy_metric", self.accuracy_metric, ("f1", "exact", "contains"))
+        check_range("algo.max_new_tokens", self.max_new_tokens, 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+        check_range("algo.num_answers", self.num_answers, 0)
+
+
+@dataclass
+class RejectionSamplingConfig:
+    name: str = "rejection_sampling"
+    samples_per_prompt: int = 4  # k completions per prompt
+    num_prompts: int | None = None  # training prompts sampled (null = all)
+    batch_size: int = 4  # prompts per generation batch
+    max_new_tokens: int = 160
+    temperature: float = 1.0
+    top_p: float = 1.0
+    threshold: float = 0.0  # the best sample is kept only if its total reward exceeds this
+    # rows of the original data (their reference CoT and response) appended to the output, as R1 mixes
+    # non-RL SFT data with the rejection-sampled rows; 0 = none
+    source_rows: int = 0
+    output: str = "sft_rows.jsonl"  # file name in the run dir
+
+    def __post_init__(self) -> None:
+        for key in ("samples_per_prompt", "batch_size", "max_new_tokens"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        if self.num_prompts is not None:
+            check_range("algo.num_prompts", self.num_prompts, 1)
+        check_range("algo.source_rows", self.source_rows, 0)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+
+
+PIPELINE_STAGE_ALGOS = ("sft", "grpo", "ppo", "rejection_sampling", "reward_model")
+
+
+@dataclass
+class StageConfig:
+    algo: str = "sft"  # the stage's algorithm (its conf/algo/<name>.yaml)
+    overrides: list[str] = field(default_factory=list)  # run.py overrides of this stage (data=..., trainer.max_steps=)
+    data_from: str | None = None  # sft: train on the rows an earlier rejection_sampling stage (by name) wrote
+    evaluate: bool = True  # run algo=eval on the stage's checkpoint afterwards (model-producing stages)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    order: list[str] = field(default_factory=list)  # stage names, run in this order
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    eval_overrides: list[str] = field(default_factory=list)  # run.py overrides of every eval run
+    evaluate_start: bool = True  # evaluate the starting model before the first stage
+
+    def __post_init__(self) -> None:
+        if not self.order:
+            raise ConfigError("algo.order is empty: list the stage names to run")
+        for name in self.order:
+            if name not in self.stages:
+                raise ConfigError(f"algo.order: stage {name!r} has no entry in algo.stages ({', '.join(self.stages)})")
+        for name, stage in self.stages.items():
+            check_choice(f"algo.stages.{name}.algo", stage.algo, PIPELINE_STAGE_ALGOS)
+            if stage.data_from is not None:
+                source = self.stages.get(stage.data_from)
+                if source is None or source.algo != "rejection_sampling":
+                    raise ConfigError(f"algo.stages.{name}.data_from={stage.data_from!r} must name a "
+                                      "rejection_sampling stage")
+                runs_after = name in self.order and stage.data_from in self.order and (
+                    self.order.index(stage.data_from) < self.order.index(name))
+                if name in self.order and not runs_after:
+                    raise ConfigError(f"algo.stages.{name}.data_from: stage {stage.data_from!r} must run before it")
+
+
+@dataclass
 class TrainerConfig:
     name: str = "default"
     max_steps: int = 28
@@ -306,7 +411,9 @@ class LoggerConfig:
         check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
-ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOConfig, "ppo": PPOConfig, "reward_model": RewardModelConfig}
+ALGO_SCHEMAS: dict[str, type] = {"grpo": GRPOConfig, "ppo": PPOConfig, "reward_model": RewardModelConfig,
+                                  "sft": SFTConfig, "eval": EvalConfig, "rejection_sampling": RejectionSamplingConfig,
+                                  "pipeline": PipelineConfig}
 
 
 @dataclass

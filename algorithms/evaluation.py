@@ -1,0 +1,133 @@
+"""Held-out evaluation (algo=eval): reward per component, accuracy, format rate, length, and answers.
+
+One seeded sample per held-out prompt from the model under test (`model`, e.g. `model.source=local
+model.path=<run>/checkpoints/final`) is scored with the configured rewards; besides every reward
+component the stage reports the R1 format rate and the accuracy against the ground-truth answer on
+their own (whatever the reward weights are). A few fixed questions are answered by the model and,
+when `algo.before_path` names another model, by that one too, side by side in `answers.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from algorithms.tracking import RunLogger, sample_records
+from algorithms.trainer import evaluate_policy
+from conf.schema import Config, ModelConfig
+from models.loading import load_causal_lm
+from rewards.accuracy import accuracy
+from rewards.format import is_think_format, with_prefill
+
+ANSWERS_FILE = "answers.md"
+EVAL_FILE = "eval.json"
+
+
+def format_rate(prompts: list[str], completions: list[str]) -> float:
+    """Share of completions in the R1 format (`<think>` reasoning `</think>` answer), prefill counted."""
+    if not completions:
+        return 0.0
+    formatted = [is_think_format(with_prefill(p, c)) for p, c in zip(prompts, completions, strict=True)]
+    return sum(formatted) / len(formatted)
+
+
+def pick_questions(eval_rows: list[dict], train_rows: list[dict], patterns: list[str], count: int) -> list[dict]:
+    """Rows whose answers go to answers.md: for each pattern the first row (held-out first) whose question
+    contains it (case-insensitive), then the first `count` held-out rows; each row once."""
+    picked: dict[str, dict] = {}
+    for pattern in patterns:
+        match = next((r for r in eval_rows + train_rows if pattern.lower() in r["question"].lower()), None)
+        if match is not None:
+            picked.setdefault(match["id"], match)
+    for row in eval_rows[:count]:
+        picked.setdefault(row["id"], row)
+    return list(picked.values())
+
+
+def load_before_model(path: str, tokenizer, device: torch.device):
+    """The comparison model: a model directory, or "embedded" for the embedded default."""
+    cfg = ModelConfig() if path == "embedded" else ModelConfig(name="before", source="local", path=path)
+    return load_causal_lm(cfg, tokenizer).to(device)
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: pipes escaped, line breaks as <br>."""
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def answers_markdown(rows: list[dict], after: list[str], after_scores: list[dict], before: list[str] | None,
+                     before_scores: list[dict] | None, after_name: str, before_name: str | None) -> str:
+    """The before/after answers file: per question, the ground truth and the two answers side by side."""
+    lines = ["# Answers to fixed questions", ""]
+    if before is None:
+        lines += [f"Model: `{after_name}`.", ""]
+    else:
+        lines += [f"Before: `{before_name}`; after: `{after_name}`.", ""]
+    for i, row in enumerate(rows):
+        lines += [f"## {i + 1}. {row['question'].strip()}", "", f"**Ground truth:** {row['answer'].strip()}", ""]
+
+        def scores(parts: dict) -> str:
+            return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+
+        if before is None:
+            lines += ["| answer |", "|---|", f"| {_cell(after[i])} |", "", f"Rewards: {scores(after_scores[i])}", ""]
+        else:
+            lines += ["| before | after |", "|---|---|", f"| {_cell(before[i])} | {_cell(after[i])} |", "",
+                      f"Rewards before: {scores(before_scores[i])}; after: {scores(after_scores[i])}", ""]
+    return "\n".join(lines)
+
+
+def answer_questions(model, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
+                     ) -> tuple[list[str], list[dict[str, float]]]:
+    """(completion, {reward part: score}) per row, one seeded sample each."""
+    _, batches = evaluate_policy(model, tokenizer, rows, reward_fn, sampling, batch_size, seed)
+    completions, scores = [], []
+    for rollout, scored in batches:
+        completions += rollout.completions
+        for i in range(len(rollout.completions)):
+            scores.append({"total": float(scored.total[i]), **{k: float(v[i]) for k, v in scored.parts.items()}})
+    return completions, scores
+
+
+def run_eval(cfg: Config, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict], reward_fn,
+             logger: RunLogger, run_dir: Path) -> dict[str, float]:
+    """The algo=eval stage: metrics on every held-out prompt (eval.json, metrics.jsonl), answers.md."""
+    algo, tcfg = cfg.algo, cfg.trainer
+    if not eval_rows:
+        raise ValueError("algo=eval needs held-out rows: set data.eval_size to at least 1")
+    sampling = {"max_new_tokens": algo.max_new_tokens, "temperature": algo.temperature, "top_p": algo.top_p}
+    seed = cfg.seed + 10_000  # the RL trainer's eval seed: the same prompts get the same random stream
+    metrics, batches = evaluate_policy(policy, tokenizer, eval_rows, reward_fn, sampling, tcfg.eval_batch_size, seed)
+    prompts = [p for rollout, _ in batches for p in rollout.prompts]
+    completions = [c for rollout, _ in batches for c in rollout.completions]
+    sample_rows = [r for rollout, _ in batches for r in rollout.rows]
+    metrics["format_rate"] = format_rate(prompts, completions)
+    correct = accuracy(prompts, completions, answer=[r["answer"] for r in sample_rows],
+                       kind=[r["kind"] for r in sample_rows], options=[r["options"] for r in sample_rows],
+                       metric=algo.accuracy_metric)
+    metrics["accuracy"] = sum(correct) / len(correct)
+    metrics = {f"eval/{k}": v for k, v in metrics.items()}
+    logger.log(metrics, step=0)
+    for rollout, scored in batches:
+        logger.log_samples(0, sample_records(rollout.prompts, rollout.completions,
+                                             {"total": scored.total, **scored.parts}, len(rollout.completions)))
+
+    rows = pick_questions(eval_rows, train_rows, list(algo.fixed_questions), algo.num_answers)
+    after_name = cfg.model.path or cfg.model.name
+    after, after_scores = answer_questions(policy, tokenizer, rows, reward_fn, sampling, tcfg.eval_batch_size, seed)
+    before = before_scores = None
+    if algo.before_path is not None and rows:
+        before_model = load_before_model(algo.before_path, tokenizer, next(policy.parameters()).device)
+        before, before_scores = answer_questions(before_model, tokenizer, rows, reward_fn, sampling,
+                                                 tcfg.eval_batch_size, seed)
+        del before_model
+    text = answers_markdown(rows, after, after_scores, before, before_scores, after_name, algo.before_path)
+    (Path(run_dir) / ANSWERS_FILE).write_text(text)
+    (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
+    summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+                        if k in ("eval/reward/total_mean", "eval/format_rate", "eval/accuracy",
+                                 "eval/completion/length_mean"))
+    print(f"eval on {len(eval_rows)} held-out prompts: {summary}; answers in {Path(run_dir) / ANSWERS_FILE}")
+    return metrics

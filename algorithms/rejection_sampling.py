@@ -1,0 +1,118 @@
+"""Rejection sampling (algo=rejection_sampling): new SFT data from a policy's best answers (the R1 recipe's
+third stage).
+
+For each training prompt, k samples are scored with the configured rewards; the best one is kept
+when it is in the R1 format (an SFT row needs a chain of thought and an answer) and its total reward
+exceeds `algo.threshold`. Kept samples are written as medical_o1-style rows (`Question`,
+`Complex_CoT`, `Response`, plus the ground truth), so that
+
+    python run.py algo=sft data=medical_o1 data.source=local data.local_path=<run dir>/sft_rows.jsonl
+
+trains on them. `algo.source_rows` rows of the original data can be mixed in, as R1 mixes non-RL
+SFT data with the rejection-sampled rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from algorithms.rollout import generate_rollout
+from algorithms.tracking import RunLogger
+from conf.schema import Config
+from rewards.format import is_think_format, with_prefill
+from rewards.text import THINK_CLOSE, THINK_OPEN
+
+
+def split_think(prompt: str, completion: str) -> tuple[str, str] | None:
+    """(chain of thought, answer) of a completion in the R1 format, else None."""
+    text = with_prefill(prompt, completion)
+    if not is_think_format(text):
+        return None
+    reasoning, _, answer = text.strip()[len(THINK_OPEN):].partition(THINK_CLOSE)
+    return reasoning.strip(), answer.strip()
+
+
+def best_of_group(totals: torch.Tensor, group_size: int) -> list[int]:
+    """Index (into the N = P * G samples, group-contiguous) of the highest total reward of each group;
+    the first one on ties."""
+    return [int(g * group_size + torch.argmax(group)) for g, group in enumerate(totals.view(-1, group_size))]
+
+
+def sft_row(row: dict, cot: str, response: str, reward: float | None, source: str) -> dict:
+    """A row that data=medical_o1 (kind=sft) reads, with the ground truth kept for verifiable rewards."""
+    out = {"Question": row["question"], "Complex_CoT": cot, "Response": response,
+           "Open-ended Verifiable Question": row["question"], "Ground-True Answer": row["answer"], "source": source}
+    if reward is not None:
+        out["reward"] = reward
+    return out
+
+
+def select(prompts: list[str], completions: list[str], rows: list[dict], totals: torch.Tensor, group_size: int,
+           threshold: float) -> tuple[list[dict], dict[str, int]]:
+    """The kept SFT rows of one scored batch and why the other prompts were rejected (counts)."""
+    kept, rejected = [], {"below_threshold": 0, "not_think_format": 0}
+    for first in range(0, len(completions), group_size):
+        # the best well-formed sample: a higher-scoring malformed one cannot become an SFT row
+        formed = [i for i in range(first, first + group_size) if split_think(prompts[i], completions[i]) is not None]
+        if not formed:
+            rejected["not_think_format"] += 1
+            continue
+        pick = max(formed, key=lambda i: (float(totals[i]), -i))
+        if float(totals[pick]) <= threshold:
+            rejected["below_threshold"] += 1
+            continue
+        cot, response = split_think(prompts[pick], completions[pick])
+        kept.append(sft_row(rows[pick], cot, response, float(totals[pick]), "rejection_sampling"))
+    return kept, rejected
+
+
+def rejection_sample(cfg: Config, policy, tokenizer, train_rows: list[dict], reward_fn, logger: RunLogger,
+                     run_dir: Path, generator: torch.Generator) -> dict[str, float]:
+    """The algo=rejection_sampling stage: writes <run_dir>/<algo.output>; returns the acceptance rate and
+    reward statistics."""
+    algo = cfg.algo
+    prompts_rows = train_rows[: algo.num_prompts] if algo.num_prompts else train_rows
+    kept: list[dict] = []
+    rejected = {"below_threshold": 0, "not_think_format": 0}
+    best_totals, all_totals = [], []
+    for start in tqdm(range(0, len(prompts_rows), algo.batch_size), desc="rejection sampling", dynamic_ncols=True):
+        rows = prompts_rows[start : start + algo.batch_size]
+        rollout = generate_rollout(policy, tokenizer, rows, algo.samples_per_prompt, algo.max_new_tokens,
+                                   algo.temperature, algo.top_p, generator)
+        scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        batch_kept, batch_rejected = select(rollout.prompts, rollout.completions, rollout.rows, scored.total,
+                                            algo.samples_per_prompt, algo.threshold)
+        kept += batch_kept
+        for reason, n in batch_rejected.items():
+            rejected[reason] += n
+        all_totals.append(scored.total)
+        best_totals += [float(scored.total[i]) for i in best_of_group(scored.total, algo.samples_per_prompt)]
+    # original rows with their reference CoT and response, those whose prompts were not sampled first
+    extra_pool = [r for r in train_rows[len(prompts_rows):] + prompts_rows if r["cot"] and r["reference"]]
+    extra = [sft_row(r, r["cot"], r["reference"], None, "data") for r in extra_pool[: algo.source_rows]]
+    path = Path(run_dir) / algo.output
+    with open(path, "w") as f:
+        for row in kept + extra:
+            f.write(json.dumps(row) + "\n")
+    totals = torch.cat(all_totals)
+    metrics = {
+        "rs/acceptance_rate": len(kept) / len(prompts_rows),
+        "rs/prompts": float(len(prompts_rows)),
+        "rs/accepted": float(len(kept)),
+        "rs/rejected_below_threshold": float(rejected["below_threshold"]),
+        "rs/rejected_not_think_format": float(rejected["not_think_format"]),
+        "rs/source_rows": float(len(extra)),
+        "rs/reward_mean": float(totals.mean()),
+        "rs/best_reward_mean": sum(best_totals) / len(best_totals),
+        "rs/accepted_reward_mean": sum(r["reward"] for r in kept) / len(kept) if kept else 0.0,
+    }
+    logger.log(metrics, step=0)
+    print(f"rejection sampling: kept {len(kept)} of {len(prompts_rows)} prompts "
+          f"(acceptance {metrics['rs/acceptance_rate']:.2f}) + {len(extra)} data rows -> {path}")
+    if not kept and not extra:
+        print("warning: no row passed; an SFT stage on this file will have no data")
+    return metrics
