@@ -23,6 +23,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from models.forward import completion_hidden
+
 BACKENDS = ("auto", "torch", "triton")
 CHUNK_BYTES = 64 * 2**20  # one fp32 [chunk, V] block of logits: 64 MiB (341 rows at V = 49152)
 
@@ -279,17 +281,15 @@ def completion_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     backend: str = "auto",
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the completion tokens under `model`: (logp [B, Tc], entropy [B, Tc] | None), 0 on padding.
 
-    Runs the decoder once for hidden states and sends only the real completion positions through
-    lm_head, fused with the log-softmax: prompt and padding positions never become [*, V] logits.
+    Runs the decoder for hidden states (one prefill per distinct prompt, see `models.forward`) and sends
+    only the real completion positions through lm_head, fused with the log-softmax: prompt and padding
+    positions never become [*, V] logits.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # [B, Tp + Tc, H]
-    hidden = hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
+    hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
     lm_head = model.get_output_embeddings()
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("fused log-probs take an lm_head without bias (Llama, Qwen, Mistral have none)")
