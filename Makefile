@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo bench lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ test-fast: install
 # GRPO on the embedded SmolLM2-135M-Instruct with the default config (offline, CPU).
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) run.py algo=grpo
+
+# Speed: log-prob kernels, then one GRPO step against TRL's GRPOTrainer (TRL's side runs only when trl is
+# importable: run the same two scripts from a virtualenv made with requirements-bench.txt). One thread each.
+bench: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) experiments/bench_logprobs.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py
 
 lint: install
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check .
