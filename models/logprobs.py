@@ -26,7 +26,7 @@ from torch import Tensor
 from models.forward import completion_hidden
 
 BACKENDS = ("auto", "torch", "triton")
-CHUNK_BYTES = 64 * 2**20  # one fp32 [chunk, V] block of logits: 64 MiB (341 rows at V = 49152)
+CHUNK_BYTES = 32 * 2**20  # one fp32 [chunk, V] block of logits: 32 MiB (170 rows at V = 49152)
 
 
 def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -47,26 +47,28 @@ def _chunk_stats(z: Tensor, tokens: Tensor, with_entropy: bool) -> tuple[Tensor,
     return lse, logp, expected_z
 
 
-def _chunk_grad_(z: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
+def _chunk_grad_(x: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
                  g_ent: Tensor | None, inv_temp: float) -> Tensor:
-    """d(sum g_logp * logp + g_ent * entropy) / d(untempered logits), written over z [c, V] fp32.
+    """d(sum g_logp * logp + g_ent * entropy) / dx for untempered logits x [c, V], written into `out`
+    (fp32 [c, V], which may be x itself).
 
-    d logp / dz = onehot - p;  d entropy / dz = p * (E_p[z] - z);  dz / dlogits = 1 / temperature.
+    d logp / dz = onehot - p;  d entropy / dz = p * (E_p[z] - z);  dz / dx = 1 / temperature.
     """
+    z_entropy = x.float() * inv_temp if g_ent is not None else None  # before `out` (maybe x) is overwritten
+    p = torch.add(-lse[:, None], x, alpha=inv_temp, out=out).exp_()  # z - lse in one pass, then p in place
     if g_ent is None:
-        p = z.sub_(lse[:, None]).exp_()
-        dz = p.mul_(-g_logp[:, None])
+        p.mul_((-g_logp * inv_temp)[:, None])
     else:
-        p = torch.exp(z - lse[:, None])
-        dz = z.sub_(expected_z[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
-    dz.scatter_add_(-1, tokens[:, None], g_logp[:, None])
-    return dz.mul_(inv_temp) if inv_temp != 1.0 else dz
+        p.mul_(z_entropy.sub_(expected_z[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None])).mul_(inv_temp)
+    return p.scatter_add_(-1, tokens[:, None], (g_logp * inv_temp)[:, None])
 
 
 def _tempered_fp32(logits: Tensor, inv_temp: float, writable: bool) -> Tensor:
-    """fp32 logits / temperature; a fresh tensor unless `writable` says `logits` may be overwritten."""
-    z = logits.float() if writable else logits.to(torch.float32, copy=True)
-    return z.mul_(inv_temp) if inv_temp != 1.0 else z
+    """fp32 logits / temperature, never writing into `logits` unless `writable` (it is then a scratch buffer)."""
+    z = logits.float()  # the same tensor for fp32 logits, a fresh copy otherwise
+    if inv_temp == 1.0:
+        return z
+    return z.mul_(inv_temp) if writable or z is not logits else z * inv_temp
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -100,9 +102,9 @@ def _grad(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: 
         from models.triton_logprobs import chunk_grad_
 
         return chunk_grad_(logits, out, tokens, lse, expected_z, g_logp, g_ent, inv_temp)
-    dz = _chunk_grad_(_tempered_fp32(logits, inv_temp, out is logits), tokens, lse, expected_z, g_logp, g_ent,
-                      inv_temp)
-    return out.copy_(dz) if dz.data_ptr() != out.data_ptr() else out
+    scratch = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    _chunk_grad_(logits, scratch, tokens, lse, expected_z, g_logp, g_ent, inv_temp)
+    return out if scratch is out else out.copy_(scratch)
 
 
 def _upstream(g: Tensor | None, like: Tensor) -> Tensor:
@@ -152,7 +154,7 @@ def token_logprobs(
     logits: Tensor,  # [B, T, V] any float dtype
     tokens: Tensor,  # [B, T] long
     temperature: float = 1.0,
-    chunk_rows: int | None = None,  # None: a 64 MiB fp32 [chunk, V] block
+    chunk_rows: int | None = None,  # None: a 32 MiB fp32 [chunk, V] block
     with_entropy: bool = False,
     entropy_grad: bool = False,
     mask: Tensor | None = None,  # [B, T] 1 = real token; padded positions give 0 and get no gradient
@@ -236,7 +238,7 @@ def fused_token_logprobs(
     hidden: Tensor,  # [B, T, H] the states that predict `tokens` (already shifted)
     lm_head_weight: Tensor,  # [V, H]; tied input embeddings are fine: the gradient accumulates into it
     tokens: Tensor,  # [B, T] long
-    chunk: int | None = None,  # rows per chunk; None: a 64 MiB fp32 [chunk, V] block
+    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,

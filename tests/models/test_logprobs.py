@@ -319,7 +319,7 @@ def test_unknown_backend_names_the_choices():
 
 
 def test_default_chunk_fits_the_budget():
-    assert default_chunk_rows(49152) == 341  # 64 MiB of fp32 rows at SmolLM2's vocabulary
+    assert default_chunk_rows(49152) == 170  # 32 MiB of fp32 rows at SmolLM2's vocabulary
     assert default_chunk_rows(10**9) == 16
 
 
