@@ -120,6 +120,18 @@ def test_token_logprobs_with_padding_mask_match_on_real_positions(chunk_rows):
     assert (grad[mask == 0] == 0).all()  # padded positions get no gradient
 
 
+def test_token_logprobs_mask_argument_zeroes_padding_with_any_pad_id():
+    logits, tokens = random_logits(seed=22)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
+    a = logits.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(a, tokens.masked_fill(mask == 0, -100), chunk_rows=4, with_entropy=True, mask=mask)
+    expected, logp_all = naive_logprobs(logits, tokens)
+    torch.testing.assert_close(logp, expected * mask, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy, -(logp_all.exp() * logp_all).sum(-1) * mask, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(logp.sum(), a)
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] != 0).any()
+
+
 def test_token_logprobs_bf16_logits_give_fp32_close_to_fp32_reference():
     logits, tokens = random_logits(seed=5)
     bf16 = logits.to(torch.bfloat16)
