@@ -13,7 +13,8 @@ Every method computes d/d(inputs) of sum(g * logp) for a fixed random g. Reporte
 `--repeats` runs after `--warmup`, and the peak memory above what the inputs already hold. On CUDA
 that is `max_memory_allocated`; on a CPU it is the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs after the inputs are built) minus its resident set at that moment: what the OS
-had to provide, allocator slack and page granularity included.
+had to provide, page granularity included; the workers run with MALLOC_MMAP_THRESHOLD_=1048576 so that
+glibc returns freed buffers of 1 MiB and more at once instead of keeping them in its heap.
 """
 
 from __future__ import annotations
@@ -193,8 +194,11 @@ def main() -> None:
             skipped.append(f"- {method}: skipped, {reason}")
             continue
         print(f"[{method}] running in its own process ...", file=sys.stderr, flush=True)
+        # a fixed glibc mmap threshold: freed buffers of 1 MiB and more go back to the OS at once, so the
+        # resident set follows live memory instead of glibc's adaptive heap (the same for every method)
+        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
         proc = subprocess.run([sys.executable, __file__, "--worker", method, *passthrough], capture_output=True,
-                              text=True, env=os.environ.copy())
+                              text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
