@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare lint clean
+.PHONY: install test test-fast demo compare bench lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ compare: install
 		hydra.sweep.dir=$(COMPARE_DIR)
 	$(PY) experiments/compare.py $(COMPARE_DIR) --out experiments/results/ppo_vs_grpo \
 		--title "PPO vs GRPO, SmolLM2-135M-Instruct (embedded), medical_o1_verifiable, $(COMPARE_STEPS) steps"
+
+# Speed: log-prob kernels, then one GRPO step against TRL's GRPOTrainer (TRL's side runs only when trl is
+# importable: run the same two scripts from a virtualenv made with requirements-bench.txt). One thread each.
+bench: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) experiments/bench_logprobs.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py
 
 lint: install
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check .

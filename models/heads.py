@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from models.forward import completion_hidden
+
 HEAD_FILE = "head.safetensors"
 META_FILE = "head_config.json"
 
@@ -108,7 +110,7 @@ class ValueModel(ScalarHeadModel):
 
     def values(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> Tensor:
         """input_ids, attention_mask: [B, Tp + Tc] (prompt left-padded, then completion) -> values [B, Tc] fp32."""
-        hidden = self.hidden(input_ids, attention_mask)[:, -completion_len - 1 : -1]  # [B, Tc, H]
+        hidden = completion_hidden(self.backbone, input_ids, attention_mask, completion_len)  # [B, Tc, H]
         return self.head(hidden.float()).squeeze(-1)
 
 

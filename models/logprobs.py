@@ -1,68 +1,300 @@
-"""Log-probabilities of chosen tokens: the hot path of every RL step.
+"""Log-probabilities of chosen tokens: the hot path of every RL step (policy, old policy, reference).
 
-`token_logprobs` never materialises a full log_softmax copy of the logits: it takes a logsumexp
-and a gather per chunk of rows, so the only [*, V] tensors alive are the logits themselves (and one
-chunk's temporaries).
+Three ways to the same numbers, log softmax(logits / temperature)[token] accumulated in fp32:
+- `token_logprobs(logits, tokens)`: from given logits, a chunk of rows at a time, without the
+  [*, V] log_softmax copy that `log_softmax(...).gather(...)` makes, and with a hand-written backward
+  that writes the gradient of each chunk straight into one [*, V] buffer.
+- `fused_token_logprobs(hidden, lm_head_weight, tokens)`: lm_head and the log-probs in one custom
+  autograd Function that never holds the [B, T, V] logits: each chunk of rows is projected, reduced
+  to (logsumexp, chosen logit) and dropped; backward recomputes each chunk's logits. The price is
+  one more [chunk, H] x [H, V] matmul per chunk in backward; the gain is memory (and no page-faulting
+  of [B, T, V] buffers).
+- the same Function with the per-row reductions done by Triton kernels (`models/triton_logprobs.py`),
+  chosen automatically for CUDA tensors when Triton is installed.
+
+Entropy H = logsumexp(z) - sum softmax(z) * z of the same tempered distribution comes from the same
+pass. Its gradient is p * (E_p[z] - z), so it costs one saved number per row, not a [rows, V] softmax.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
+from models.forward import completion_hidden
+
+BACKENDS = ("auto", "torch", "triton")
+CHUNK_BYTES = 32 * 2**20  # one fp32 [chunk, V] block of logits: 32 MiB (170 rows at V = 49152)
+
+
+def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one fp32 [rows, V] block fits `budget_bytes` (at least 16 rows)."""
+    return max(16, budget_bytes // (4 * vocab_size))
+
+
+# ---------------------------------------------------------------- per-row math on one chunk (PyTorch)
+
+
+def _chunk_stats(z: Tensor, tokens: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """z [c, V] fp32 tempered logits -> (lse [c], chosen-token logp [c], E_p[z] [c] | None)."""
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return lse, logp, None
+    expected_z = torch.exp(z - lse[:, None]).mul_(z).sum(-1)  # E_p[z]; entropy = lse - E_p[z]
+    return lse, logp, expected_z
+
+
+def _chunk_grad_(x: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
+                 g_ent: Tensor | None, inv_temp: float) -> Tensor:
+    """d(sum g_logp * logp + g_ent * entropy) / dx for untempered logits x [c, V], written into `out`
+    (fp32 [c, V], which may be x itself).
+
+    d logp / dz = onehot - p;  d entropy / dz = p * (E_p[z] - z);  dz / dx = 1 / temperature.
+    """
+    z_entropy = x.float() * inv_temp if g_ent is not None else None  # before `out` (maybe x) is overwritten
+    p = torch.add(-lse[:, None], x, alpha=inv_temp, out=out).exp_()  # z - lse in one pass, then p in place
+    if g_ent is None:
+        p.mul_((-g_logp * inv_temp)[:, None])
+    else:
+        p.mul_(z_entropy.sub_(expected_z[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None])).mul_(inv_temp)
+    return p.scatter_add_(-1, tokens[:, None], (g_logp * inv_temp)[:, None])
+
+
+def _tempered_fp32(logits: Tensor, inv_temp: float, writable: bool) -> Tensor:
+    """fp32 logits / temperature, never writing into `logits` unless `writable` (it is then a scratch buffer)."""
+    z = logits.float()  # the same tensor for fp32 logits, a fresh copy otherwise
+    if inv_temp == 1.0:
+        return z
+    return z.mul_(inv_temp) if writable or z is not logits else z * inv_temp
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); backend='torch' needs nothing")
+    return backend
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed (found, not imported: its kernels compile on first use)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str,
+           writable: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    if backend == "triton":
+        from models.triton_logprobs import chunk_stats
+
+        return chunk_stats(logits, tokens, inv_temp, with_entropy)
+    return _chunk_stats(_tempered_fp32(logits, inv_temp, writable), tokens, with_entropy)
+
+
+def _grad(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
+          g_ent: Tensor | None, inv_temp: float, backend: str) -> Tensor:
+    """The gradient w.r.t. one chunk's logits, written into `out` (which may be `logits` itself)."""
+    if backend == "triton":
+        from models.triton_logprobs import chunk_grad_
+
+        return chunk_grad_(logits, out, tokens, lse, expected_z, g_logp, g_ent, inv_temp)
+    scratch = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    _chunk_grad_(logits, scratch, tokens, lse, expected_z, g_logp, g_ent, inv_temp)
+    return out if scratch is out else out.copy_(scratch)
+
+
+def _upstream(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g.float().contiguous()
+
+
+# ---------------------------------------------------------------- from given logits
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """logits [N, V] -> (logp [N], entropy [N]); saves the logits and two floats per row."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, chunk, inv_temp, with_entropy, backend):
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
+        for s in range(0, n, chunk):
+            c_lse, c_logp, c_ez = _stats(logits[s : s + chunk], tokens[s : s + chunk], inv_temp, with_entropy,
+                                         backend, writable=False)
+            lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
+            if with_entropy:
+                expected_z[s : s + chunk] = c_ez
+        ctx.save_for_backward(logits, tokens, lse, expected_z)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        ctx.chunk, ctx.inv_temp, ctx.backend = chunk, inv_temp, backend
+        entropy = lse - expected_z if with_entropy else None
+        if entropy is None:
+            ctx.mark_non_differentiable(lse)  # a placeholder output, never used
+        return logp, (entropy if with_entropy else lse)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, tokens, lse, expected_z = ctx.saved_tensors
+        g_logp = _upstream(g_logp, lse)
+        g_ent = None if (g_ent is None or expected_z is None) else g_ent.float().contiguous()
+        grad = torch.empty_like(logits)
+        c = ctx.chunk
+        for s in range(0, logits.shape[0], c):
+            _grad(logits[s : s + c], grad[s : s + c], tokens[s : s + c], lse[s : s + c],
+                  None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
+                  None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
+        return grad, None, None, None, None, None
+
 
 def token_logprobs(
-    logits: Tensor,  # [B, T, V]
+    logits: Tensor,  # [B, T, V] any float dtype
     tokens: Tensor,  # [B, T] long
     temperature: float = 1.0,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,  # None: a 32 MiB fp32 [chunk, V] block
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    mask: Tensor | None = None,  # [B, T] 1 = real token; padded positions give 0 and get no gradient
+    backend: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits / temperature)[tokens] per position, accumulated in fp32.
 
-    Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Entropy is of the same
-    temperature-scaled distribution, H = logsumexp(z) - sum softmax(z) * z; it carries no gradient
-    unless entropy_grad (an entropy bonus in the loss), which keeps one [rows, V] softmax per chunk
-    alive for backward.
+    Returns (logp [B, T] fp32, entropy [B, T] fp32 or None). Entropy carries a gradient only with
+    entropy_grad (an entropy bonus in the loss). The gradient w.r.t. `logits` has their dtype.
     """
     B, T, V = logits.shape
-    flat = logits.reshape(B * T, V)
-    flat_tokens = tokens.reshape(B * T, 1)
-    logp_chunks, ent_chunks = [], []
-    for start in range(0, B * T, chunk_rows):
-        z = flat[start : start + chunk_rows].float()  # a no-op view for fp32 logits
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)  # [c]
-        logp_chunks.append(z.gather(-1, flat_tokens[start : start + chunk_rows]).squeeze(-1) - lse)
-        if with_entropy:  # by default a diagnostic: no graph is kept for it
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ent_chunks.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
-    logp = torch.cat(logp_chunks).view(B, T)
-    entropy = torch.cat(ent_chunks).view(B, T) if with_entropy else None
+    backend = _pick_backend(backend, logits.device)
+    flat_tokens = tokens.reshape(B * T)
+    if mask is not None:  # pad ids may be anything (-100, out of range): read a valid index there
+        flat_tokens = flat_tokens.masked_fill(mask.reshape(B * T) == 0, 0)
+    chunk_rows = chunk_rows or default_chunk_rows(V)
+    logp, entropy = _ChunkedLogprobs.apply(logits.reshape(B * T, V), flat_tokens.contiguous(), chunk_rows,
+                                           1.0 / temperature, with_entropy, backend)
+    logp, entropy = logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
+    if entropy is not None and not entropy_grad:
+        entropy = entropy.detach()
+    if mask is not None:
+        logp = logp * mask
+        entropy = entropy * mask if entropy is not None else None
     return logp, entropy
+
+
+# ---------------------------------------------------------------- fused with lm_head
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """hidden [R, H], weight [V, H] -> (logp [R], entropy [R]) without [R, V] logits kept for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, chunk, inv_temp, with_entropy, backend):
+        r = hidden.shape[0]
+        lse = torch.empty(r, dtype=torch.float32, device=hidden.device)
+        logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
+        for s in range(0, r, chunk):
+            logits = hidden[s : s + chunk] @ weight.T  # [c, V]: the only vocabulary-sized tensor alive
+            c_lse, c_logp, c_ez = _stats(logits, tokens[s : s + chunk], inv_temp, with_entropy, backend,
+                                         writable=True)
+            lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
+            if with_entropy:
+                expected_z[s : s + chunk] = c_ez
+            del logits
+        ctx.save_for_backward(hidden, weight, tokens, lse, expected_z)
+        ctx.set_materialize_grads(False)
+        ctx.chunk, ctx.inv_temp, ctx.backend = chunk, inv_temp, backend
+        if not with_entropy:
+            ctx.mark_non_differentiable(lse)
+        return logp, (lse - expected_z if with_entropy else lse)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, tokens, lse, expected_z = ctx.saved_tensors
+        g_logp = _upstream(g_logp, lse)
+        g_ent = None if (g_ent is None or expected_z is None) else g_ent.float().contiguous()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # fp32 accumulation over chunks, whatever the weight's dtype
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        c = ctx.chunk
+        for s in range(0, hidden.shape[0], c):
+            h = hidden[s : s + c]
+            logits = h @ weight.T  # recomputed: [c, V]
+            dlogits = _grad(logits, logits, tokens[s : s + c], lse[s : s + c],
+                            None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
+                            None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
+            if need_hidden:
+                torch.mm(dlogits, weight, out=grad_hidden[s : s + c])
+            if need_weight:
+                grad_weight.addmm_(dlogits.T.float(), h.float())  # no-op casts in fp32
+            del logits, dlogits
+        if need_weight and weight.dtype != torch.float32:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_token_logprobs(
+    hidden: Tensor,  # [B, T, H] the states that predict `tokens` (already shifted)
+    lm_head_weight: Tensor,  # [V, H]; tied input embeddings are fine: the gradient accumulates into it
+    tokens: Tensor,  # [B, T] long
+    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    mask: Tensor | None = None,  # [B, T] 1 = real token; padded rows are never projected
+    backend: str = "auto",  # auto (Triton on CUDA when installed, else torch) | torch | triton
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(hidden @ W.T / temperature)[tokens] without materialising [B, T, V] logits.
+
+    Returns (logp [B, T] fp32, entropy [B, T] fp32 or None); 0 at masked positions. bf16 inputs are
+    projected in bf16 and reduced in fp32; gradients come back in the inputs' dtypes.
+    """
+    B, T, H = hidden.shape
+    V = lm_head_weight.shape[0]
+    backend = _pick_backend(backend, hidden.device)
+    chunk = chunk or default_chunk_rows(V)
+    flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
+    rows = None
+    if mask is not None:  # only real positions go through lm_head
+        rows = mask.reshape(B * T).nonzero().squeeze(1)  # [R]
+        flat_hidden, flat_tokens = flat_hidden.index_select(0, rows), flat_tokens.index_select(0, rows)
+    logp, entropy = _FusedLinearLogprobs.apply(flat_hidden.contiguous(), lm_head_weight, flat_tokens.contiguous(),
+                                               chunk, 1.0 / temperature, with_entropy, backend)
+    if not with_entropy:
+        entropy = None
+    elif not entropy_grad:
+        entropy = entropy.detach()
+    if rows is not None:  # scatter the real rows back; padded positions stay 0
+        logp = logp.new_zeros(B * T).index_copy(0, rows, logp)
+        entropy = entropy.new_zeros(B * T).index_copy(0, rows, entropy) if entropy is not None else None
+    return logp.view(B, T), (entropy.view(B, T) if entropy is not None else None)
+
+
+# ---------------------------------------------------------------- a causal LM's completion tokens
 
 
 def completion_logprobs(
     model: torch.nn.Module,
-    input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion
+    input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
     attention_mask: Tensor,  # [B, Tp + Tc]
     completion_len: int,  # Tc
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    backend: str = "auto",
+    share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs of the completion tokens under `model`: (logp [B, Tc], entropy [B, Tc] | None).
+    """Log-probs of the completion tokens under `model`: (logp [B, Tc], entropy [B, Tc] | None), 0 on padding.
 
-    Runs the decoder once and sends only the Tc positions that predict completion tokens through
-    lm_head: prompt positions never become [*, V] logits.
+    Runs the decoder for hidden states (one prefill per distinct prompt, see `models.forward`) and sends
+    only the real completion positions through lm_head, fused with the log-softmax: prompt and padding
+    positions never become [*, V] logits.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # [B, Tp + Tc, H]
-    hidden = hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
-    logits = model.get_output_embeddings()(hidden)  # [B, Tc, V]
-    return token_logprobs(logits, input_ids[:, -completion_len:], temperature, with_entropy=with_entropy,
-                          entropy_grad=entropy_grad)
+    hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
+    lm_head = model.get_output_embeddings()
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("fused log-probs take an lm_head without bias (Llama, Qwen, Mistral have none)")
+    return fused_token_logprobs(hidden, lm_head.weight, input_ids[:, -completion_len:], temperature=temperature,
+                                with_entropy=with_entropy, entropy_grad=entropy_grad,
+                                mask=attention_mask[:, -completion_len:], backend=backend)

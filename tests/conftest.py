@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernels' tests run under Triton's interpreter on a CPU; it has to be switched on before
+    # anything imports triton (loading transformers' models does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conf.schema import ModelConfig
 from models.loading import load_causal_lm, load_tokenizer

@@ -1,12 +1,13 @@
-"""Chosen-token log-probs: the chunked path against log_softmax + gather, and completion log-probs of a
-left-padded batch against a full forward pass and against each prompt run alone."""
+"""Chosen-token log-probs: the chunked path and the fused lm_head path against log_softmax + gather
+(values and gradients), and completion log-probs of a left-padded batch against a full forward pass and
+against each prompt run alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.logprobs import completion_logprobs, token_logprobs
+from models.logprobs import completion_logprobs, default_chunk_rows, fused_token_logprobs, token_logprobs
 
 B, T, V = 3, 7, 50
 
@@ -119,6 +120,18 @@ def test_token_logprobs_with_padding_mask_match_on_real_positions(chunk_rows):
     assert (grad[mask == 0] == 0).all()  # padded positions get no gradient
 
 
+def test_token_logprobs_mask_argument_zeroes_padding_with_any_pad_id():
+    logits, tokens = random_logits(seed=22)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
+    a = logits.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(a, tokens.masked_fill(mask == 0, -100), chunk_rows=4, with_entropy=True, mask=mask)
+    expected, logp_all = naive_logprobs(logits, tokens)
+    torch.testing.assert_close(logp, expected * mask, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy, -(logp_all.exp() * logp_all).sum(-1) * mask, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(logp.sum(), a)
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] != 0).any()
+
+
 def test_token_logprobs_bf16_logits_give_fp32_close_to_fp32_reference():
     logits, tokens = random_logits(seed=5)
     bf16 = logits.to(torch.bfloat16)
@@ -153,6 +166,173 @@ def test_token_logprobs_are_nonpositive_and_normalised():
         assert (logp <= 0).all()
         total += logp.exp()
     torch.testing.assert_close(total, torch.ones(B, T), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- fused_token_logprobs
+
+H = 16
+
+
+def random_hidden(dtype=torch.float32, seed=0, vocab=V):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen)
+    weight = torch.randn(vocab, H, generator=gen) * 0.5  # logits of std ~2, as a trained LM's
+    tokens = torch.randint(0, vocab, (B, T), generator=gen)
+    return hidden.to(dtype), weight.to(dtype), tokens
+
+
+def naive_linear_logprobs(hidden, weight, tokens, temperature=1.0):
+    """lm_head then log_softmax + gather: (logp [B, T], entropy [B, T])."""
+    logp_all = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=-1)
+    return logp_all.gather(-1, tokens[..., None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def grads_of(fn, hidden, weight, tokens, weights, ent_weights=None):
+    """(logp, entropy, d/dhidden, d/dweight) of sum(w * logp) [+ sum(w_ent * entropy)] for fn."""
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = fn(h, w, tokens)
+    objective = (logp * weights).sum() + ((entropy * ent_weights).sum() if ent_weights is not None else 0)
+    return (logp, entropy, *torch.autograd.grad(objective, (h, w)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_fused_logprobs_values_and_gradients_match_naive(temperature, chunk):
+    hidden, weight, tokens = random_hidden(seed=11)
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(12))
+    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=chunk, temperature=temperature,
+                                                          with_entropy=True, backend="torch"),
+                     hidden, weight, tokens, weights)
+    naive = grads_of(lambda h, w, t: naive_linear_logprobs(h, w, t, temperature), hidden, weight, tokens, weights)
+    assert fused[0].shape == (B, T) and fused[0].dtype == torch.float32
+    for got, expected in zip(fused, naive):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_entropy_gradient_matches_naive(temperature):
+    hidden, weight, tokens = random_hidden(seed=13)
+    gen = torch.Generator().manual_seed(14)
+    weights, ent_weights = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=5, temperature=temperature,
+                                                          with_entropy=True, entropy_grad=True, backend="torch"),
+                     hidden, weight, tokens, weights, ent_weights)
+    naive = grads_of(lambda h, w, t: naive_linear_logprobs(h, w, t, temperature), hidden, weight, tokens, weights,
+                     ent_weights)
+    for got, expected in zip(fused, naive):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_entropy_without_entropy_grad_is_detached():
+    hidden, weight, tokens = random_hidden(seed=15)
+    logp, entropy = fused_token_logprobs(hidden.requires_grad_(True), weight, tokens, with_entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad
+    logp, entropy = fused_token_logprobs(hidden, weight, tokens)
+    assert entropy is None
+
+
+def test_fused_padding_mask_skips_padded_rows():
+    hidden, weight, tokens = random_hidden(seed=16)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
+    tokens = tokens.masked_fill(mask == 0, -100)  # padding may hold an id outside the vocabulary
+    weights = torch.randn(B, T, generator=torch.Generator().manual_seed(17))
+    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask,
+                                                          backend="torch"),
+                     hidden, weight, tokens, weights)
+    safe_tokens = tokens.masked_fill(mask == 0, 0)
+    naive = grads_of(lambda h, w, t: [x * mask for x in naive_linear_logprobs(h, w, safe_tokens)],
+                     hidden, weight, tokens, weights)
+    for got, expected in zip(fused, naive):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    logp, entropy, grad_hidden, _ = fused
+    assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all()
+    assert (grad_hidden[mask == 0] == 0).all()  # padded positions get no gradient
+
+
+def test_fused_with_tied_embeddings_accumulates_both_uses():
+    gen = torch.Generator().manual_seed(18)
+    embedding = torch.randn(V, H, generator=gen) * 0.5  # one matrix: input embedding and lm_head
+    mixer = torch.randn(H, H, generator=gen) / H**0.5
+    ids = torch.randint(0, V, (B, T + 1), generator=gen)
+    weights = torch.randn(B, T, generator=gen)
+
+    def objective(path):
+        emb = embedding.clone().requires_grad_(True)
+        hidden = torch.tanh(emb[ids[:, :-1]] @ mixer)  # [B, T, H] from the same embedding
+        if path == "fused":
+            logp, _ = fused_token_logprobs(hidden, emb, ids[:, 1:], chunk=3, backend="torch")
+        else:
+            logp, _ = naive_linear_logprobs(hidden, emb, ids[:, 1:])
+        (grad,) = torch.autograd.grad((logp * weights).sum(), emb)
+        return logp, grad
+
+    (logp, grad), (expected, expected_grad) = objective("fused"), objective("naive")
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_bf16_inputs_reduce_in_fp32_and_return_bf16_gradients():
+    hidden, weight, tokens = random_hidden(torch.bfloat16, seed=19)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = fused_token_logprobs(h, w, tokens, chunk=4, temperature=0.7, with_entropy=True, backend="torch")
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    # the bf16 logits, reduced in fp32: the same numbers as log_softmax of those logits upcast
+    expected, expected_entropy = naive_linear_logprobs(hidden, weight, tokens, 0.7)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+    # and close to the fp32 computation (bf16 logits are only good to ~3 digits)
+    fp32, _ = naive_linear_logprobs(hidden.float(), weight.float(), tokens, 0.7)
+    torch.testing.assert_close(logp, fp32, atol=5e-2, rtol=5e-2)
+    logp.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    _, _, grad_h, grad_w = grads_of(lambda a, b, t: naive_linear_logprobs(a, b, t, 0.7), hidden.float(),
+                                    weight.float(), tokens, torch.ones(B, T))
+    torch.testing.assert_close(h.grad.float(), grad_h, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(w.grad.float(), grad_w, atol=5e-2, rtol=5e-2)
+
+
+def test_fused_keeps_no_vocabulary_sized_tensor_for_backward():
+    vocab = 4000  # larger than every other dimension, so a saved [*, V] tensor stands out
+    hidden, weight, tokens = random_hidden(seed=20, vocab=vocab)
+    saved_sizes = []
+
+    def pack(t):
+        saved_sizes.append(t.numel())
+        return t
+
+    for fn in ("fused", "naive"):
+        saved_sizes.clear()
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if fn == "fused":
+                logp, _ = fused_token_logprobs(h, w, tokens, chunk=4, with_entropy=True, backend="torch")
+            else:
+                logp, _ = naive_linear_logprobs(h, w, tokens)
+        logits_sized = [n for n in saved_sizes if n >= B * T * vocab]
+        if fn == "fused":  # the weight [V, H] is saved, the logits [B*T, V] are not
+            assert max(saved_sizes) == vocab * H and not logits_sized
+        else:  # the check has teeth: log_softmax + gather saves its [B, T, V] output
+            assert logits_sized
+
+
+def test_fused_works_under_inference_mode():
+    hidden, weight, tokens = random_hidden(seed=21)
+    with torch.inference_mode():
+        logp, entropy = fused_token_logprobs(hidden, weight, tokens, chunk=3, with_entropy=True)
+    expected, expected_entropy = naive_linear_logprobs(hidden, weight, tokens)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_backend_names_the_choices():
+    hidden, weight, tokens = random_hidden()
+    with pytest.raises(ValueError, match="auto, torch, triton"):
+        fused_token_logprobs(hidden, weight, tokens, backend="cuda")
+
+
+def test_default_chunk_fits_the_budget():
+    assert default_chunk_rows(49152) == 170  # 32 MiB of fp32 rows at SmolLM2's vocabulary
+    assert default_chunk_rows(10**9) == 16
 
 
 # ---------------------------------------------------------------- completion_logprobs

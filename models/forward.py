@@ -1,0 +1,59 @@
+"""The decoder pass that every log-prob and value computation starts from: hidden states of the
+positions that predict the completion tokens.
+
+GRPO samples G completions per prompt, so a batch holds each prompt G times. Running the prompt once
+per distinct prompt and letting the G completions attend to its key/value cache gives the same hidden
+states (same positions, same mask, same weights) for 1/G of the prompt's compute, and the gradient
+still reaches the prompt positions through the cache. With ~100 prompt tokens and 64 completion
+tokens at G=4 that is 45% fewer token-passes through the decoder, in the reference pass and in
+training alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
+
+
+def completion_hidden(
+    decoder: torch.nn.Module,  # a causal LM's decoder (embeddings + blocks, no lm_head), e.g. model.get_decoder()
+    input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
+    attention_mask: Tensor,  # [B, Tp + Tc]
+    completion_len: int,  # Tc
+    share_prompts: bool = True,
+) -> Tensor:
+    """Hidden states [B, Tc, H] of the positions whose next token is completion token t = 0 .. Tc - 1.
+
+    With share_prompts, rows whose prompt (ids and mask) is identical share one prefill; the result
+    equals the plain full-sequence pass up to float rounding. Gradient checkpointing runs without a
+    cache in transformers, so then (and when every prompt is distinct) the plain pass is used.
+    """
+    tp = input_ids.shape[1] - completion_len
+    checkpointing = getattr(decoder, "is_activation_checkpointing", False) and decoder.training
+    if share_prompts and tp > 0 and not checkpointing:
+        prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
+        unique, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)  # [U, 2 Tp], [B]
+        if unique.shape[0] < input_ids.shape[0]:
+            return _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, unique[:, :tp],
+                                         unique[:, tp:].to(attention_mask.dtype), inverse)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                     use_cache=False).last_hidden_state  # [B, Tp + Tc, H]
+    return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
+
+
+def _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, prompt_ids, prompt_mask, inverse):
+    tp = prompt_ids.shape[1]
+    cache = DynamicCache()
+    prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                      cache=cache, use_cache=True).last_hidden_state  # [U, Tp, H]
+    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]: an indexing op, so gradients flow back
+    positions = _positions(attention_mask)[:, tp:]  # [B, Tc]
+    completion = decoder(input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions,
+                         cache=cache, use_cache=True).last_hidden_state  # [B, Tc, H]
+    # the last prompt position predicts completion token 0; completion position t predicts token t + 1
+    return torch.cat([prefill[inverse, -1:], completion[:, : completion_len - 1]], dim=1)

@@ -1,0 +1,58 @@
+"""The shared-prompt decoder pass against the plain full-sequence pass: hidden states, log-probs and
+parameter gradients, on a tiny Llama with repeated, left-padded prompts and right-padded completions."""
+
+from __future__ import annotations
+
+import torch
+
+from models.forward import completion_hidden
+from models.logprobs import completion_logprobs
+
+PROMPTS = [[19556, 905, 28], [638, 359, 346, 47, 905, 19556]]  # lengths 3 and 6
+COMPLETIONS = [[11, 2000, 345, 7], [88, 99, 4000, 12], [5, 6, 7, 0], [400, 1, 0, 0], [42, 43, 44, 45]]
+GROUP_OF = [0, 1, 0, 1, 0]  # which prompt each completion continues: prompt 0 three times, prompt 1 twice
+TC = 4
+
+
+def batch(pad_id):
+    width = max(len(p) for p in PROMPTS)
+    ids, attn = [], []
+    for completion, g in zip(COMPLETIONS, GROUP_OF):
+        prompt, pad = PROMPTS[g], width - len(PROMPTS[g])
+        real = [int(c != 0) for c in completion]  # 0 marks padding after the end of a completion
+        ids.append([pad_id] * pad + prompt + [c if r else pad_id for c, r in zip(completion, real)])
+        attn.append([0] * pad + [1] * len(prompt) + real)
+    return torch.tensor(ids), torch.tensor(attn)
+
+
+def test_shared_prefix_hidden_equals_the_plain_pass(tiny_model, tokenizer):
+    input_ids, attention_mask = batch(tokenizer.pad_token_id)
+    decoder = tiny_model.get_decoder()
+    with torch.no_grad():
+        shared = completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=True)
+        plain = completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
+    real = attention_mask[:, -TC:].bool()
+    assert shared.shape == plain.shape == (len(COMPLETIONS), TC, tiny_model.config.hidden_size)
+    torch.testing.assert_close(shared[real], plain[real], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_logprobs_and_gradients_equal_the_plain_pass(tiny_model, tokenizer):
+    input_ids, attention_mask = batch(tokenizer.pad_token_id)
+    weights = torch.randn(len(COMPLETIONS), TC, generator=torch.Generator().manual_seed(0))
+    results = {}
+    tiny_model.train()  # as in the update
+    for share in (True, False):
+        tiny_model.zero_grad(set_to_none=True)
+        logp, entropy = completion_logprobs(tiny_model, input_ids, attention_mask, TC, temperature=0.7,
+                                            with_entropy=True, share_prompts=share)
+        (logp * weights).sum().backward()
+        results[share] = logp.detach(), entropy, {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    (logp, entropy, grads), (plain_logp, plain_entropy, plain_grads) = results[True], results[False]
+    torch.testing.assert_close(logp, plain_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, plain_entropy, atol=1e-5, rtol=1e-5)
+    assert (logp[attention_mask[:, -TC:] == 0] == 0).all()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # the prompt's embeddings get gradient through the shared cache
+    embed = tiny_model.get_input_embeddings().weight.grad
+    assert embed[PROMPTS[1][0]].abs().sum() > 0
