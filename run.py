@@ -168,17 +168,26 @@ def main(raw: DictConfig) -> float | None:
     return None
 
 
-def default_algo() -> str:
-    """The algo group's default in conf/config.yaml (what runs without `algo=...`)."""
-    for entry in OmegaConf.load(ROOT / "conf" / "config.yaml").defaults:
-        if isinstance(entry, DictConfig) and "algo" in entry:
-            return str(entry.algo)
+def default_algo(overrides: list[str]) -> str:
+    """The algo that runs without `algo=...`: an experiment preset's `override /algo`, else conf/config.yaml's."""
+    sources = [ROOT / "conf" / "config.yaml"]
+    for arg in overrides:
+        if arg.startswith("experiment=") and "," not in arg:
+            sources.insert(0, ROOT / "conf" / "experiment" / f"{arg.split('=', 1)[1]}.yaml")
+    for source in sources:
+        if not source.exists():
+            continue  # an unknown preset: Hydra names the valid ones
+        for entry in OmegaConf.load(source).get("defaults", []):
+            if isinstance(entry, DictConfig):
+                for key in ("algo", "override /algo"):
+                    if key in entry:
+                        return str(entry[key])
     return "grpo"
 
 
 if __name__ == "__main__":
     try:
-        check_override_keys(sys.argv[1:], default_algo())
+        check_override_keys(sys.argv[1:], default_algo(sys.argv[1:]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

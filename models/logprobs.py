@@ -293,8 +293,9 @@ def completion_logprobs(
     """
     hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
     lm_head = model.get_output_embeddings()
-    if getattr(lm_head, "bias", None) is not None:
-        raise ValueError("fused log-probs take an lm_head without bias (Llama, Qwen, Mistral have none)")
-    return fused_token_logprobs(hidden, lm_head.weight, input_ids[:, -completion_len:], temperature=temperature,
-                                with_entropy=with_entropy, entropy_grad=entropy_grad,
-                                mask=attention_mask[:, -completion_len:], backend=backend)
+    tokens, mask = input_ids[:, -completion_len:], attention_mask[:, -completion_len:]
+    if getattr(lm_head, "bias", None) is not None:  # rare (Llama, Qwen, Mistral have none): logits, then chunked
+        return token_logprobs(lm_head(hidden), tokens, temperature, with_entropy=with_entropy,
+                              entropy_grad=entropy_grad, mask=mask, backend=backend)
+    return fused_token_logprobs(hidden, lm_head.weight, tokens, temperature=temperature,
+                                with_entropy=with_entropy, entropy_grad=entropy_grad, mask=mask, backend=backend)

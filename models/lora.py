@@ -144,6 +144,11 @@ class AdapterView(nn.Module):
     def device(self) -> torch.device:
         return self.lora_model.device
 
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        # read by models.forward: checkpointed layers run without a KV cache, so no shared-prompt pass
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.lora_model.modules())
+
     def forward(self, **kwargs):
         with adapter_scope(self.lora_model, self.adapter):
             return self.lora_model.get_decoder()(**kwargs)

@@ -10,7 +10,9 @@ on the tiny model); activations are given per token of a training micro-batch:
   (H values per token) and one layer at a time is recomputed in backward;
 - without it, a Llama layer keeps about 10 H + 2 KV + 4 I values per token (norm inputs in fp32,
   q, k, v, attention output, MLP gate, up and product; memory-efficient attention, no T^2 term);
-- every completion token also keeps its fp32 logits row (4 V bytes) for the log-prob backward.
+- the final norm keeps its input and output (2 H values per token, + an fp32 copy in bf16); every completion token also keeps
+  its token id and fp32 log-sum-exp statistics for the fused lm_head + log-prob backward (never a [V]
+  logits row: the backward recomputes it chunk by chunk).
 The KV cache of generation is reported per sampled sequence token. Peak memory of a step is roughly
 weights + gradients + optimiser + max(training activations, KV cache) + allocator slack.
 """
@@ -78,13 +80,17 @@ class Architecture:
     def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:
         """Bytes kept for backward per token of a training forward, decoder only (see module doc)."""
         H, I, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        # the final norm: its input and output (the rows lm_head reads), + the fp32 upcast of a low-precision input
+        final_norm = 2 * H * dtype_bytes + (4 * H if dtype_bytes < 4 else 0)
         if checkpointing:
-            return L * H * dtype_bytes
+            return L * H * dtype_bytes + final_norm
         per_layer = 2 * H * 4 + (8 * H + 2 * self.kv_size + 4 * I) * dtype_bytes
-        return L * per_layer
+        return L * per_layer + final_norm
 
     def logits_bytes_per_token(self) -> float:
-        return 4.0 * self.vocab_size  # the fp32 logits row of a completion token
+        # models.logprobs.fused_token_logprobs saves a view of the final hidden rows (counted with the
+        # final norm), the token id (int64), and fp32 log-sum-exp and E[z]: no [V] logits row
+        return 8.0 + 2 * 4.0
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int) -> float:
         return 2.0 * self.num_hidden_layers * self.kv_size * dtype_bytes
@@ -183,7 +189,7 @@ def report(cfg: Config, arch: Architecture) -> str:
         trained = 2 if algo == "ppo" else 1  # PPO's critic runs its own decoder pass with activations
         lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", "",
                   f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
-                  f"+ {logits / 2**20:.3f} MiB per completion token (fp32 logits row); "
+                  f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
                   f"KV cache per sampled token: {kv / 2**20:.3f} MiB", ""]
     return "\n".join(lines)
 

@@ -71,14 +71,14 @@ def test_fuzzed_config_values_are_one_line_errors_naming_the_key(tmp_path, capsy
               "algo.max_new_tokens", "algo.minibatch_size", "algo.temperature", "algo.beta", "data.eval_size"]
     cases += [("grpo", key, rng.choice([-1, -3, -1000])) for key in ranges]
     cases += [("ppo", key, -0.5) for key in ("algo.gamma", "algo.lam", "algo.vf_coef", "algo.clip_high")]
-    cases += [("grpo", "trainer.adam_betas", [0.9]), ("grpo", "seed", "abc"), ("grpo", "algo.name", "sft"),
+    cases += [("grpo", "trainer.adam_betas", [0.9]), ("grpo", "seed", "abc"), ("grpo", "algo.name", "nope"),
               ("grpo", "trainer.resume", str(tmp_path / "nowhere"))]
     for algo, key, value in cases:
         code, _ = run_cli(with_value(bases[algo], key, value), tmp_path / "run")
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, (key, value, err[-2000:])
-        assert key in errors[0] or (key == "algo.name" and "algo='sft'" in errors[0]), (key, errors[0])
+        assert key in errors[0] or (key == "algo.name" and "algo='nope'" in errors[0]), (key, errors[0])
         if key in choices:
             assert f"choose one of: {choices[key]}" in errors[0], errors[0]
     # through Hydra's own override parsing too
@@ -88,7 +88,7 @@ def test_fuzzed_config_values_are_one_line_errors_naming_the_key(tmp_path, capsy
 
 def test_misspelt_override_keys_list_the_valid_ones():
     # what run.py checks before Hydra, which rejects these without naming the keys that exist
-    assert default_algo() == "grpo"
+    assert default_algo([]) == "grpo" and default_algo(["experiment=r1_pipeline"]) == "pipeline"
     with pytest.raises(ConfigError, match=r"trainer.lr_shedule is not an option of trainer; valid keys: .*lr_schedule"):
         check_override_keys(["trainer.lr_shedule=cosine"], "grpo")
     with pytest.raises(ConfigError, match=r"algo.group_size is not an option of algo=ppo; .*samples_per_prompt"):

@@ -49,7 +49,7 @@ def train_metrics(run_dir: Path) -> dict[int, dict]:
         if "reward/total_mean" in record:
             assert record["step"] not in out, f"step {record['step']} logged twice"
             out[record["step"]] = {k: v for k, v in record.items()
-                                   if not k.startswith(("time/", "memory/", "eval/"))}
+                                   if not k.startswith(("time/", "cpu_time/", "memory/", "eval/"))}
     return out
 
 

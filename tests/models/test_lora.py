@@ -127,8 +127,9 @@ def test_checkpointing_recomputes_each_layer_with_its_own_adapter(tokenizer):
     checkpointed = adapter_grads(copy.deepcopy(model), True, tokenizer)
     assert {adapter_of(n) for n in plain if plain[n].abs().max() > 0} == {ACTOR, CRITIC}
     assert plain.keys() == checkpointed.keys()
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in plain:  # the plain pass shares each prompt's prefill, the checkpointed one cannot: rounding only
+        scale = plain[name].abs().max().item()  # (a wrong adapter in the recompute is off by O(scale))
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6 * scale + 1e-6, msg=name)
 
 
 def test_views_share_the_base_weights(tiny_model):

@@ -107,9 +107,9 @@ def test_checkpointed_activations_match_measured(dtype, tokenizer):
     # each checkpointed layer keeps exactly its input: H values per token
     per_layer = (arch.activation_bytes_per_token(b, True) - arch2.activation_bytes_per_token(b, True)) * B * (Tp + Tc)
     assert measured[4] - measured[2] == per_layer
-    # and the whole forward is the layers plus the fp32 logits rows of the completion tokens (+ small terms)
+    # and the whole forward is the layers plus the fused lm_head's per-completion-token state (+ small terms)
     projected = arch.activation_bytes_per_token(b, True) * B * (Tp + Tc) + arch.logits_bytes_per_token() * B * Tc
-    assert projected <= measured[4] <= 1.1 * projected
+    assert 0.9 * projected <= measured[4] <= 1.1 * projected
 
 
 def test_memory_cli_prints_the_8b_tables():
