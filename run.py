@@ -122,7 +122,7 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
         sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
         if dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling:
             sampler = ShardedSampler(sampler, dist_ctx.rank, dist_ctx.world_size)
-            algo = ShardedAlgorithm(algo, sampler)
+            algo = ShardedAlgorithm(algo, sampler, dist_ctx.strategy)
         eval_sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": cfg.algo.temperature,
                          "top_p": cfg.algo.top_p}
         trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,

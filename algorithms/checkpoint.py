@@ -94,6 +94,9 @@ def _write_manifest(directory: Path, step: int | None) -> None:
         os.fsync(f.fileno())
 
 
+SHARDED_KEY = "__by_parameter_name__"  # in optimizer.pt: the states of a sharded (fsdp) run
+
+
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -103,22 +106,30 @@ def save_checkpoint(
     extra_models: dict[str, torch.nn.Module] | None = None,
     schedulers: list[Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
+    full_state: Any = None,
 ) -> Path:
     """Write model (HF format, safetensors), tokenizer, optimizer and scheduler states, RNG states and
     `state` (json) to `directory`, atomically.
 
     `extra_models`: name -> a model with `save(dir)` and `load_weights(dir)` (models.heads), written to
     `directory/name`. `generators`: the run's own sampling generators, saved with the global RNGs.
+    `full_state`: an `algorithms.fsdp.FullState`, the gathered weights and optimizer states of sharded
+    models, written instead of the models' own (sharded) ones.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if full_state is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state.policy)
+            optimizer_states = {SHARDED_KEY: True, **full_state.optimizers}
         tokenizer.save_pretrained(tmp)
         for name, extra in (extra_models or {}).items():
-            extra.save(tmp / name)
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizer.pt")
+            extra.save(tmp / name, state_dict=None if full_state is None else full_state.extra_models[name])
+        torch.save(optimizer_states, tmp / "optimizer.pt")
         torch.save({"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
                    tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -244,22 +255,38 @@ def load_checkpoint(
 
     Restores weights, optimizer and scheduler states and every RNG state (global and `generators`).
     """
-    from models.loading import load_weights_into
+    from algorithms.fsdp import is_sharded, load_full_state
+    from models.loading import load_weights_into, read_weights
 
     directory = Path(directory)
     verify_checkpoint(directory)
+    extra_models = extra_models or {}
+    for name in extra_models:
+        if not (directory / name).is_dir():
+            raise CheckpointError(f"checkpoint {directory} has no {name}/ (saved by another algorithm?)")
     try:
-        load_weights_into(model, directory)
-        for name, extra in (extra_models or {}).items():
-            if not (directory / name).is_dir():
-                raise CheckpointError(f"checkpoint {directory} has no {name}/ (saved by another algorithm?)")
-            extra.load_weights(directory / name)
         saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        by_name = bool(saved.pop(SHARDED_KEY, False))
         if set(saved) != set(optimizers):
             raise CheckpointError(f"checkpoint {directory} holds optimizers {sorted(saved)}, this run has "
                                   f"{sorted(optimizers)} (saved by another algorithm?)")
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(saved[name])
+        sharded = is_sharded(model)
+        if by_name != sharded:
+            saved_by, this_run = ("fsdp", "ddp or single") if by_name else ("single or ddp", "fsdp")
+            raise CheckpointError(f"checkpoint {directory} was written by trainer.strategy={saved_by}, whose optimizer "
+                                  f"states this run (trainer.strategy={this_run}) cannot take; resume it with the "
+                                  f"strategy that wrote it, or start from its weights (model.source=local "
+                                  f"model.path={directory})")
+        if sharded:
+            load_full_state(model, read_weights(directory),
+                            extra_models, {name: extra.read_weights(directory / name) for name, extra in extra_models.items()},
+                            optimizers, saved)
+        else:
+            load_weights_into(model, directory)
+            for name, extra in extra_models.items():
+                extra.load_weights(directory / name)
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(saved[name])
         training = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
         for scheduler, sched_state in zip(schedulers or [], training["schedulers"]):
             scheduler.load_state_dict(sched_state)

@@ -95,7 +95,7 @@ def micro_values(critic: torch.nn.Module, micro: dict[str, Tensor]) -> Tensor:
     return critic.values(*micro_inputs(micro))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP's gathered weights made there could not be trained on later
 def batched_forward(fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout, micro_batch_size: int) -> Tensor:
     """fn(micro) -> [n, Tc] over the rollout in micro-batches, no grad: [N, Tc] fp32, 0 on padding."""
     batch = rollout_tensors(rollout)
@@ -104,7 +104,7 @@ def batched_forward(fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout,
     for start in range(0, n, micro_batch_size):
         micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
         out[start : start + micro_batch_size] = fn(micro)
-    return out.clone() * rollout.completion_mask  # clone: leave inference mode behind
+    return out * rollout.completion_mask
 
 
 def batched_logprobs(
@@ -114,11 +114,28 @@ def batched_logprobs(
     return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch_size)
 
 
-def actor_target(policy: torch.nn.Module, cfg: TrainerConfig) -> tuple[OptimTarget, torch.optim.Optimizer]:
-    """The policy's trainable parameters with their AdamW (lr = trainer.lr)."""
+def actor_target(policy: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None
+                 ) -> tuple[OptimTarget, torch.optim.Optimizer]:
+    """The policy's trainable parameters with their AdamW (lr: None = trainer.lr)."""
     params = actor_parameters(policy)  # under LoRA: the actor's adapter, not the critic's
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, lr=lr)
     return OptimTarget(optimizer, params, cfg.max_grad_norm, "actor"), optimizer
+
+
+def shard_models(cfg: TrainerConfig, policy: torch.nn.Module, reference: torch.nn.Module | None,
+                 critic: torch.nn.Module | None = None) -> None:
+    """Under trainer.strategy=fsdp, fully_shard the models in place (before their optimisers are built:
+    sharding replaces the parameters); otherwise nothing."""
+    if cfg.strategy != "fsdp":
+        return
+    from algorithms.fsdp import shard_critic, shard_policy
+
+    device = next(policy.parameters()).device
+    for model in (policy, reference):
+        if model is not None:
+            shard_policy(model, device)
+    if critic is not None:
+        shard_critic(critic, device)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -62,11 +62,6 @@ def init_distributed(strategy: str, device: str) -> DistContext:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    if strategy == "fsdp":
-        # not built yet: the loss code calls the decoder and lm_head directly (past an FSDP root's
-        # hooks), and sampling would need every rank to run the same number of forwards
-        raise ConfigError("trainer.strategy=fsdp is not available yet; choose one of: single, ddp. With "
-                          "trainer.lora.enabled=true (trainer=h100) one rank holds the whole 8B model in ~16 GiB")
     if strategy == "single":
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ConfigError(f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but "
@@ -168,6 +163,21 @@ def all_mean(value: float) -> float:
     return float(all_reduce_(torch.tensor([value], dtype=torch.float64, device=comm_device()))[0]) / world_size()
 
 
+def _agree(flag: bool, op: dist.ReduceOp) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    return bool(all_reduce_(value, op)[0] > 0.5)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank."""
+    return _agree(flag, dist.ReduceOp.MIN)
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on some rank."""
+    return _agree(flag, dist.ReduceOp.MAX)
+
+
 def average_gradients(params: list[torch.nn.Parameter], finite: bool) -> bool:
     """Average the gradients of `params` over ranks in one flat all-reduce; returns whether every
     rank's loss was finite (a rank that skipped its backward contributes zeros, and all skip the step).
@@ -249,12 +259,16 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 class ShardedAlgorithm:
     """An RL algorithm run on this rank's shard: seeds each prompt's sampling, averages gradients
-    over ranks, and reduces the step's metrics. Anything else is the wrapped algorithm's."""
+    over ranks (ddp; FSDP's backward reduce-scatters them itself, once every rank agrees that its loss
+    is finite), and reduces the step's metrics. Anything else is the wrapped algorithm's."""
 
-    def __init__(self, algo, sampler: ShardedSampler):
+    def __init__(self, algo, sampler: ShardedSampler, strategy: str = "ddp"):
         self.algo, self.sampler = algo, sampler
         for target in algo.targets:
-            target.grad_sync = average_gradients
+            if strategy == "fsdp":
+                target.finite_sync = all_ranks
+            else:
+                target.grad_sync = average_gradients
 
     def step(self, rows: list[dict]):
         self.algo.prompt_seeds = self.sampler.prompt_seeds

@@ -20,6 +20,7 @@ from algorithms.common import (
     rollout_tensors,
     sample_and_score,
     sequence_mean,
+    shard_models,
 )
 from algorithms.distributed import sharded_group_advantages
 from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
@@ -114,5 +115,6 @@ def build_grpo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Gener
                ) -> tuple[GRPO, dict[str, torch.optim.Optimizer]]:
     """GRPO on `policy` with a frozen reference (none when beta = 0) and the actor's optimiser."""
     reference = reference_model(policy) if cfg.algo.beta > 0 else None
+    shard_models(cfg.trainer, policy, reference)
     target, optimizer = actor_target(policy, cfg.trainer)
     return GRPO(cfg.algo, policy, reference, tokenizer, reward_fn, [target], generator), {"actor": optimizer}

@@ -26,6 +26,7 @@ from algorithms.common import (
     rollout_tensors,
     sample_and_score,
     sequence_mean,
+    shard_models,
 )
 from algorithms.distributed import all_mean, global_whiten, world_size
 from algorithms.kl_control import KLController
@@ -174,7 +175,8 @@ def build_ppo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Genera
         critic = ValueModel(add_critic_adapter(policy))
     else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
         critic = ValueModel.from_causal_lm(policy)
-    actor, actor_optimizer = actor_target(policy, cfg.trainer)
+    shard_models(cfg.trainer, policy, reference, critic)
+    actor, actor_optimizer = actor_target(policy, cfg.trainer, lr=algo.actor_lr)
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     critic_optimizer = build_optimizer(critic_params, cfg.trainer, lr=algo.critic_lr)
     targets = [actor, OptimTarget(critic_optimizer, critic_params, cfg.trainer.max_grad_norm, "critic")]

@@ -7,6 +7,7 @@ log-probs of the PPO ratio, and with one optimisation pass per rollout no second
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -164,10 +165,13 @@ def generate_rollout(
     stop_ids = torch.tensor(stop_token_ids(tokenizer, model), device=device)
     was_training = model.training
     model.eval()
-    completion_ids, completion_mask, logp = _sample(
-        model, unique_ids, unique_mask, group_size, stop_ids, tokenizer.pad_token_id,
-        max_new_tokens, temperature, top_p, generator, progress,
-    )
+    # a sharded model samples on gathered weights: ranks stop at different steps (algorithms.fsdp)
+    gathered = getattr(model, "gathered_weights", None)
+    with gathered() if gathered is not None else contextlib.nullcontext():
+        completion_ids, completion_mask, logp = _sample(
+            model, unique_ids, unique_mask, group_size, stop_ids, tokenizer.pad_token_id,
+            max_new_tokens, temperature, top_p, generator, progress,
+        )
     prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)  # [N, Tp]
     prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
     model.train(was_training)

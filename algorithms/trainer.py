@@ -15,6 +15,7 @@ from algorithms.accounting import accumulate_totals, peak_cuda_mb
 from algorithms.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from algorithms.common import rollout_metrics
 from algorithms.distributed import is_main_process
+from algorithms.fsdp import gather_full_state
 from algorithms.interrupts import GracefulStop, TrainingError, TrainingInterrupted
 from algorithms.rollout import Rollout, generate_rollout
 from algorithms.tracking import RunLogger, sample_records
@@ -110,12 +111,15 @@ class Trainer:
         return {f"eval/{key}": value for key, value in metrics.items()}
 
     def save(self, name: str, step: int) -> Path | None:
-        if not is_main_process():  # one writer: every rank holds the same weights (algorithms.distributed)
+        # sharded weights are gathered by every rank first; then one writer (rank 0)
+        full_state = gather_full_state(self.policy, self.algo.checkpoint_models(), self.optimizers)
+        if not is_main_process():  # ddp: every rank holds the same weights (algorithms.distributed)
             return None
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
                  "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict()}
         path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,
-                               state, self.algo.checkpoint_models(), self.schedulers, self.generators)
+                               state, self.algo.checkpoint_models(), self.schedulers, self.generators,
+                               full_state)
         prune_checkpoints(self.run_dir / "checkpoints", self.cfg.keep_last)
         self.last_checkpoint = path
         return path

@@ -28,6 +28,9 @@ class OptimTarget:
     # (params, this rank's loss was finite) -> every rank's was; averages the gradients over ranks
     # (algorithms.distributed.average_gradients); None in a single process
     grad_sync: Callable[[list[torch.nn.Parameter], bool], bool] | None = None
+    # (this rank's loss is finite) -> every rank's is, agreed before the backward: under FSDP the
+    # backward's reduce-scatters need every rank (algorithms.fsdp); None: decided alone
+    finite_sync: Callable[[bool], bool] | None = None
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -84,7 +87,10 @@ def minibatch_update(
                 idx = mb_idx[m_start : m_start + micro_batch_size]
                 micro = trim_padding({k: v[idx] for k, v in batch.items()})
                 loss, stats = loss_fn(micro, len(idx) / len(mb_idx), mb_tokens)
-                if not torch.isfinite(loss):
+                loss_finite = bool(torch.isfinite(loss))
+                if targets[0].finite_sync is not None:
+                    loss_finite = targets[0].finite_sync(loss_finite)
+                if not loss_finite:
                     finite = False
                     break
                 loss.backward()

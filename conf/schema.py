@@ -168,16 +168,18 @@ class PPOConfig:
     value_clip: float = 0.2  # new values clipped to old +- value_clip
     ent_coef: float = 0.0  # entropy bonus (0 = none)
     gamma: float = 1.0  # discount per token
-    lam: float = 0.95  # GAE lambda
+    lam: float = 1.0  # GAE lambda
     whiten_advantages: bool = True
-    beta: float = 0.05  # initial KL coefficient of the per-token penalty -beta * KL in the reward
+    beta: float = 0.02  # initial KL coefficient of the per-token penalty -beta * KL in the reward
     kl_estimator: str = "k1"  # k1 | k2 | k3, the per-token KL in the penalty
     kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
     target_kl: float = 6.0  # adaptive: target KL per sequence (nats)
     kl_horizon: int = 10000  # adaptive: horizon in sequences
     critic: str = "policy"  # critic initialisation: policy (a copy of the policy backbone + a zero head)
-    critic_lr: float | None = None  # null = trainer.lr
+    critic_lr: float | None = 2e-4  # null = trainer.lr
+    actor_lr: float | None = 1e-4  # null = trainer.lr
     recompute_old_logp: bool = False  # when false, sampling-time log-probs serve as old log-probs
+    default_max_steps: int | None = 24  # trainer.max_steps when not given (conf/trainer/default.yaml)
 
     def __post_init__(self) -> None:
         check_choice("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
@@ -193,8 +195,9 @@ class PPOConfig:
         check_range("algo.lam", self.lam, 0.0, 1.0)
         for key in ("beta", "vf_coef", "value_clip", "ent_coef", "target_kl", "clip_low", "clip_high"):
             check_range(f"algo.{key}", getattr(self, key), 0.0)
-        if self.critic_lr is not None:
-            check_range("algo.critic_lr", self.critic_lr, 0.0)
+        for key in ("critic_lr", "actor_lr"):
+            if getattr(self, key) is not None:
+                check_range(f"algo.{key}", getattr(self, key), 0.0)
 
 
 @dataclass
@@ -375,7 +378,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (model.dtype) | fp32 | bf16: the dtype the weights are loaded and run in
     gradient_checkpointing: bool = False  # recompute activations in backward (also on when the model's yaml asks)
-    strategy: str = "single"  # single | ddp (launched with torchrun); fsdp is reserved and refused for now
+    strategy: str = "single"  # single | ddp | fsdp (the last two launched with torchrun; fsdp: full fine-tuning)
     # seed each prompt's samples from (seed, epoch, position in the data order): the samples then do not depend
     # on how prompts are split over ranks or batched (always on for ddp and fsdp)
     prompt_seeded_sampling: bool = False
@@ -386,6 +389,9 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         check_choice("trainer.strategy", self.strategy, ("single", "ddp", "fsdp"))
+        if self.strategy == "fsdp" and self.lora.enabled:
+            raise ConfigError("trainer.strategy=fsdp shards full fine-tuning; with trainer.lora.enabled=true choose "
+                              "trainer.strategy=ddp (or single): the frozen base is replicated, only adapters train")
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

@@ -38,7 +38,12 @@ def completion_hidden(
     if share_prompts and tp > 0 and not checkpointing:
         prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
         unique, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)  # [U, 2 Tp], [B]
-        if unique.shape[0] < input_ids.shape[0]:
+        share = unique.shape[0] < input_ids.shape[0]
+        # sharded over ranks, the decoder's collectives need the same passes everywhere (algorithms.fsdp)
+        choose_together = getattr(decoder, "choose_prefill", None)
+        if choose_together is not None:
+            share = choose_together(share)
+        if share:
             return _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, unique[:, :tp],
                                          unique[:, tp:].to(attention_mask.dtype), inverse)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),

@@ -62,11 +62,18 @@ class ScalarHeadModel(nn.Module):
         """The head at every position: [B, T] fp32."""
         return self.head(self.hidden(input_ids, attention_mask).float()).squeeze(-1)
 
-    def save(self, directory: str | Path, tokenizer=None) -> Path:
+    def save(self, directory: str | Path, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """state_dict: this model's full weights, when its own are sharded (algorithms.fsdp)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
+        if state_dict is None:
+            self.backbone.save_pretrained(directory, safe_serialization=True)
+            head = self.head.state_dict()
+        else:
+            backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+            self.backbone.save_pretrained(directory, safe_serialization=True, state_dict=backbone)
+            head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, directory / HEAD_FILE)
         (directory / META_FILE).write_text(json.dumps({"kind": self.kind}))
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
@@ -95,6 +102,15 @@ class ScalarHeadModel(nn.Module):
         with torch.no_grad():
             for key, value in load_file(Path(directory) / HEAD_FILE).items():
                 self.head.state_dict(keep_vars=True)[key].copy_(value)
+
+    @staticmethod
+    def read_weights(directory: str | Path) -> dict[str, Tensor]:
+        """What `save` wrote to `directory`, keyed as this model's state_dict."""
+        from models.loading import read_weights
+
+        state = {f"backbone.{k}": v for k, v in read_weights(directory, skip=(HEAD_FILE,)).items()}
+        state.update({f"head.{k}": v for k, v in load_file(Path(directory) / HEAD_FILE).items()})
+        return state
 
 
 class ValueModel(ScalarHeadModel):

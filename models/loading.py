@@ -176,6 +176,17 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None =
     return model
 
 
+def read_weights(directory: str | Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files at the top level of `directory`, minus the files in `skip`."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        if file.name not in skip:
+            state.update(load_file(file))
+    return state
+
+
 def load_weights_into(model: torch.nn.Module, directory: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Load the safetensors files of `directory` (top level, minus `skip`) into `model` in place.
 
@@ -183,13 +194,8 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, skip: tuple
     `save_pretrained` left out because it is tied to another one (lm_head <-> embeddings) may be
     absent; any other missing or unexpected key is an error.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        if file.name not in skip:
-            state.update(load_file(file))
+    state = read_weights(directory, skip)
     own = model.state_dict(keep_vars=True)
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]

@@ -18,6 +18,7 @@ pass. Its gradient is p * (E_p[z] - z), so it costs one saved number per row, no
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -274,6 +275,9 @@ def fused_token_logprobs(
 # ---------------------------------------------------------------- a causal LM's completion tokens
 
 
+SHARDED_METHOD = "sharded_completion_logprobs"  # set on an FSDP-sharded model (algorithms.fsdp)
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
@@ -290,7 +294,28 @@ def completion_logprobs(
     Runs the decoder for hidden states (one prefill per distinct prompt, see `models.forward`) and sends
     only the real completion positions through lm_head, fused with the log-softmax: prompt and padding
     positions never become [*, V] logits.
+
+    On an FSDP-sharded model the same pass runs as its registered forward method, which gathers the
+    weights it reads outside the decoder layers (embeddings, lm_head).
     """
+    sharded = getattr(model, SHARDED_METHOD, None)
+    fn = sharded if sharded is not None else functools.partial(direct_completion_logprobs, model)
+    return fn(input_ids, attention_mask, completion_len, temperature, with_entropy, entropy_grad, backend,
+              share_prompts)
+
+
+def direct_completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    backend: str = "auto",
+    share_prompts: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """`completion_logprobs` on the model's own modules (the body of the sharded forward method)."""
     hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
     lm_head = model.get_output_embeddings()
     tokens, mask = input_ids[:, -completion_len:], attention_mask[:, -completion_len:]

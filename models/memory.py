@@ -2,6 +2,7 @@
 
     python -m models.memory model=r1_distill_llama_8b trainer=h100
     python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false algo=ppo
+    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false trainer.strategy=fsdp --gpus 8
 
 Takes the same overrides as run.py and prints one table per algorithm (GRPO and PPO). The counts
 are exact for weights, gradients and AdamW state (tests compare them with the bytes of real tensors
@@ -164,8 +165,18 @@ def project(arch: Architecture, algo: str, dtype_bytes: int, lora_rank: int | No
     return models
 
 
-def report(cfg: Config, arch: Architecture) -> str:
-    """The markdown tables `python -m models.memory` prints."""
+def fsdp_per_gpu(models: list[ModelMemory], arch: Architecture, dtype_bytes: int, gpus: int) -> tuple[float, float]:
+    """(sharded static bytes per GPU, transient gathered bytes) under trainer.strategy=fsdp on `gpus` GPUs.
+
+    Every model's weights, gradients and AdamW state are split evenly over the GPUs; on top of its
+    shard a GPU holds the actor's full weights while sampling (generation runs on gathered weights,
+    algorithms.fsdp), which is larger than the one or two layers gathered at a time in training.
+    """
+    return sum(m.static for m in models) / gpus, arch.num_params() * dtype_bytes
+
+
+def report(cfg: Config, arch: Architecture, gpus: int = 1) -> str:
+    """The markdown tables `python -m models.memory` prints (`gpus`: the world size under fsdp)."""
     from models.scale import model_config_for
 
     model_cfg = model_config_for(cfg.model, cfg.trainer)
@@ -187,7 +198,12 @@ def report(cfg: Config, arch: Architecture) -> str:
                          f"{m.optimizer / GiB:.2f} | {m.static / GiB:.2f} |")
         total = sum(m.static for m in models)
         trained = 2 if algo == "ppo" else 1  # PPO's critic runs its own decoder pass with activations
-        lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", "",
+        lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", ""]
+        if cfg.trainer.strategy == "fsdp":
+            shard, gathered = fsdp_per_gpu(models, arch, b, gpus)
+            lines += [f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW state "
+                      f"per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling", ""]
+        lines += [
                   f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
                   f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
                   f"KV cache per sampled token: {kv / 2**20:.3f} MiB", ""]
@@ -199,9 +215,13 @@ def main(argv: list[str]) -> None:
 
     from conf.schema import validate
 
+    gpus = 1
+    if "--gpus" in argv:  # the world size of an fsdp run: the rest are run.py's overrides
+        at = argv.index("--gpus")
+        gpus, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=argv))
-    print(report(cfg, architecture(cfg.model)))
+    print(report(cfg, architecture(cfg.model), gpus))
 
 
 if __name__ == "__main__":

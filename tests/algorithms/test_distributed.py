@@ -18,7 +18,7 @@ from algorithms.advantages import group_advantages, whiten
 from algorithms.distributed import (ShardedSampler, average_gradients, global_masked_mean, global_whiten,
                                     reduce_metrics, sharded_group_advantages)
 from algorithms.rollout import draw_tokens
-from conf.schema import ModelConfig
+from conf.schema import ConfigError, LoraOptions, ModelConfig, TrainerConfig
 from data.loading import PromptSampler
 from models.loading import load_causal_lm
 from safetensors.torch import load_file
@@ -141,10 +141,11 @@ def train_metrics(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "loss" in m]
 
 
-def compare_one_and_two_processes(tmp_path: Path, args: list[str], keys: tuple[str, ...]) -> None:
+def compare_one_and_two_processes(tmp_path: Path, args: list[str], keys: tuple[str, ...],
+                                  strategy: str = "ddp") -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     launch([*args, "trainer.prompt_seeded_sampling=true"], one, None)
-    launch([*args, "trainer.strategy=ddp"], two, nproc=2)
+    launch([*args, f"trainer.strategy={strategy}"], two, nproc=2)
     m1, m2 = train_metrics(one), train_metrics(two)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
     for a, b in zip(m1, m2):
@@ -180,6 +181,47 @@ def test_torchrun_ppo_matches_one_process(tmp_path):
                                    "grad_norm/critic", "returns/mean"))
 
 
+@pytest.mark.slow
+def test_torchrun_fsdp_grpo_matches_one_process(tmp_path):
+    compare_one_and_two_processes(tmp_path, ["algo=grpo", "algo.group_size=2", *TINY],
+                                  ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"),
+                                  strategy="fsdp")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_ppo_matches_one_process(tmp_path):
+    compare_one_and_two_processes(tmp_path, ["algo=ppo", "algo.samples_per_prompt=2", *TINY],
+                                  ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor",
+                                   "grad_norm/critic", "returns/mean"), strategy="fsdp")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_resume_is_exact_and_other_strategies_refuse_its_optimizer(tmp_path):
+    args = ["algo=ppo", "algo.samples_per_prompt=2", *TINY, "trainer.strategy=fsdp"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch([*args, "trainer.save_every=1"], full, nproc=2)
+    launch([*args, f"trainer.resume={full / 'checkpoints' / 'step_1'}"], resumed, nproc=2)
+    assert [m["step"] for m in train_metrics(resumed)] == [2]
+    a, b = train_metrics(full)[1], train_metrics(resumed)[0]
+    for key in ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor", "grad_norm/critic", "reward/total_mean"):
+        assert a[key] == b[key], key
+    for sub in ("model.safetensors", "critic/model.safetensors", "critic/head.safetensors"):
+        w1, w2 = (load_file(d / "checkpoints" / "final" / sub) for d in (full, resumed))
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), sub
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args[:-1], f"trainer.resume={full / 'checkpoints' / 'step_1'}",
+         f"hydra.run.dir={tmp_path / 'single'}"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert single.returncode == 2
+    assert "written by trainer.strategy=fsdp" in single.stderr and "resume it with the strategy" in single.stderr
+
+
+def test_fsdp_refuses_lora():
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp"):
+        TrainerConfig(strategy="fsdp", lora=LoraOptions(enabled=True))
+
+
 def test_strategy_errors_say_what_to_do(monkeypatch):
     from algorithms.distributed import init_distributed, local_algo_config
     from conf.schema import Config, ConfigError, DataConfig, GRPOConfig, LoggerConfig, RewardConfig, TrainerConfig
@@ -188,7 +230,7 @@ def test_strategy_errors_say_what_to_do(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node=N"):
         init_distributed("ddp", "cpu")
-    with pytest.raises(ConfigError, match="choose one of: single, ddp"):
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node=N"):
         init_distributed("fsdp", "cpu")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -23,7 +23,7 @@ from models.heads import ValueModel
 def train_ppo(model, tokenizer, reward, steps: int, seed: int = 0) -> list[dict[str, float]]:
     torch.manual_seed(seed)
     cfg = PPOConfig(samples_per_prompt=8, ppo_epochs=2, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
-                    temperature=0.1, beta=0.04, vf_coef=0.5)
+                    temperature=0.1, beta=0.04, vf_coef=0.5, lam=0.95)
     rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
                                                      tokenize=False, add_generation_prompt=True)} for i in range(4)]
     critic = ValueModel.from_causal_lm(model)

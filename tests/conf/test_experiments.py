@@ -51,6 +51,7 @@ def test_ppo_vs_grpo_spends_the_same_generation_budget():
     grpo = validate(composed(["experiment=ppo_vs_grpo", "algo=grpo"]))
     assert sequences_per_step(ppo.algo) == sequences_per_step(grpo.algo) == 8
     assert ppo.algo.max_new_tokens == grpo.algo.max_new_tokens
+    assert ppo.trainer.max_steps == grpo.trainer.max_steps == 28
     assert ppo.algo.samples_per_prompt == 1  # PPO: P x G distinct prompts, one sample each
     assert (ppo.model, ppo.data, ppo.reward, ppo.trainer) == (grpo.model, grpo.data, grpo.reward, grpo.trainer)
 

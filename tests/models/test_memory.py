@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,20 @@ def test_memory_cli_prints_the_8b_tables():
     assert "## GRPO" in out and "## PPO" in out and "critic adapter + head" in out
     assert "8.03 B params" in out  # Llama-3.1-8B's 8,030,261,248 parameters
     assert "| base (shared) | 8,030.3 M | 14.96 |" in out  # bf16: 2 bytes per weight
+
+
+def test_memory_cli_divides_the_static_memory_over_fsdp_gpus():
+    args = [sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100",
+            "trainer.lora.enabled=false", "trainer.strategy=fsdp"]
+    outs = []
+    for extra in ([], ["--gpus", "8"]):
+        proc = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout)
+    totals = [float(t) for t in re.findall(r"\| \*\*all\*\* \| \| \| \| \| \*\*([0-9.]+)\*\* \|", outs[1])]
+    per_gpu = [float(t) for t in re.findall(r"fsdp over 8 GPUs: ([0-9.]+) GiB", outs[1])]
+    assert len(totals) == len(per_gpu) == 2  # GRPO and PPO
+    for total, shard in zip(totals, per_gpu):
+        assert shard == pytest.approx(total / 8, abs=0.01)
+    assert "fsdp over 1 GPUs" in outs[0]
+    assert "+ 14.96 GiB of gathered actor weights" in outs[1]  # 8.03 B bf16 weights
