@@ -18,7 +18,8 @@ FSDP only knows a module's `forward`; the RL code reaches a model through other 
   systems gather weights for their inference engine), and the other two decisions are agreed on by an
   all-reduce before they are acted on;
 - checkpoints gather full (unsharded) state dicts on every rank and rank 0 writes them in the usual
-  format, so a checkpoint loads in any strategy; optimizer states are saved keyed by parameter name.
+  format, so the weights load anywhere (model.source=local); optimizer states are saved keyed by
+  parameter name, so a resume of an fsdp checkpoint needs fsdp.
 Gradients are reduce-scattered in fp32 and averaged over ranks, as `average_gradients` does for ddp.
 """
 
@@ -103,7 +104,10 @@ def gathered_weights(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        # back to fully_shard's default: layers reshard after forward, the root keeps its weights for the
+        # backward that follows it (resharding it too would gather them a second time)
         model.set_reshard_after_forward(True, recurse=True)
+        model.set_reshard_after_forward(False, recurse=False)
         for unit in units:
             unit.reshard()
 
