@@ -201,12 +201,11 @@ def report(cfg: Config, arch: Architecture, gpus: int = 1) -> str:
         lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", ""]
         if cfg.trainer.strategy == "fsdp":
             shard, gathered = fsdp_per_gpu(models, arch, b, gpus)
-            lines += [f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW state "
-                      f"per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling", ""]
-        lines += [
-                  f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
-                  f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
-                  f"KV cache per sampled token: {kv / 2**20:.3f} MiB", ""]
+            lines += [(f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW "
+                       f"state per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling"), ""]
+        lines += [(f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
+                   f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
+                   f"KV cache per sampled token: {kv / 2**20:.3f} MiB"), ""]
     return "\n".join(lines)
 
 
