@@ -8,9 +8,9 @@ its own (an FSDP unit holds one dtype). Everything else of the data-parallel loo
 (`algorithms.distributed`): prompt shards, per-prompt seeds, global statistics, reduced metrics.
 
 FSDP only knows a module's `forward`; the RL code reaches a model through other entry points, so:
-- the log-prob pass (decoder + fused lm_head) runs as a registered FSDP forward method of the root
-  (`sharded_completion_logprobs`, used by `models.logprobs.completion_logprobs`), and a critic's
-  `values` likewise, so the root's weights are gathered for them and their gradients reduce-scattered;
+- the completion pass (decoder, then lm_head fused with the log-probs or the loss) runs as a registered
+  FSDP forward method of the root (`sharded_completion_pass`, used by `models.logprobs.completion_pass`),
+  and a critic's `values` likewise, so the root's weights are gathered for them and their gradients reduce-scattered;
 - every rank must run the same sequence of collectives, and three things in the loop are decided per
   rank: when generation stops (each rank's completions end at their own step), whether a batch has
   repeated prompts to prefill once (`models.forward`), and whether a loss is finite (`algorithms.update`).
@@ -44,7 +44,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from algorithms.distributed import any_rank
-from models.logprobs import SHARDED_METHOD, direct_completion_logprobs
+from models.logprobs import SHARDED_METHOD, direct_completion_pass
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0's CPU
 
@@ -84,7 +84,7 @@ def shard_model(model: nn.Module, decoder: nn.Module, device: torch.device) -> n
 def shard_policy(model: nn.Module, device: torch.device) -> nn.Module:
     """A causal LM (actor or reference): its log-prob pass becomes an FSDP forward method."""
     shard_model(model, model.get_decoder(), device)
-    setattr(model, SHARDED_METHOD, types.MethodType(direct_completion_logprobs, model))
+    setattr(model, SHARDED_METHOD, types.MethodType(direct_completion_pass, model))
     register_fsdp_forward_method(model, SHARDED_METHOD)
     model.gathered_weights = types.MethodType(gathered_weights, model)  # algorithms.rollout samples on them
     return model

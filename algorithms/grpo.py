@@ -14,7 +14,6 @@ from algorithms.common import (
     PhaseTimer,
     actor_target,
     batched_logprobs,
-    micro_logprobs,
     reference_model,
     rollout_metrics,
     rollout_tensors,
@@ -23,7 +22,8 @@ from algorithms.common import (
     shard_models,
 )
 from algorithms.distributed import sharded_group_advantages
-from algorithms.losses import accumulation_weight, kl_estimate, policy_loss
+from algorithms.losses import accumulation_weight
+from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, minibatch_update
 from conf.schema import Config, GRPOConfig
@@ -76,16 +76,12 @@ class GRPO:
                 batch["ref_logp"] = batched_logprobs(self.reference, rollout, cfg.micro_batch_size, cfg.temperature)
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
-            logp, entropy = micro_logprobs(self.policy, micro, cfg.temperature, with_entropy=True)
-            kl = kl_estimate(logp, micro["ref_logp"], cfg.kl_estimator) if "ref_logp" in micro else None
-            loss, stats = policy_loss(
-                logp, micro["old_logp"], micro["advantages"], micro["completion_mask"],
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
-                kl=kl, beta=cfg.beta, max_len=cfg.max_new_tokens, num_tokens=minibatch_tokens,
-            )
-            stats["entropy"] = torch.tensor(sequence_mean(entropy, micro["completion_mask"]))
-            stats["loss"] = loss.detach()
-            return loss * accumulation_weight(cfg.loss_type, share), stats
+            objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
+                                         weight=accumulation_weight(cfg.loss_type, share), beta=cfg.beta)
+            stats = objective.stats
+            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
+            stats["loss"] = objective.policy_loss
+            return objective.loss, stats
 
         # ---- UPDATE: mu passes over minibatches ----------------------------------------------
         with timer("train"):

@@ -30,6 +30,40 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"kind={kind!r}; choose one of: k1, k2, k3")
 
 
+TOKEN_SEPARABLE = ("grpo", "bnpo", "dr_grpo", "dapo")  # a fixed weight per token: see token_loss_weights
+
+
+def clipped_surrogate(
+    log_ratio: Tensor,  # [...] log pi/pi_old of the sampled tokens (or gspo's per-sequence mean)
+    advantages: Tensor,  # broadcastable to log_ratio
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> Tensor:
+    """Per-token -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = exp(log_ratio)."""
+    ratio = torch.exp(log_ratio)
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages)
+
+
+def token_loss_weights(mask: Tensor, loss_type: str = "grpo", max_len: int | None = None,
+                       num_tokens: float | None = None) -> Tensor:
+    """w [B, T] such that the loss_type's aggregate of per-token losses x [B, T] is (w * x).sum().
+
+    grpo (and gspo): 1 / (B * real tokens of the row); bnpo: 1 / real tokens of the batch;
+    dr_grpo: 1 / (B * max_len); dapo: 1 / num_tokens (the whole minibatch's). 0 on padding.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}")
+    mask = mask.float()
+    B, T = mask.shape
+    if loss_type in ("grpo", "gspo"):
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1.0) * B)
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return mask / (B * (max_len or T))
+    return mask / max(float(num_tokens if num_tokens is not None else mask.sum()), 1.0)  # dapo
+
+
 def policy_loss(
     logp: Tensor,  # [B, T] under the policy being optimised
     old_logp: Tensor,  # [B, T] under the policy that sampled the tokens
@@ -48,10 +82,11 @@ def policy_loss(
     grpo: mean over each sequence's tokens, then over sequences; bnpo: mean over all real tokens;
     dr_grpo: token sum / (B * max_len); dapo: token sum / num_tokens; gspo: one importance ratio per
     sequence (the exp of the mean token log-ratio), aggregated like grpo.
+    Every variant is a weighted sum of per-token losses (`token_loss_weights`); all but gspo are also
+    elementwise in the tokens' log-probs, which lets `models.fused_loss` form the gradient in its forward.
     Returns (scalar loss, detached stats).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}")
+    weights = token_loss_weights(mask, loss_type, max_len, num_tokens).to(logp.dtype)  # validates loss_type
     mask = mask.to(logp.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [B, 1] broadcasts over tokens
@@ -59,21 +94,11 @@ def policy_loss(
     if loss_type == "gspo":
         log_ratio = masked_mean(log_ratio, mask, dim=1)[:, None]  # [B, 1]
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)  # [B, T] (or [B, 1] for gspo)
-    per_token = per_token.expand_as(mask)
+    per_token = clipped_surrogate(log_ratio, advantages, clip_low, clip_high)
+    per_token = per_token.expand_as(mask)  # [B, T] (gspo's [B, 1] too)
     if kl is not None and beta != 0.0:
         per_token = per_token + beta * kl
-
-    B, T = mask.shape
-    if loss_type in ("grpo", "gspo"):
-        loss = masked_mean(per_token, mask, dim=1).mean()
-    elif loss_type == "bnpo":
-        loss = masked_mean(per_token, mask)
-    elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (B * (max_len or T))
-    else:  # dapo
-        loss = (per_token * mask).sum() / max(float(num_tokens if num_tokens is not None else mask.sum()), 1.0)
+    loss = (per_token * weights).sum()
 
     with torch.no_grad():
         ratio_t = ratio.expand_as(mask)

@@ -19,7 +19,6 @@ from algorithms.common import (
     actor_target,
     batched_forward,
     batched_logprobs,
-    micro_logprobs,
     micro_values,
     reference_model,
     rollout_metrics,
@@ -30,7 +29,8 @@ from algorithms.common import (
 )
 from algorithms.distributed import all_mean, global_whiten, world_size
 from algorithms.kl_control import KLController
-from algorithms.losses import accumulation_weight, kl_estimate, policy_loss, value_loss
+from algorithms.losses import accumulation_weight, kl_estimate, value_loss
+from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout
 from algorithms.update import OptimTarget, build_optimizer, minibatch_update
 from conf.schema import Config, PPOConfig
@@ -103,26 +103,21 @@ class PPO:
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
             micro_mask = micro["completion_mask"]
-            logp, entropy = micro_logprobs(self.policy, micro, cfg.temperature, with_entropy=True,
-                                           entropy_grad=cfg.ent_coef > 0)
+            # no KL term here: PPO's KL is already in the rewards; dapo's policy loss is already divided by
+            # the minibatch's tokens, the token means are not
+            objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
+                                         weight=accumulation_weight(cfg.loss_type, share),
+                                         entropy_weight=cfg.ent_coef * share)
             values = micro_values(self.critic, micro)  # [n, Tc]
-            # no KL term here: PPO's KL is already in the rewards
-            pg_loss, stats = policy_loss(
-                logp, micro["old_logp"], micro["advantages"], micro_mask,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_type=cfg.loss_type,
-                max_len=cfg.max_new_tokens, num_tokens=minibatch_tokens,
-            )
             v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
-            entropy_bonus = masked_mean(entropy, micro_mask)
-            # dapo's policy loss is already divided by the minibatch's tokens; the token means are not
-            loss = (pg_loss * accumulation_weight(cfg.loss_type, share)
-                    + (cfg.vf_coef * v_loss - cfg.ent_coef * entropy_bonus) * share)
+            entropy_bonus = masked_mean(objective.entropy, micro_mask)
+            stats = objective.stats
             stats.update(v_stats)
-            stats["pg_loss"] = pg_loss.detach()
+            stats["pg_loss"] = objective.policy_loss
             stats["value_loss"] = v_loss.detach()
-            stats["entropy"] = torch.tensor(sequence_mean(entropy.detach(), micro_mask))
-            stats["loss"] = (pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy_bonus).detach()
-            return loss, stats
+            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro_mask))
+            stats["loss"] = objective.policy_loss + cfg.vf_coef * v_loss.detach() - cfg.ent_coef * entropy_bonus
+            return objective.loss + cfg.vf_coef * v_loss * share, stats
 
         # ---- UPDATE: ppo_epochs passes over minibatches, actor and critic together -----------
         with timer("train"):

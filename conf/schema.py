@@ -132,6 +132,7 @@ class GRPOConfig:
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     advantage_eps: float = 1e-4
     recompute_old_logp: bool = False  # when false, sampling-time log-probs serve as old log-probs
+    fused_loss: bool = True  # policy loss formed inside the lm_head pass (models.fused_loss); not for gspo
 
     def __post_init__(self) -> None:
         check_choice("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
@@ -179,6 +180,7 @@ class PPOConfig:
     critic_lr: float | None = 2e-4  # null = trainer.lr
     actor_lr: float | None = 1e-4  # null = trainer.lr
     recompute_old_logp: bool = False  # when false, sampling-time log-probs serve as old log-probs
+    fused_loss: bool = True  # policy loss formed inside the lm_head pass (models.fused_loss); not for gspo
     default_max_steps: int | None = 24  # trainer.max_steps when not given (conf/trainer/default.yaml)
 
     def __post_init__(self) -> None:

@@ -5,8 +5,10 @@
 
 Two groups, each with its own naive baseline:
 - from hidden states (lm_head included): `naive` = hidden @ W.T, log_softmax, gather; `fused` =
-  `fused_token_logprobs` (torch backend); `fused_triton` (CUDA); `trl` = the same matmul then TRL's
-  `selective_log_softmax` (when trl is importable).
+  `fused_token_logprobs` (torch backend); `fused_loss` = `models.fused_loss.fused_token_loss` with the
+  loss sum(g * logp) as its per-token function (the gradient formed in the forward: 3 matmuls, not 4);
+  `fused_triton`, `fused_loss_triton` (CUDA); `trl` = the same matmul then TRL's `selective_log_softmax`
+  (when trl is importable).
 - from given logits: `naive_logits` = log_softmax + gather; `chunked` = `token_logprobs`;
   `chunked_triton` (CUDA); `trl_logits` = `selective_log_softmax`.
 Every method computes d/d(inputs) of sum(g * logp) for a fixed random g. Reported: the median time of
@@ -32,10 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.logprobs import fused_token_logprobs, token_logprobs, triton_available  # noqa: E402
+from models.fused_loss import fused_token_loss
+from models.logprobs import fused_token_logprobs, token_logprobs, triton_available
 
 GROUPS = {
-    "hidden": ["naive", "fused", "fused_triton", "trl"],
+    "hidden": ["naive", "fused", "fused_loss", "fused_triton", "fused_loss_triton", "trl"],
     "logits": ["naive_logits", "chunked", "chunked_triton", "trl_logits"],
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,13 +57,40 @@ def naive_logprobs(logits, tokens):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
+def weighted_sum(logp_fn):
+    """fn(inputs, tokens, g) -> (sum(g * logp), logp) from a method that returns logp [B, T]."""
+
+    def fn(inputs, tokens, upstream):
+        logp = logp_fn(inputs, tokens)
+        return (logp * upstream).sum(), logp
+
+    return fn
+
+
 def method_fn(name: str):
-    """(group, fn(inputs, tokens) -> logp [B, T]) of one method."""
+    """(group, fn(inputs, tokens, g) -> (sum(g * logp), logp [B, T])) of one method."""
+    group, logp_fn = _logp_fn(name)
+    if logp_fn is None:  # the loss itself is fused
+        backend = "triton" if name.endswith("triton") else "torch"
+
+        def fused_loss(inputs, tokens, upstream):
+            flat_g = upstream.reshape(-1)
+            loss, logp, _ = fused_token_loss(inputs[0], inputs[1], tokens,
+                                             lambda lp, ent, pos: flat_g[pos] * lp, backend=backend)
+            return loss, logp
+
+        return group, fused_loss
+    return group, weighted_sum(logp_fn)
+
+
+def _logp_fn(name: str):
     if name == "naive":
         return "hidden", lambda x, t: naive_logprobs(x[0] @ x[1].T, t)
     if name in ("fused", "fused_triton"):
         backend = "triton" if name == "fused_triton" else "torch"
         return "hidden", lambda x, t: fused_token_logprobs(x[0], x[1], t, backend=backend)[0]
+    if name in ("fused_loss", "fused_loss_triton"):
+        return "hidden", None
     if name == "trl":
         sls = trl_selective_log_softmax()
         return "hidden", lambda x, t: sls(x[0] @ x[1].T, t)
@@ -119,8 +149,8 @@ def worker(args) -> dict:
     del hidden, weight
 
     def run():
-        logp = fn(inputs, tokens)
-        grads = torch.autograd.grad((logp * upstream).sum(), inputs)
+        objective, logp = fn(inputs, tokens, upstream)
+        grads = torch.autograd.grad(objective, inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return logp.detach(), grads
@@ -198,22 +228,22 @@ def main() -> None:
         # resident set follows live memory instead of glibc's adaptive heap (the same for every method)
         env = os.environ | {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
         proc = subprocess.run([sys.executable, __file__, "--worker", method, *passthrough], capture_output=True,
-                              text=True, env=env)
+                              text=True, env=env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
-    lines = [f"B={args.batch}, T={args.seq}, V={args.vocab}, H={args.hidden}, {args.dtype}, {device_name}, "
-             f"OMP_NUM_THREADS={threads}, torch {torch.__version__}; median of {args.repeats} after {args.warmup} "
-             "warm-up; each method in a fresh process", ""]
+    lines = [(f"B={args.batch}, T={args.seq}, V={args.vocab}, H={args.hidden}, {args.dtype}, {device_name}, "
+              f"OMP_NUM_THREADS={threads}, torch {torch.__version__}; median of {args.repeats} after {args.warmup} "
+              "warm-up; each method in a fresh process"), ""]
     for group, title in (("hidden", "From hidden states (lm_head matmul included)"), ("logits", "From given logits")):
         if any(r["group"] == group for r in results):
             lines += [f"**{title}**", "", *table(results, group, args.device == "cuda"), ""]
     lines += skipped
     sums = {r["method"]: r["checksum"] for r in results}
     lines.append("time / naive: ratio of " + ("wall" if args.device == "cuda" else "CPU") + " medians")
-    lines.append(f"checksums (sum of logp, equal up to rounding across methods): "
+    lines.append("checksums (sum of logp, equal up to rounding across methods): "
                  + ", ".join(f"{k} {v:.2f}" for k, v in sums.items()))
     text = "\n".join(lines)
     print(text)

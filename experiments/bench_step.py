@@ -41,7 +41,7 @@ def settings_overrides(args) -> list[str]:
         f"algo.micro_batch_size={args.prompts * args.generations}", "algo.temperature=1.0", "algo.top_p=1.0",
         "algo.loss_type=grpo", "algo.scale_rewards=group", "algo.kl_estimator=k3", "model=smollm2_135m",
         "model.dtype=float32", f"trainer.threads={args.threads}", "trainer.device=cpu", "trainer.lr=5e-5",
-        "logger.mode=disabled", f"seed={args.seed}",
+        "logger.mode=disabled", f"seed={args.seed}", *args.ours_override,
     ]
 
 
@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--ours-override", nargs="*", default=[],
+                        help="extra Hydra overrides for this project's side, e.g. algo.fused_loss=false")
     parser.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -201,6 +203,8 @@ def main() -> None:
         forward = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                    ("steps", "warmup", "prompts", "generations", "max_new_tokens", "beta", "threads", "seed")]
         print(f"[{impl}] running in its own process ...", file=sys.stderr, flush=True)
+        if args.ours_override:
+            forward += ["--ours-override", *args.ours_override]
         proc = subprocess.run([sys.executable, __file__, "--worker", impl, *forward], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} failed:\n{proc.stderr[-4000:]}")
@@ -211,7 +215,8 @@ def main() -> None:
              f"torch threads {args.threads}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
              f"torch {torch.__version__}): {args.prompts} prompts x {args.generations} generations, "
              f"{args.max_new_tokens} new tokens, beta {args.beta}, mu=1; median of {args.steps} steps after "
-             f"{args.warmup} warm-up. Wall seconds, and CPU seconds of the process (steadier on a shared CPU)", "",
+             f"{args.warmup} warm-up" + (f"; ours with {' '.join(args.ours_override)}" if args.ours_override else "")
+             + ". Wall seconds, and CPU seconds of the process (steadier on a shared CPU)", "",
              "| | step wall (s) | step CPU (s) | generate | score | ref | train | peak RSS (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for impl, res in results.items():

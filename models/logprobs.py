@@ -11,6 +11,9 @@ Three ways to the same numbers, log softmax(logits / temperature)[token] accumul
   of [B, T, V] buffers).
 - the same Function with the per-row reductions done by Triton kernels (`models/triton_logprobs.py`),
   chosen automatically for CUDA tensors when Triton is installed.
+When the log-probs feed a loss that is a sum over tokens, `models.fused_loss` goes one step further
+and forms the loss's gradient inside the forward pass (no recompute: three matmuls, not four).
+`completion_pass` is the decoder pass both run on (FSDP-aware).
 
 Entropy H = logsumexp(z) - sum softmax(z) * z of the same tempered distribution comes from the same
 pass. Its gradient is p * (E_p[z] - z), so it costs one saved number per row, not a [rows, V] softmax.
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +77,7 @@ def _tempered_fp32(logits: Tensor, inv_temp: float, writable: bool) -> Tensor:
     return z.mul_(inv_temp) if writable or z is not logits else z * inv_temp
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
+def pick_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -87,17 +92,28 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str,
-           writable: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def logit_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str,
+                writable: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk's (lse [c], chosen-token logp [c], E_p[z] [c] | None) from logits [c, V] of any dtype.
+
+    writable: `logits` is a scratch buffer the torch path may overwrite (it then does its exps in place).
+    """
     if backend == "triton":
         from models.triton_logprobs import chunk_stats
 
         return chunk_stats(logits, tokens, inv_temp, with_entropy)
-    return _chunk_stats(_tempered_fp32(logits, inv_temp, writable), tokens, with_entropy)
+    z = _tempered_fp32(logits, inv_temp, writable)
+    if with_entropy or not (writable or z is not logits):
+        return _chunk_stats(z, tokens, with_entropy)
+    # z is scratch: max, exp in place and sum, without logsumexp's [c, V] temporaries
+    chosen = z.gather(-1, tokens[:, None]).squeeze(-1)
+    row_max = z.amax(-1, keepdim=True)  # [c, 1]
+    lse = z.sub_(row_max).exp_().sum(-1).log_().add_(row_max.squeeze(-1))
+    return lse, chosen - lse, None
 
 
-def _grad(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
-          g_ent: Tensor | None, inv_temp: float, backend: str) -> Tensor:
+def logit_grad(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
+               g_ent: Tensor | None, inv_temp: float, backend: str) -> Tensor:
     """The gradient w.r.t. one chunk's logits, written into `out` (which may be `logits` itself)."""
     if backend == "triton":
         from models.triton_logprobs import chunk_grad_
@@ -124,7 +140,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
         for s in range(0, n, chunk):
-            c_lse, c_logp, c_ez = _stats(logits[s : s + chunk], tokens[s : s + chunk], inv_temp, with_entropy,
+            c_lse, c_logp, c_ez = logit_stats(logits[s : s + chunk], tokens[s : s + chunk], inv_temp, with_entropy,
                                          backend, writable=False)
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
@@ -145,7 +161,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         c = ctx.chunk
         for s in range(0, logits.shape[0], c):
-            _grad(logits[s : s + c], grad[s : s + c], tokens[s : s + c], lse[s : s + c],
+            logit_grad(logits[s : s + c], grad[s : s + c], tokens[s : s + c], lse[s : s + c],
                   None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
                   None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
         return grad, None, None, None, None, None
@@ -167,7 +183,7 @@ def token_logprobs(
     entropy_grad (an entropy bonus in the loss). The gradient w.r.t. `logits` has their dtype.
     """
     B, T, V = logits.shape
-    backend = _pick_backend(backend, logits.device)
+    backend = pick_backend(backend, logits.device)
     flat_tokens = tokens.reshape(B * T)
     if mask is not None:  # pad ids may be anything (-100, out of range): read a valid index there
         flat_tokens = flat_tokens.masked_fill(mask.reshape(B * T) == 0, 0)
@@ -196,7 +212,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
         for s in range(0, r, chunk):
             logits = hidden[s : s + chunk] @ weight.T  # [c, V]: the only vocabulary-sized tensor alive
-            c_lse, c_logp, c_ez = _stats(logits, tokens[s : s + chunk], inv_temp, with_entropy, backend,
+            c_lse, c_logp, c_ez = logit_stats(logits, tokens[s : s + chunk], inv_temp, with_entropy, backend,
                                          writable=True)
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
@@ -222,7 +238,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], c):
             h = hidden[s : s + c]
             logits = h @ weight.T  # recomputed: [c, V]
-            dlogits = _grad(logits, logits, tokens[s : s + c], lse[s : s + c],
+            dlogits = logit_grad(logits, logits, tokens[s : s + c], lse[s : s + c],
                             None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
                             None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
             if need_hidden:
@@ -253,7 +269,7 @@ def fused_token_logprobs(
     """
     B, T, H = hidden.shape
     V = lm_head_weight.shape[0]
-    backend = _pick_backend(backend, hidden.device)
+    backend = pick_backend(backend, hidden.device)
     chunk = chunk or default_chunk_rows(V)
     flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
     rows = None
@@ -275,12 +291,43 @@ def fused_token_logprobs(
 # ---------------------------------------------------------------- a causal LM's completion tokens
 
 
-SHARDED_METHOD = "sharded_completion_logprobs"  # set on an FSDP-sharded model (algorithms.fsdp)
+SHARDED_METHOD = "sharded_completion_pass"  # set on an FSDP-sharded model (algorithms.fsdp)
+
+# (hidden [B, Tc, H], lm_head, completion tokens [B, Tc], completion mask [B, Tc]) -> what the caller needs
+CompletionHead = Callable[[Tensor, torch.nn.Module, Tensor, Tensor], Any]
+
+
+def completion_pass(
+    model: torch.nn.Module,
+    input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
+    attention_mask: Tensor,  # [B, Tp + Tc]
+    completion_len: int,  # Tc
+    head: CompletionHead,
+    share_prompts: bool = True,
+) -> Any:
+    """head(hidden states of the completion positions, lm_head, completion tokens, completion mask).
+
+    Runs the decoder for hidden states only (one prefill per distinct prompt, see `models.forward`): what
+    goes through lm_head, and how, is the head's choice. On an FSDP-sharded model the same pass runs as
+    its registered forward method, which gathers the weights it reads outside the decoder layers
+    (embeddings, lm_head).
+    """
+    sharded = getattr(model, SHARDED_METHOD, None)
+    fn = sharded if sharded is not None else functools.partial(direct_completion_pass, model)
+    return fn(input_ids, attention_mask, completion_len, head, share_prompts)
+
+
+def direct_completion_pass(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
+                           head: CompletionHead, share_prompts: bool = True) -> Any:
+    """`completion_pass` on the model's own modules (the body of the sharded forward method)."""
+    hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
+    tokens, mask = input_ids[:, -completion_len:], attention_mask[:, -completion_len:]
+    return head(hidden, model.get_output_embeddings(), tokens, mask)
 
 
 def completion_logprobs(
     model: torch.nn.Module,
-    input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
+    input_ids: Tensor,  # [B, Tp + Tc]
     attention_mask: Tensor,  # [B, Tp + Tc]
     completion_len: int,  # Tc
     temperature: float = 1.0,
@@ -291,36 +338,15 @@ def completion_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the completion tokens under `model`: (logp [B, Tc], entropy [B, Tc] | None), 0 on padding.
 
-    Runs the decoder for hidden states (one prefill per distinct prompt, see `models.forward`) and sends
-    only the real completion positions through lm_head, fused with the log-softmax: prompt and padding
+    Only the real completion positions go through lm_head, fused with the log-softmax: prompt and padding
     positions never become [*, V] logits.
-
-    On an FSDP-sharded model the same pass runs as its registered forward method, which gathers the
-    weights it reads outside the decoder layers (embeddings, lm_head).
     """
-    sharded = getattr(model, SHARDED_METHOD, None)
-    fn = sharded if sharded is not None else functools.partial(direct_completion_logprobs, model)
-    return fn(input_ids, attention_mask, completion_len, temperature, with_entropy, entropy_grad, backend,
-              share_prompts)
 
+    def head(hidden: Tensor, lm_head: torch.nn.Module, tokens: Tensor, mask: Tensor):
+        if getattr(lm_head, "bias", None) is not None:  # rare (Llama, Qwen, Mistral have none): logits, then chunked
+            return token_logprobs(lm_head(hidden), tokens, temperature, with_entropy=with_entropy,
+                                  entropy_grad=entropy_grad, mask=mask, backend=backend)
+        return fused_token_logprobs(hidden, lm_head.weight, tokens, temperature=temperature,
+                                    with_entropy=with_entropy, entropy_grad=entropy_grad, mask=mask, backend=backend)
 
-def direct_completion_logprobs(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    completion_len: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-    backend: str = "auto",
-    share_prompts: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """`completion_logprobs` on the model's own modules (the body of the sharded forward method)."""
-    hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
-    lm_head = model.get_output_embeddings()
-    tokens, mask = input_ids[:, -completion_len:], attention_mask[:, -completion_len:]
-    if getattr(lm_head, "bias", None) is not None:  # rare (Llama, Qwen, Mistral have none): logits, then chunked
-        return token_logprobs(lm_head(hidden), tokens, temperature, with_entropy=with_entropy,
-                              entropy_grad=entropy_grad, mask=mask, backend=backend)
-    return fused_token_logprobs(hidden, lm_head.weight, tokens, temperature=temperature,
-                                with_entropy=with_entropy, entropy_grad=entropy_grad, mask=mask, backend=backend)
+    return completion_pass(model, input_ids, attention_mask, completion_len, head, share_prompts)

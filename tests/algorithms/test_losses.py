@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from algorithms.losses import LOSS_TYPES, accumulation_weight, kl_estimate, policy_loss, value_loss
+from algorithms.losses import (
+    LOSS_TYPES,
+    accumulation_weight,
+    clipped_surrogate,
+    kl_estimate,
+    policy_loss,
+    token_loss_weights,
+    value_loss,
+)
 
 F64 = torch.float64
 
@@ -364,3 +372,34 @@ def test_bnpo_micro_batches_with_unequal_token_counts_do_not_add_up():
              for s in (slice(0, 2), slice(2, 4))]
     accumulated = sum(accumulation_weight("bnpo", 0.5) * p for p in parts)
     assert abs(accumulated.item() - full.item()) > 1e-3
+
+
+# ---------------------------------------------------------------- token_loss_weights
+
+
+def test_token_loss_weights_hand_values():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # B = 2, T = 3, 3 real tokens
+    expected = {
+        "grpo": [[1 / 4, 1 / 4, 0], [1 / 2, 0, 0]],  # 1 / (B * row length)
+        "gspo": [[1 / 4, 1 / 4, 0], [1 / 2, 0, 0]],
+        "bnpo": [[1 / 3, 1 / 3, 0], [1 / 3, 0, 0]],  # 1 / real tokens
+        "dr_grpo": [[1 / 10, 1 / 10, 0], [1 / 10, 0, 0]],  # 1 / (B * max_len), max_len = 5
+        "dapo": [[1 / 12, 1 / 12, 0], [1 / 12, 0, 0]],  # 1 / the minibatch's 12 tokens
+    }
+    for loss_type, values in expected.items():
+        torch.testing.assert_close(token_loss_weights(mask, loss_type, max_len=5, num_tokens=12),
+                                   torch.tensor(values), msg=loss_type)
+
+
+def test_token_loss_weights_of_an_empty_row_are_zero_not_nan():
+    mask = torch.tensor([[0, 0], [1, 1]])
+    for loss_type in LOSS_TYPES:
+        weights = token_loss_weights(mask, loss_type, num_tokens=0)
+        assert torch.isfinite(weights).all() and (weights[0] == 0).all(), loss_type
+
+
+def test_clipped_surrogate_hand_values():
+    log_ratio = torch.log(torch.tensor([0.5, 1.5, 1.1, 0.5]))
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    # A > 0: min(r, clip(r)) A -> 0.5, 1.2; A < 0: min(r A, clip(r) A) -> -2.2, -0.8 (the pessimistic side)
+    torch.testing.assert_close(clipped_surrogate(log_ratio, adv), -torch.tensor([0.5, 1.2, -2.2, -0.8]))

@@ -8,9 +8,10 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton); the torch backend is tested")
 
-from triton import knobs  # noqa: E402
+from triton import knobs
 
-from models.logprobs import fused_token_logprobs, token_logprobs  # noqa: E402
+from models.fused_loss import fused_token_loss
+from models.logprobs import fused_token_logprobs, token_logprobs
 
 if not torch.cuda.is_available() and not knobs.runtime.interpret:
     pytest.skip("no GPU and TRITON_INTERPRET is off (tests/conftest.py sets it before triton is imported)",
@@ -78,7 +79,8 @@ def test_triton_matches_torch_backend_with_padding_and_bf16():
     results = {}
     for backend in ("torch", "triton"):
         results[backend] = value_and_grads(
-            lambda h, w, t: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask, backend=backend),
+            lambda h, w, t, backend=backend: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask,
+                                                                  backend=backend),
             hidden, weight, tokens, g_logp, None)
     (logp, entropy, grad_h, grad_w), (logp_t, entropy_t, grad_h_t, grad_w_t) = results["triton"], results["torch"]
     torch.testing.assert_close(logp, logp_t, atol=1e-5, rtol=1e-5)  # fp32 reductions of the same bf16 logits
@@ -100,3 +102,24 @@ def test_triton_vocabulary_spanning_several_blocks():
     expected = value_and_grads(lambda h, w, t: naive(h, w, t, 1.0), hidden, weight, tokens, g_logp, g_ent)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_triton_fused_loss_matches_naive(temperature):
+    """models.fused_loss on the Triton kernels: a nonlinear loss of logp and entropy, gradients in the forward."""
+    hidden, weight, tokens, g_logp, g_ent = inputs(seed=5)
+    flat_a, flat_b = g_logp.reshape(-1), g_ent.reshape(-1)
+
+    def token_loss(logp, entropy, positions):  # exp(logp) * a + entropy * b: the gradient depends on logp
+        return torch.exp(logp) * flat_a[positions] + entropy * flat_b[positions]
+
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, logp, entropy = fused_token_loss(h, w, tokens, token_loss, temperature=temperature, with_entropy=True,
+                                           chunk=3, backend="triton")
+    got = (loss, logp, entropy, *torch.autograd.grad(loss, (h, w)))
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp2, entropy2 = naive(h2, w2, tokens, temperature)
+    loss2 = token_loss(logp2.reshape(-1), entropy2.reshape(-1), torch.arange(logp2.numel(), device=DEVICE)).sum()
+    expected = (loss2, logp2, entropy2, *torch.autograd.grad(loss2, (h2, w2)))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
