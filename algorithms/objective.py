@@ -69,7 +69,7 @@ def _token_loss(micro: dict[str, Tensor], cfg, num_tokens: float, weight: float,
         advantages = advantages[:, None].expand_as(mask)
     # flat [n * Tc] views that the positions index
     w = (weight * token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, num_tokens)).reshape(-1)
-    entropy_w = (entropy_weight * mask.float() / mask.sum().clamp(min=1)).reshape(-1)  # masked_mean's weights
+    entropy_w = (entropy_weight * token_loss_weights(mask, "bnpo")).reshape(-1)  # masked_mean over all real tokens
     old, adv = micro["old_logp"].reshape(-1), advantages.reshape(-1)
     ref = ref_logp.reshape(-1) if ref_logp is not None else None
 

@@ -19,7 +19,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.logprobs import completion_pass, default_chunk_rows, logit_grad, logit_stats, pick_backend, token_logprobs
+from models.logprobs import (
+    completion_pass,
+    default_chunk_rows,
+    logit_grad,
+    logit_stats,
+    pick_backend,
+    real_rows,
+    to_grid,
+    token_logprobs,
+)
 
 # (logp [c] fp32, entropy [c] fp32 | None, positions [c] long: flat indices into [B * T]) -> loss per token [c]
 TokenLoss = Callable[[Tensor, Tensor | None, Tensor], Tensor]
@@ -168,21 +177,13 @@ def fused_token_loss(
     entropy [B, T] fp32 detached or None); logp and entropy are 0 at masked positions. token_loss must be
     elementwise in the tokens: it sees one chunk of real positions at a time.
     """
-    B, T, H = hidden.shape
+    B, T, _ = hidden.shape
     backend = pick_backend(backend, hidden.device)
     chunk = chunk or default_chunk_rows(lm_head_weight.shape[0])
-    flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
-    positions = torch.arange(B * T, device=hidden.device)
-    if mask is not None:  # only real positions go through lm_head
-        positions = mask.reshape(B * T).nonzero().squeeze(1)  # [R]
-        flat_hidden, flat_tokens = flat_hidden.index_select(0, positions), flat_tokens.index_select(0, positions)
-    loss, logp, entropy = _FusedLinearTokenLoss.apply(
-        flat_hidden.contiguous(), lm_head_weight, flat_tokens.contiguous(), positions, token_loss, chunk,
-        1.0 / temperature, with_entropy, backend)
-    if mask is not None:  # scatter the real rows back; padded positions stay 0
-        logp = logp.new_zeros(B * T).index_copy(0, positions, logp)
-        entropy = entropy.new_zeros(B * T).index_copy(0, positions, entropy) if with_entropy else None
-    return loss, logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
+    flat_hidden, flat_tokens, positions = real_rows(hidden, tokens, mask)  # only real positions reach lm_head
+    loss, logp, entropy = _FusedLinearTokenLoss.apply(flat_hidden, lm_head_weight, flat_tokens, positions, token_loss,
+                                                      chunk, 1.0 / temperature, with_entropy, backend)
+    return loss, to_grid(logp, positions, B, T), (to_grid(entropy, positions, B, T) if with_entropy else None)
 
 
 def completion_token_loss(

@@ -103,7 +103,8 @@ def logit_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: b
 
         return chunk_stats(logits, tokens, inv_temp, with_entropy)
     z = _tempered_fp32(logits, inv_temp, writable)
-    if with_entropy or not (writable or z is not logits):
+    scratch = writable or z is not logits  # a buffer of our own (a bf16 input's fp32 copy is one too)
+    if with_entropy or not scratch:
         return _chunk_stats(z, tokens, with_entropy)
     # z is scratch: max, exp in place and sum, without logsumexp's [c, V] temporaries
     chosen = z.gather(-1, tokens[:, None]).squeeze(-1)
@@ -267,25 +268,36 @@ def fused_token_logprobs(
     Returns (logp [B, T] fp32, entropy [B, T] fp32 or None); 0 at masked positions. bf16 inputs are
     projected in bf16 and reduced in fp32; gradients come back in the inputs' dtypes.
     """
-    B, T, H = hidden.shape
+    B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]
     backend = pick_backend(backend, hidden.device)
     chunk = chunk or default_chunk_rows(V)
-    flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
-    rows = None
-    if mask is not None:  # only real positions go through lm_head
-        rows = mask.reshape(B * T).nonzero().squeeze(1)  # [R]
-        flat_hidden, flat_tokens = flat_hidden.index_select(0, rows), flat_tokens.index_select(0, rows)
-    logp, entropy = _FusedLinearLogprobs.apply(flat_hidden.contiguous(), lm_head_weight, flat_tokens.contiguous(),
-                                               chunk, 1.0 / temperature, with_entropy, backend)
+    flat_hidden, flat_tokens, rows = real_rows(hidden, tokens, mask)
+    logp, entropy = _FusedLinearLogprobs.apply(flat_hidden, lm_head_weight, flat_tokens, chunk, 1.0 / temperature,
+                                               with_entropy, backend)
     if not with_entropy:
         entropy = None
     elif not entropy_grad:
         entropy = entropy.detach()
-    if rows is not None:  # scatter the real rows back; padded positions stay 0
-        logp = logp.new_zeros(B * T).index_copy(0, rows, logp)
-        entropy = entropy.new_zeros(B * T).index_copy(0, rows, entropy) if entropy is not None else None
-    return logp.view(B, T), (entropy.view(B, T) if entropy is not None else None)
+    return to_grid(logp, rows, B, T), (to_grid(entropy, rows, B, T) if entropy is not None else None)
+
+
+def real_rows(hidden: Tensor, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions lm_head should see: (hidden [R, H], tokens [R], their flat indices in [B * T] [R]).
+
+    Only real (mask = 1) positions; all of them without a mask. Both are contiguous.
+    """
+    B, T, H = hidden.shape
+    flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T)
+    if mask is None:
+        return flat_hidden.contiguous(), flat_tokens.contiguous(), torch.arange(B * T, device=hidden.device)
+    rows = mask.reshape(B * T).nonzero().squeeze(1)  # [R]
+    return flat_hidden.index_select(0, rows), flat_tokens.index_select(0, rows), rows
+
+
+def to_grid(values: Tensor, rows: Tensor, B: int, T: int) -> Tensor:
+    """values [R] of the flat positions `rows` back onto a [B, T] grid; 0 elsewhere (padding)."""
+    return values.new_zeros(B * T).index_copy(0, rows, values).view(B, T)
 
 
 # ---------------------------------------------------------------- a causal LM's completion tokens
