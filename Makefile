@@ -44,7 +44,7 @@ bench: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py
 
 lint: install
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -25,34 +25,31 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms.checkpoint import CheckpointError, resolve_resume
-from algorithms.distributed import (NullLogger, ShardedAlgorithm, ShardedSampler, init_distributed,
-                                    is_main_process, local_algo_config, shutdown)
-from algorithms.evaluation import run_eval
-from algorithms.grpo import build_grpo
-from algorithms.interrupts import TrainingError, TrainingInterrupted
-from algorithms.pipeline import run_pipeline
-from algorithms.ppo import build_ppo
-from algorithms.rejection_sampling import rejection_sample
-from algorithms.reward_model import train_reward_model
-from algorithms.sft import train_sft
-from algorithms.tracking import RunLogger
-from algorithms.trainer import Trainer
+from conf.registry import discover, get_stage, stage_names
 from conf.schema import Config, ConfigError, check_override_keys, validate
-from data.loading import DataUnavailable, PromptSampler, attach_prompts, load_examples
+from data.loading import DataUnavailable, attach_prompts, load_examples
 from models.loading import ModelLoadError, load_causal_lm, load_tokenizer
 from models.scale import model_config_for, prepare_policy
+from parallel.distributed import (
+    NullLogger,
+    ShardedSampler,
+    init_distributed,
+    is_main_process,
+    local_algo_config,
+    shutdown,
+)
 from rewards import build_reward
 from rewards.reward_model import reward_extras
+from training.checkpoint import CheckpointError, resolve_resume
+from training.interrupts import TrainingError, TrainingInterrupted
+from training.loop import StageContext, Trainer
+from training.tracking import RunLogger
 
+discover()  # every algorithm and stage registers itself (conf.registry), before Hydra composes conf/
 ROOT = Path(__file__).resolve().parent
-# algo.name -> build(cfg, policy, tokenizer, reward_fn, generator) -> (algorithm, {name: optimizer})
-RL_BUILDERS = {"grpo": build_grpo, "ppo": build_ppo}
 # what a user can fix: reported as one line, not a traceback (HYDRA_FULL_ERROR=1 shows the traceback)
 USER_ERRORS = (ConfigError, ModelLoadError, ValueError, CheckpointError, TrainingError, DataUnavailable,
                FileNotFoundError)
-# the stages besides RL that score samples with the configured rewards
-SCORING_STAGES = ("eval", "rejection_sampling")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -74,34 +71,39 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[dict], list[dict], dict[str,
     return train, evals, skipped
 
 
+def check_scale_options(cfg: Config, strategy: str) -> None:
+    """LoRA and data parallelism are RL options; resume is every looped stage's."""
+    stage = get_stage(cfg.algo.name)
+    rl = stage_names(kind="rl")
+    options = {"trainer.strategy": (strategy != "single", rl), "trainer.lora.enabled": (cfg.trainer.lora.enabled, rl),
+               "trainer.resume": (bool(cfg.trainer.resume), tuple(n for n in stage_names() if get_stage(n).looped))}
+    for key, (used, stages) in options.items():
+        if used and stage.name not in stages:
+            raise ConfigError(f"{key} applies to {', '.join(stages)}; for algo={stage.name} leave it at its default")
+
+
 def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple = ()) -> dict[str, float]:
-    if cfg.algo.name == "pipeline":  # a driver of run.py stages: it loads no model itself
-        return run_pipeline(cfg, run_dir, list(overrides), ROOT / "run.py")
+    stage = get_stage(cfg.algo.name)
+    if stage.kind == "driver":  # the pipeline runs other stages through run.py: it loads no model itself
+        return stage.run(StageContext(cfg, run_dir, list(overrides), ROOT))
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device)  # torchrun's ranks, or one process
-    scale_options = {"trainer.strategy": dist_ctx.strategy != "single",
-                     "trainer.lora.enabled": cfg.trainer.lora.enabled,
-                     "trainer.resume": bool(cfg.trainer.resume)}
-    for key, used in scale_options.items():
-        if used and cfg.algo.name not in RL_BUILDERS:
-            raise ConfigError(f"{key} applies to the RL stages ({', '.join(RL_BUILDERS)}); for algo={cfg.algo.name} "
-                              f"leave it at its default")
+    check_scale_options(cfg, dist_ctx.strategy)
     checkpoint = resolve_resume(cfg.trainer.resume, run_dir)  # first: a bad path fails before any model loads
     if dist_ctx.strategy != "single":
         cfg = local_algo_config(cfg, dist_ctx.world_size)  # global batch sizes -> this rank's share
     generator = seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-    device = dist_ctx.device
     model_cfg = model_config_for(cfg.model, cfg.trainer)  # trainer.precision
 
     tokenizer = load_tokenizer(model_cfg)
-    policy = load_causal_lm(model_cfg, tokenizer).to(device)
+    policy = load_causal_lm(model_cfg, tokenizer).to(dist_ctx.device)
     policy = prepare_policy(policy, cfg.model, cfg.trainer)  # checkpointing, LoRA
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
-    reward_fn = None  # built before the logger starts a run, so that a bad reward config fails first
-    if cfg.algo.name in RL_BUILDERS or cfg.algo.name in SCORING_STAGES:  # (reward_model, sft: none needed)
-        reward_fn = build_reward(cfg.reward, extra=reward_extras(cfg.reward, device))
+    # built before the logger starts a run, so that a bad reward config fails first
+    reward_fn = (build_reward(cfg.reward, extra=reward_extras(cfg.reward, dist_ctx.device)) if stage.uses_rewards
+                 else None)
 
     if is_main_process():
         logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
@@ -109,29 +111,24 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
         logger = NullLogger()
     logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
         "data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))}, step=0)
+    ctx = StageContext(cfg, run_dir, list(overrides), ROOT, policy, tokenizer, train_rows, eval_rows, reward_fn,
+                       logger, generator, dist_ctx)
     try:
-        if cfg.algo.name == "reward_model":
-            return train_reward_model(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
-        if cfg.algo.name == "sft":
-            return train_sft(cfg, policy, tokenizer, train_rows, eval_rows, logger, run_dir, generator)
-        if cfg.algo.name == "eval":
-            return run_eval(cfg, policy, tokenizer, train_rows, eval_rows, reward_fn, logger, run_dir)
-        if cfg.algo.name == "rejection_sampling":
-            return rejection_sample(cfg, policy, tokenizer, train_rows, reward_fn, logger, run_dir, generator)
-        algo, optimizers = RL_BUILDERS[cfg.algo.name](cfg, policy, tokenizer, reward_fn, generator)
-        sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
-        if dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling:
-            sampler = ShardedSampler(sampler, dist_ctx.rank, dist_ctx.world_size)
-            algo = ShardedAlgorithm(algo, sampler, dist_ctx.strategy)
-        eval_sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": cfg.algo.temperature,
-                         "top_p": cfg.algo.top_p}
-        trainer = Trainer(cfg.trainer, algo, sampler, eval_rows, logger, run_dir, policy, tokenizer, reward_fn,
-                          optimizers, eval_sampling, cfg.seed, generator)
+        if not stage.looped:
+            return stage.run(ctx)
+        built = stage.build(ctx)
+        seeded = dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling
+        if dist_ctx.strategy != "single":
+            built.sampler = ShardedSampler(built.sampler, dist_ctx.rank, dist_ctx.world_size)
+        trainer = Trainer(cfg.trainer, built, logger, run_dir, built.model or policy, tokenizer, generator, seeded)
         if checkpoint is not None:
             print(f"resuming from {checkpoint} (step {trainer.resume(checkpoint)})")
         elif cfg.trainer.resume == "auto":
             print(f"trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
-        return trainer.fit()
+        metrics = trainer.fit()
+        if built.finish is not None:
+            built.finish()
+        return metrics
     finally:
         logger.finish()
         shutdown()
@@ -161,14 +158,11 @@ def main(raw: DictConfig) -> float | None:
     code, final = run_cli(raw, Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().overrides.task)
     if code:
         sys.exit(code)
-    for key in ("reward/total_mean", "eval/rm/accuracy", "eval/reward/total_mean", "eval/sft/loss",
-                "rs/acceptance_rate"):
-        if key in final:
-            return final[key]  # a sweeper's objective
-    return None
+    objective = get_stage(raw.algo.name).objective
+    return final.get(objective) if objective else None  # a sweeper's objective
 
 
-def default_algo(overrides: list[str]) -> str:
+def default_algo(overrides: list[str]) -> str | None:
     """The algo that runs without `algo=...`: an experiment preset's `override /algo`, else conf/config.yaml's."""
     sources = [ROOT / "conf" / "config.yaml"]
     for arg in overrides:
@@ -182,7 +176,7 @@ def default_algo(overrides: list[str]) -> str:
                 for key in ("algo", "override /algo"):
                     if key in entry:
                         return str(entry[key])
-    return "grpo"
+    return None  # conf/config.yaml names none: Hydra reports the missing choice
 
 
 if __name__ == "__main__":

@@ -90,3 +90,18 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     if var_returns == 0:
         return torch.tensor(float("nan"))
     return 1.0 - masked_var(returns - values, mask) / var_returns
+
+
+def kl_penalised_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """PPO's per-token rewards: r_t = -beta * KL_t on every real token, + the sequence's score on its last one.
+
+    scores: [N]; kl: [N, T] per-token KL estimate; mask: [N, T] 1 on real completion tokens.
+    Returns [N, T] fp32, 0 on padding; a row without a real token gets nothing (no token to reward).
+    """
+    real = mask.bool()
+    rewards = torch.where(real, -beta * kl.float(), 0.0)  # [N, T]
+    positions = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    last = torch.where(real, positions, -1).max(dim=1).values  # [N] index of the last real token, -1 if none
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    rewards[rows, last[rows]] += scores[rows].float()
+    return rewards

@@ -1,65 +1,33 @@
-"""Pieces of an RL step that PPO and GRPO share: timing, no-grad log-prob / value passes, the actor's
-optimiser and reference, metrics."""
+"""Pieces of an RL step every algorithm shares: sampling + scoring, the rollout as tensors, no-grad
+log-prob / value passes over it in micro-batches, and the metrics every step logs about its samples."""
 
 from __future__ import annotations
 
-import copy
-import time
-from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from algorithms.advantages import masked_mean
 from algorithms.rollout import Rollout, generate_rollout
-from algorithms.update import OptimTarget, build_optimizer
-from conf.schema import TrainerConfig
-from rewards.combine import RewardOutput
 from models.logprobs import completion_logprobs
-from models.lora import actor_parameters, is_lora, reference_view
+from rewards.combine import RewardOutput
+from training.timers import PhaseTimer
 
 
-class PhaseTimer:
-    """Wall time and CPU time of this process per phase (generate, score, reference, train, ...), in seconds.
+def sample_and_score(policy, tokenizer, reward_fn, rows: list[dict], seeds: list[int] | None, cfg,
+                     generator: torch.Generator, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
+    """Rollout then reward scoring, timed: the first half of every RL step.
 
-    CPU time is what a phase computed, whatever else the machine was running; on a shared CPU it is the
-    steadier of the two (with one torch thread it is close to the wall time of an idle machine).
+    cfg: the algorithm's config (group_size, max_new_tokens, temperature, top_p). `seeds`: one sampling
+    seed per row (prompt-seeded sampling, parallel.distributed.ShardedSampler), else None and `generator`
+    draws. Returns (rollout, RewardOutput) with the N = len(rows) * group_size samples group-contiguous.
     """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cpu_seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
-            self.cpu_seconds[phase] += time.process_time() - cpu_start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()} | {
-            f"cpu_time/{k}": v for k, v in self.cpu_seconds.items()}
-
-
-def sample_and_score(algo, rows: list[dict], samples_per_prompt: int, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
-    """Rollout then reward scoring, timed: the first half of every RL step, PPO's and GRPO's alike.
-
-    `algo` supplies policy, tokenizer, reward_fn, generator and cfg (max_new_tokens, temperature, top_p).
-    Returns (rollout, RewardOutput) with the N = len(rows) * samples_per_prompt samples group-contiguous.
-    """
-    cfg = algo.cfg
     with timer("generate"):
-        # prompt_seeds: set by algorithms.distributed.ShardedAlgorithm, for samples independent of the layout
-        rollout = generate_rollout(algo.policy, algo.tokenizer, rows, samples_per_prompt, cfg.max_new_tokens,
-                                   cfg.temperature, cfg.top_p, algo.generator,
-                                   prompt_seeds=getattr(algo, "prompt_seeds", None))
+        rollout = generate_rollout(policy, tokenizer, rows, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                   cfg.top_p, generator, prompt_seeds=seeds)
     with timer("score"):
-        scored = algo.reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
     return rollout, scored
 
 
@@ -112,40 +80,6 @@ def batched_logprobs(
 ) -> Tensor:
     """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
     return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch_size)
-
-
-def actor_target(policy: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None
-                 ) -> tuple[OptimTarget, torch.optim.Optimizer]:
-    """The policy's trainable parameters with their AdamW (lr: None = trainer.lr)."""
-    params = actor_parameters(policy)  # under LoRA: the actor's adapter, not the critic's
-    optimizer = build_optimizer(params, cfg, lr=lr)
-    return OptimTarget(optimizer, params, cfg.max_grad_norm, "actor"), optimizer
-
-
-def shard_models(cfg: TrainerConfig, policy: torch.nn.Module, reference: torch.nn.Module | None,
-                 critic: torch.nn.Module | None = None) -> None:
-    """Under trainer.strategy=fsdp, fully_shard the models in place (before their optimisers are built:
-    sharding replaces the parameters); otherwise nothing."""
-    if cfg.strategy != "fsdp":
-        return
-    from algorithms.fsdp import shard_critic, shard_policy
-
-    device = next(policy.parameters()).device
-    for model in (policy, reference):
-        if model is not None:
-            shard_policy(model, device)
-    if critic is not None:
-        shard_critic(critic, device)
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy (the reference policy): eval mode, no gradients."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
-
-
-def reference_model(policy: torch.nn.Module) -> torch.nn.Module:
-    """The reference policy: under LoRA the shared base with adapters off, else a frozen copy."""
-    return reference_view(policy) if is_lora(policy) else frozen_copy(policy)
 
 
 def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],

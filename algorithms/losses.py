@@ -12,6 +12,7 @@ from torch import Tensor
 from algorithms.advantages import masked_mean
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
@@ -27,7 +28,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kind={kind!r}; choose one of: k1, k2, k3")
+    raise ValueError(f"kind={kind!r}; choose one of: {', '.join(KL_ESTIMATORS)}")
 
 
 TOKEN_SEPARABLE = ("grpo", "bnpo", "dr_grpo", "dapo")  # a fixed weight per token: see token_loss_weights

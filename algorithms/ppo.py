@@ -2,64 +2,80 @@
 
 One `step()` reads top to bottom: rollout -> score -> reference log-probs and critic values ->
 per-token rewards (-beta * KL on every token, the sequence reward on the last one) -> GAE ->
-ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value loss.
+num_iterations x minibatches of clipped policy loss + vf_coef * clipped value loss.
 Rollout, scoring, log-probs, the policy loss and the minibatch loop are GRPO's; what differs is the
 advantage estimator (GAE on a learned critic) and where the KL enters (the reward, not the loss).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from algorithms.accounting import model_params, step_compute_metrics
-from algorithms.advantages import explained_variance, gae, masked_mean, masked_var
-from algorithms.common import (
-    PhaseTimer,
-    actor_target,
-    batched_forward,
-    batched_logprobs,
-    micro_values,
-    reference_model,
-    rollout_metrics,
-    rollout_tensors,
-    sample_and_score,
-    sequence_mean,
-    shard_models,
-)
-from algorithms.distributed import all_mean, global_whiten, world_size
+from algorithms.advantages import explained_variance, gae, kl_penalised_token_rewards, masked_mean, masked_var
+from algorithms.batch_stats import global_whiten
+from algorithms.common import batched_forward, micro_values, sequence_mean
 from algorithms.kl_control import KLController
-from algorithms.losses import accumulation_weight, kl_estimate, value_loss
+from algorithms.losses import accumulation_weight, value_loss
 from algorithms.objective import policy_objective
-from algorithms.rollout import Rollout
-from algorithms.update import OptimTarget, build_optimizer, minibatch_update
-from conf.schema import Config, PPOConfig
+from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_actor_and_reference
+from conf.checks import check_choice, check_range
+from conf.registry import register_stage
+from data.loading import Batch, PromptSampler
 from models.heads import ValueModel
 from models.lora import add_critic_adapter, is_lora
+from parallel.distributed import all_mean, world_size
+from training.loop import Built, StageContext, StepOutput
+from training.timers import PhaseTimer
+from training.update import minibatch_update, optim_target
 
 
-class PPO:
+@dataclass
+class PPOConfig(PolicyGradientConfig):
+    name: str = "ppo"
+    prompts_per_step: int = 8  # 8 x 1 = GRPO's default 2 x 4 sequences: the same budget
+    group_size: int = 1  # completions per prompt
+    loss_type: str = "bnpo"  # mean over all tokens, as PPO implementations average
+    # (initial) KL coefficient: reward_t = -beta * KL_t, + the sequence reward at the last token; 0 = no reference.
+    # The penalty's noise is in every advantage: at 0.05 it was as large as the rewards' spread
+    beta: float = 0.02
+    kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as in Ziegler et al.)
+    vf_coef: float = 0.1  # weight of the value loss in actor + critic loss
+    value_clip: float = 0.2  # new values clipped to old values +- value_clip in the value loss
+    gamma: float = 1.0  # per-token discount
+    lam: float = 1.0  # GAE lambda (1 = Monte Carlo returns: no bias from a critic that is still untrained)
+    whiten_advantages: bool = True  # advantages normalised to mean 0, std 1 over the batch's real tokens
+    kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019: beta moves toward target_kl)
+    target_kl: float = 6.0  # adaptive: target KL per sequence, in nats
+    kl_horizon: int = 10000  # adaptive: horizon, in sequences (larger = slower beta changes)
+    critic: str = "policy"  # critic initialisation: policy = a copy of the policy's backbone + a zero value head
+    critic_lr: float | None = 2e-4  # the critic's AdamW learning rate (null = trainer.lr): a fresh head catches up
+    actor_lr: float | None = 1e-4  # the actor's AdamW learning rate (null = trainer.lr)
+    default_max_steps: int | None = 24  # a PPO step costs ~2x GRPO's (critic passes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("algo.kl_control", self.kl_control, ("fixed", "adaptive"))
+        check_choice("algo.critic", self.critic, ("policy",))
+        check_range("algo.kl_horizon", self.kl_horizon, 1)
+        check_range("algo.gamma", self.gamma, 0.0, 1.0)
+        check_range("algo.lam", self.lam, 0.0, 1.0)
+        for key in ("vf_coef", "value_clip", "target_kl"):
+            check_range(f"algo.{key}", getattr(self, key), 0.0)
+        for key in ("critic_lr", "actor_lr"):
+            if getattr(self, key) is not None:
+                check_range(f"algo.{key}", getattr(self, key), 0.0)
+
+
+class PPO(PolicyGradient):
     """The PPO update on a policy, its critic, an optional frozen reference and a reward function."""
 
-    def __init__(self, cfg: PPOConfig, policy, critic: ValueModel, reference, tokenizer, reward_fn,
-                 targets: list[OptimTarget], generator: torch.Generator, kl_ctl: KLController):
-        self.cfg = cfg
-        self.policy = policy
-        self.critic = critic
-        self.reference = reference  # None when beta == 0: no penalty, no reference forward
-        self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
-        self.targets = targets  # the actor's and the critic's optimisers, stepped together
-        self.generator = generator
+    def __init__(self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel,
+                 kl_ctl: KLController):
+        super().__init__(cfg, ctx, reference, targets, critic)
         self.kl_ctl = kl_ctl
-        self.params = model_params(policy, reference, critic, reward_fn)
-
-    @property
-    def prompts_per_step(self) -> int:
-        return self.cfg.prompts_per_step
-
-    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
-        return {"critic": self.critic}
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict()}  # the adaptive beta (critic weights: checkpoint_models)
@@ -67,39 +83,28 @@ class PPO:
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
-    def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, Tensor]]:
+    def step(self, batch: Batch) -> StepOutput:
         cfg, timer = self.cfg, PhaseTimer()
 
-        # ---- ROLLOUT AND SCORE: one reward per sequence ---------------------------------------
-        rollout, scored = sample_and_score(self, rows, cfg.samples_per_prompt, timer)
+        # ---- ROLLOUT AND SCORE: one reward per sequence; reference log-probs -----------------
+        rollout, scored, tensors = self.sample(batch, timer)
         mask = rollout.completion_mask  # [N, Tc]
         N = mask.shape[0]
         scores = scored.total.to(mask.device)  # [N]
 
-        # ---- REFERENCE LOG-PROBS AND OLD VALUES (no grad) ------------------------------------
-        batch = rollout_tensors(rollout)
-        if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
-            with timer("old_logp"):
-                batch["old_logp"] = batched_logprobs(self.policy, rollout, cfg.micro_batch_size, cfg.temperature)
-        kl_k1 = kl_penalty = torch.zeros_like(batch["old_logp"])  # [N, Tc]
-        if self.reference is not None:
-            with timer("reference"):
-                ref_logp = batched_logprobs(self.reference, rollout, cfg.micro_batch_size, cfg.temperature)
-            kl_k1 = (batch["old_logp"] - ref_logp) * mask
-            kl_penalty = kl_estimate(batch["old_logp"], ref_logp, cfg.kl_estimator) * mask
+        # ---- OLD VALUES (no grad) -------------------------------------------------------------
         with timer("critic"):
             old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
                                          cfg.micro_batch_size)  # [N, Tc]
 
         # ---- ALGO LOGIC: per-token rewards, GAE, whitening -----------------------------------
         beta = self.kl_ctl.value
-        token_rewards = -beta * kl_penalty  # [N, Tc]
-        last = mask.sum(-1) - 1  # index of each completion's last real token (EOS or the cut), [N]
-        token_rewards[torch.arange(N, device=mask.device), last] += scores
+        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each
+        token_rewards = kl_penalised_token_rewards(scores, kl_penalty, mask, beta)  # [N, Tc]
         raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
         # whitened with the statistics of the whole batch, over all ranks
         advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
-        batch.update(advantages=advantages, returns=returns, old_values=old_values)
+        tensors.update(advantages=advantages, returns=returns, old_values=old_values)
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
             micro_mask = micro["completion_mask"]
@@ -119,14 +124,12 @@ class PPO:
             stats["loss"] = objective.policy_loss + cfg.vf_coef * v_loss.detach() - cfg.ent_coef * entropy_bonus
             return objective.loss + cfg.vf_coef * v_loss * share, stats
 
-        # ---- UPDATE: ppo_epochs passes over minibatches, actor and critic together -----------
+        # ---- UPDATE: num_iterations passes over minibatches, actor and critic together ----------
         with timer("train"):
             self.policy.train()
             self.critic.train()
-            update_stats = minibatch_update(
-                batch, loss_fn, self.targets, cfg.ppo_epochs, cfg.minibatch_size,
-                cfg.micro_batch_size, self.generator,
-            )
+            stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
+                                     cfg.micro_batch_size, self.generator)
             self.policy.eval()
             self.critic.eval()
 
@@ -137,12 +140,7 @@ class PPO:
         # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
         # logged as 0, "no better than a constant", so that no NaN reaches the logs
         explained = explained_variance(old_values, returns, mask)
-        metrics = rollout_metrics(rollout, scores, scored.parts, scored.failures)
-        metrics.update(update_stats)
-        metrics.update(timer.metrics())
-        metrics.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
-                                            cfg.ppo_epochs, cfg.recompute_old_logp))
-        metrics.update({
+        stats.update({
             "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
             "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
             "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
@@ -152,29 +150,28 @@ class PPO:
             "kl_coef": beta,  # the beta this step's rewards used
         })
         if self.reference is not None:
-            metrics.update({
+            stats.update({
                 "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
                 "kl/sequence": kl_per_sequence,  # k1 summed over each sequence, mean over sequences
                 "reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean()),
             })
-        return metrics, rollout, {"total": scores, **scored.parts}
+        return self.step_output(rollout, scored, scores, stats, timer)
 
 
-def build_ppo(cfg: Config, policy, tokenizer, reward_fn, generator: torch.Generator
-              ) -> tuple[PPO, dict[str, torch.optim.Optimizer]]:
-    """PPO's four models: `policy` (actor), a critic from the policy's weights, a frozen reference
-    (none when beta = 0) and `reward_fn`; the actor and the critic get their own AdamW."""
-    algo = cfg.algo
-    reference = reference_model(policy) if algo.beta > 0 else None
-    if is_lora(policy):  # a second adapter on the same frozen base, a zero head
-        critic = ValueModel(add_critic_adapter(policy))
+@register_stage("ppo", PPOConfig, kind="rl", trains_policy=True, uses_rewards=True,
+                objective="reward/total_mean", models=("reference", "critic"))
+def build_ppo(ctx: StageContext) -> Built:
+    """PPO's four models: the policy (actor), a critic from the policy's weights, a frozen reference
+    (none when beta = 0) and the reward function; the actor and the critic get their own AdamW."""
+    cfg, algo = ctx.cfg, ctx.cfg.algo
+    if is_lora(ctx.policy):  # a second adapter on the same frozen base, a zero head
+        critic = ValueModel(add_critic_adapter(ctx.policy))
     else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
-        critic = ValueModel.from_causal_lm(policy)
-    shard_models(cfg.trainer, policy, reference, critic)
-    actor, actor_optimizer = actor_target(policy, cfg.trainer, lr=algo.actor_lr)
-    critic_params = [p for p in critic.parameters() if p.requires_grad]
-    critic_optimizer = build_optimizer(critic_params, cfg.trainer, lr=algo.critic_lr)
-    targets = [actor, OptimTarget(critic_optimizer, critic_params, cfg.trainer.max_grad_norm, "critic")]
+        critic = ValueModel.from_causal_lm(ctx.policy)
+    reference, actor, actor_optimizer = build_actor_and_reference(ctx, lr=algo.actor_lr, critic=critic)
+    critic_target, critic_optimizer = optim_target([p for p in critic.parameters() if p.requires_grad],
+                                                   cfg.trainer, "critic", lr=algo.critic_lr)
     kl_ctl = KLController(algo.beta, algo.kl_control == "adaptive", algo.target_kl, algo.kl_horizon)
-    ppo = PPO(algo, policy, critic.eval(), reference, tokenizer, reward_fn, targets, generator, kl_ctl)
-    return ppo, {"actor": actor_optimizer, "critic": critic_optimizer}
+    ppo = PPO(algo, ctx, reference, [actor, critic_target], critic.eval(), kl_ctl)
+    return Built(ppo, {"actor": actor_optimizer, "critic": critic_optimizer},
+                 PromptSampler(ctx.train_rows, algo.prompts_per_step, cfg.seed))

@@ -7,13 +7,14 @@ log-probs of the PPO ratio, and with one optimisation pass per rollout no second
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from parallel.fsdp import sampling_weights
 
 
 @dataclass
@@ -147,7 +148,8 @@ def generate_rollout(
     """Sample `group_size` completions for each row's "prompt"; returns a group-contiguous Rollout.
 
     prompt_seeds: one seed per row; each prompt's samples then come from its own generator (and
-    `generator` is not used), independent of the batch they are drawn in.
+    `generator` is not used), independent of the batch they are drawn in. A model sharded over ranks
+    samples on its gathered weights (parallel.fsdp.sampling_weights), with no collective per token.
     """
     device = next(model.parameters()).device
     if prompt_seeds is not None:
@@ -165,9 +167,8 @@ def generate_rollout(
     stop_ids = torch.tensor(stop_token_ids(tokenizer, model), device=device)
     was_training = model.training
     model.eval()
-    # a sharded model samples on gathered weights: ranks stop at different steps (algorithms.fsdp)
-    gathered = getattr(model, "gathered_weights", None)
-    with gathered() if gathered is not None else contextlib.nullcontext():
+    # a sharded model samples on gathered weights: ranks stop at different steps (parallel.fsdp)
+    with sampling_weights(model):
         completion_ids, completion_mask, logp = _sample(
             model, unique_ids, unique_mask, group_size, stop_ids, tokenizer.pad_token_id,
             max_new_tokens, temperature, top_p, generator, progress,

@@ -20,11 +20,13 @@ import socket
 import ssl
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import datasets
+import numpy as np
 from jinja2.exceptions import TemplateError
 
 from conf.schema import DataConfig
@@ -85,7 +87,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any] | None], Counter]:
         raise FileNotFoundError(f"data file {path} does not exist (data.local_path is relative to the project root)")
     try:
         return list(datasets.load_dataset("json", data_files=str(path), split="train")), Counter()
-    except Exception as e:  # noqa: BLE001 - any parse failure: fall back to a tolerant reader
+    except Exception as e:
         # The json builder rejects the whole file for one malformed line; read line by line instead
         # so that the bad lines are counted like any other bad row.
         log.warning("datasets could not parse %s (%s); reading it line by line", path, type(e).__name__)
@@ -106,7 +108,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any] | None], Counter]:
 def _read_hub(cfg: DataConfig) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split)
-    except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+    except Exception as e:
         first = (str(e).splitlines() or [""])[0][:300]
         raise DataUnavailable(
             f"could not load {cfg.hub_id!r} (config {cfg.hub_config!r}, split {cfg.hub_split!r}) from the "
@@ -273,6 +275,20 @@ def attach_prompts(rows: list[dict], tokenizer: Any, cfg: DataConfig) -> tuple[l
     return kept, skipped
 
 
+def prompt_seed(seed: int, epoch: int, position: int) -> int:
+    """The sampling seed of the prompt drawn at (epoch, position) of a run seeded `seed`."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Batch:
+    """The rows of one step (this rank's share of them), and with prompt-seeded sampling one sampling
+    seed per row, from its place in the data order: samples then do not depend on how rows are batched."""
+
+    rows: list
+    seeds: list[int] | None = None
+
+
 class PromptSampler:
     """Endless batches of rows in a seeded order, reshuffled each epoch (seed + epoch).
 
@@ -303,6 +319,21 @@ class PromptSampler:
             batch.append(self.rows[self._order[self.position]])
             self.position += 1
         return batch
+
+    def draw(self, seeded: bool = False) -> Batch:
+        """The next batch; `seeded`: with each row's sampling seed (`prompt_seed`)."""
+        seeds = [prompt_seed(self.seed, e, p) for e, p in self.upcoming()] if seeded else None
+        return Batch(self.next_batch(), seeds)
+
+    def upcoming(self) -> list[tuple[int, int]]:
+        """The (epoch, position) each row of the next batch is drawn at."""
+        epoch, position, out = self.epoch, self.position, []
+        for _ in range(self.batch_size):
+            if position == len(self.rows):
+                epoch, position = epoch + 1, 0
+            out.append((epoch, position))
+            position += 1
+        return out
 
     def state_dict(self) -> dict[str, int]:
         # seed and row count are stored only to refuse a resume onto different data

@@ -185,7 +185,8 @@ def table(results: list[dict], group: str, cuda: bool) -> list[str]:
     rows = [r for r in results if r["group"] == group]
     base = next((r for r in rows if r["method"] in ("naive", "naive_logits")), None)
     key = "median_s" if cuda else "median_cpu_s"
-    lines = ["| method | median fwd+bwd, wall (s) | CPU (s) | time / naive | peak extra memory (MiB) | memory / naive |",
+    lines = ["| method | median fwd+bwd, wall (s) | CPU (s) | time / naive | peak extra memory (MiB) "
+             "| memory / naive |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         t_ratio = r[key] / base[key] if base else float("nan")

@@ -97,7 +97,7 @@ def run_trl(args) -> list[dict[str, float]]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg, tokenizer, policy, reward_fn, batches = build_common(args)
+    _cfg, tokenizer, policy, reward_fn, batches = build_common(args)
     rows = [row for batch in batches for row in batch]
     columns = sorted({k for row in rows for k in row if isinstance(row[k], (str, int, float, type(None)))})
     dataset = Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
@@ -205,7 +205,8 @@ def main() -> None:
         print(f"[{impl}] running in its own process ...", file=sys.stderr, flush=True)
         if args.ours_override:
             forward += ["--ours-override", *args.ours_override]
-        proc = subprocess.run([sys.executable, __file__, "--worker", impl, *forward], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", impl, *forward], capture_output=True, text=True,
+                              check=False)  # a failure is raised below, with the worker's stderr
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} failed:\n{proc.stderr[-4000:]}")
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def load_train_metrics(run_dir: Path) -> list[dict]:
@@ -24,7 +25,7 @@ def quarter_means(values: list[float]) -> list[float]:
     """Means of the four consecutive quarters of a curve (the last quarter takes any remainder)."""
     q = max(len(values) // 4, 1)
     bounds = [0, q, 2 * q, 3 * q, len(values)]
-    return [sum(values[a:b]) / max(b - a, 1) for a, b in zip(bounds, bounds[1:])]
+    return [sum(values[a:b]) / max(b - a, 1) for a, b in pairwise(bounds)]
 
 
 def main() -> None:

@@ -7,13 +7,34 @@ states (same positions, same mask, same weights) for 1/G of the prompt's compute
 still reaches the prompt positions through the cache. With ~100 prompt tokens and 64 completion
 tokens at G=4 that is 45% fewer token-passes through the decoder, in the reference pass and in
 training alike.
+
+Whether a batch has repeated prompts is decided per rank. A decoder sharded over ranks (parallel.fsdp)
+runs collectives in every layer, so every rank must make the same passes: the process then registers
+how ranks agree (`set_prefill_agreement`), and a prefill is shared on every rank or on none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+# (this rank's choice) -> the choice every rank makes
+PrefillAgreement = Callable[[bool], bool]
+
+_prefill_agreement: dict[str, PrefillAgreement | None] = {"agree": None}  # None: each process decides alone
+
+
+def set_prefill_agreement(agree: PrefillAgreement | None) -> None:
+    """How the ranks of this process's run agree on sharing prefills; None (the default): no agreement.
+
+    parallel.fsdp registers an all-reduce ("any rank") when it shards the models. It applies to every
+    `completion_hidden` call of the process, which under FSDP is right: every model that runs this pass
+    (actor, reference, critic) is sharded, and every rank runs each pass.
+    """
+    _prefill_agreement["agree"] = agree
 
 
 def _positions(attention_mask: Tensor) -> Tensor:
@@ -39,10 +60,9 @@ def completion_hidden(
         prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
         unique, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)  # [U, 2 Tp], [B]
         share = unique.shape[0] < input_ids.shape[0]
-        # sharded over ranks, the decoder's collectives need the same passes everywhere (algorithms.fsdp)
-        choose_together = getattr(decoder, "choose_prefill", None)
-        if choose_together is not None:
-            share = choose_together(share)
+        agree = _prefill_agreement["agree"]
+        if agree is not None:  # sharded over ranks: the same passes everywhere
+            share = agree(share)
         if share:
             return _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, unique[:, :tp],
                                          unique[:, tp:].to(attention_mask.dtype), inverse)

@@ -63,7 +63,7 @@ class ScalarHeadModel(nn.Module):
         return self.head(self.hidden(input_ids, attention_mask).float()).squeeze(-1)
 
     def save(self, directory: str | Path, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
-        """state_dict: this model's full weights, when its own are sharded (algorithms.fsdp)."""
+        """state_dict: this model's full weights, when its own are sharded (parallel.fsdp)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if state_dict is None:

@@ -83,7 +83,8 @@ def pick_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton); backend='torch' needs nothing")
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
+                           "backend='torch' needs nothing")
     return backend
 
 
@@ -303,7 +304,7 @@ def to_grid(values: Tensor, rows: Tensor, B: int, T: int) -> Tensor:
 # ---------------------------------------------------------------- a causal LM's completion tokens
 
 
-SHARDED_METHOD = "sharded_completion_pass"  # set on an FSDP-sharded model (algorithms.fsdp)
+SHARDED_METHOD = "sharded_completion_pass"  # the FSDP forward method parallel.fsdp registers on a sharded model
 
 # (hidden [B, Tc, H], lm_head, completion tokens [B, Tc], completion mask [B, Tc]) -> what the caller needs
 CompletionHead = Callable[[Tensor, torch.nn.Module, Tensor, Tensor], Any]

@@ -1,19 +1,21 @@
-"""Projected GPU memory of a PPO or GRPO run, per model: weights, gradients, optimiser state, activations.
+r"""Projected GPU memory of an RL run (GRPO, PPO, ...), per model: weights, gradients, optimiser state, activations.
 
     python -m models.memory model=r1_distill_llama_8b trainer=h100
-    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false algo=ppo
-    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false trainer.strategy=fsdp --gpus 8
+    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false
+    python -m models.memory model=r1_distill_llama_8b trainer=h100 trainer.lora.enabled=false \
+        trainer.strategy=fsdp --gpus 8
 
-Takes the same overrides as run.py and prints one table per algorithm (GRPO and PPO). The counts
+Takes the same overrides as run.py and prints one table per RL algorithm of the stage registry, counting
+the models each keeps besides the actor (conf.registry: a reference, a critic). The counts
 are exact for weights, gradients and AdamW state (tests compare them with the bytes of real tensors
 on the tiny model); activations are given per token of a training micro-batch:
 - with activation checkpointing (what the large configs use), each decoder layer keeps its input
   (H values per token) and one layer at a time is recomputed in backward;
 - without it, a Llama layer keeps about 10 H + 2 KV + 4 I values per token (norm inputs in fp32,
   q, k, v, attention output, MLP gate, up and product; memory-efficient attention, no T^2 term);
-- the final norm keeps its input and output (2 H values per token, + an fp32 copy in bf16); every completion token also keeps
-  its token id and fp32 log-sum-exp statistics for the fused lm_head + log-prob backward (never a [V]
-  logits row: the backward recomputes it chunk by chunk).
+- the final norm keeps its input and output (2 H values per token, + an fp32 copy in bf16); every completion
+  token also keeps its token id and fp32 log-sum-exp statistics for the fused lm_head + log-prob backward
+  (never a [V] logits row: the backward recomputes it chunk by chunk).
 The KV cache of generation is reported per sampled sequence token. Peak memory of a step is roughly
 weights + gradients + optimiser + max(training activations, KV cache) + allocator slack.
 """
@@ -34,6 +36,7 @@ KNOWN_ARCHITECTURES = {
         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+EXTRA_MODELS = ("reference", "critic")  # the models besides the actor that `project` counts
 GiB = 1024**3
 
 
@@ -134,11 +137,12 @@ class ModelMemory:
         return self.weights + self.grads + self.optimizer
 
 
-def project(arch: Architecture, algo: str, dtype_bytes: int, lora_rank: int | None = None,
-            lora_targets: list[str] | None = None, reference: bool = True) -> list[ModelMemory]:
-    """Weights, gradients and AdamW state of each model of `algo` (grpo | ppo), as this project builds them.
+def project(arch: Architecture, dtype_bytes: int, lora_rank: int | None = None, lora_targets: list[str] | None = None,
+            *, reference: bool, critic: bool) -> list[ModelMemory]:
+    """Weights, gradients and AdamW state of each model of an RL run, as this project builds them: the
+    actor, plus a frozen reference and a trained critic when the algorithm keeps them.
 
-    Full fine-tuning: the actor, the reference (a frozen copy) and PPO's critic (a copy of the decoder
+    Full fine-tuning: the actor, the reference (a frozen copy) and the critic (a copy of the decoder
     plus an fp32 head) each hold their weights in the model dtype; trained weights have gradients
     and two AdamW moments in the same dtype. LoRA (lora_rank set): one base in the model dtype serves
     all three; each adapter and the head are fp32 with fp32 gradients and moments.
@@ -150,7 +154,7 @@ def project(arch: Architecture, algo: str, dtype_bytes: int, lora_rank: int | No
         models.append(ModelMemory("actor", P, P * dtype_bytes, P * dtype_bytes, 2 * P * dtype_bytes))
         if reference:
             models.append(ModelMemory("reference", P, P * dtype_bytes))
-        if algo == "ppo":
+        if critic:
             C = arch.num_params(lm_head=False)
             models.append(ModelMemory("critic", C + head, C * dtype_bytes + 4 * head, C * dtype_bytes + 4 * head,
                                       2 * (C * dtype_bytes + 4 * head)))
@@ -160,7 +164,7 @@ def project(arch: Architecture, algo: str, dtype_bytes: int, lora_rank: int | No
     models.append(ModelMemory("actor adapter", A, 4 * A, 4 * A, 8 * A))
     if reference:
         models.append(ModelMemory("reference (adapters off)", 0, 0.0))
-    if algo == "ppo":
+    if critic:
         models.append(ModelMemory("critic adapter + head", A + head, 4 * (A + head), 4 * (A + head), 8 * (A + head)))
     return models
 
@@ -170,13 +174,19 @@ def fsdp_per_gpu(models: list[ModelMemory], arch: Architecture, dtype_bytes: int
 
     Every model's weights, gradients and AdamW state are split evenly over the GPUs; on top of its
     shard a GPU holds the actor's full weights while sampling (generation runs on gathered weights,
-    algorithms.fsdp), which is larger than the one or two layers gathered at a time in training.
+    parallel.fsdp), which is larger than the one or two layers gathered at a time in training.
     """
     return sum(m.static for m in models) / gpus, arch.num_params() * dtype_bytes
 
 
-def report(cfg: Config, arch: Architecture, gpus: int = 1) -> str:
-    """The markdown tables `python -m models.memory` prints (`gpus`: the world size under fsdp)."""
+def report(cfg: Config, arch: Architecture, algos: dict[str, tuple[str, ...]], gpus: int = 1) -> str:
+    """The markdown tables `python -m models.memory` prints: one per algorithm of `algos`, which maps a
+    name to the models it keeps besides the actor (conf.registry.Stage.models: reference, critic).
+    `gpus`: the world size under fsdp."""
+    for algo, kept in algos.items():
+        uncounted = sorted(set(kept) - set(EXTRA_MODELS))
+        if uncounted:
+            raise ValueError(f"{algo} keeps {uncounted}: the projection counts only {', '.join(EXTRA_MODELS)}")
     from models.scale import model_config_for
 
     model_cfg = model_config_for(cfg.model, cfg.trainer)
@@ -189,15 +199,17 @@ def report(cfg: Config, arch: Architecture, gpus: int = 1) -> str:
     lines = [f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {model_cfg.dtype}, "
              f"{'LoRA r=' + str(lora.rank) if lora.enabled else 'full fine-tuning'}, "
              f"activation checkpointing {'on' if ckpt else 'off'}", ""]
-    for algo in ("grpo", "ppo"):
-        models = project(arch, algo, b, lora.rank if lora.enabled else None, list(lora.target_modules))
+    for algo, kept in algos.items():
+        critic = "critic" in kept
+        models = project(arch, b, lora.rank if lora.enabled else None, list(lora.target_modules),
+                         reference="reference" in kept, critic=critic)
         lines += [f"## {algo.upper()}", "", "| model | params | weights GiB | grads GiB | AdamW GiB | total GiB |",
                   "|---|---:|---:|---:|---:|---:|"]
         for m in models:
             lines.append(f"| {m.name} | {m.params / 1e6:,.1f} M | {m.weights / GiB:.2f} | {m.grads / GiB:.2f} | "
                          f"{m.optimizer / GiB:.2f} | {m.static / GiB:.2f} |")
         total = sum(m.static for m in models)
-        trained = 2 if algo == "ppo" else 1  # PPO's critic runs its own decoder pass with activations
+        trained = 2 if critic else 1  # a critic runs its own decoder pass with activations
         lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", ""]
         if cfg.trainer.strategy == "fsdp":
             shard, gathered = fsdp_per_gpu(models, arch, b, gpus)
@@ -212,15 +224,18 @@ def report(cfg: Config, arch: Architecture, gpus: int = 1) -> str:
 def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
+    from conf.registry import discover, get_stage, stage_names
     from conf.schema import validate
 
     gpus = 1
     if "--gpus" in argv:  # the world size of an fsdp run: the rest are run.py's overrides
         at = argv.index("--gpus")
         gpus, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
+    discover()  # the stages register their config schemas, which conf/algo/*.yaml extend, and their models
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=argv))
-    print(report(cfg, architecture(cfg.model), gpus))
+    algos = {name: get_stage(name).models for name in stage_names(kind="rl")}
+    print(report(cfg, architecture(cfg.model), algos, gpus))
 
 
 if __name__ == "__main__":

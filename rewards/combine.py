@@ -108,9 +108,9 @@ class CombinedReward:
                 "give them a weight (0 logs a reward without training on it)"
             )
         self.weights: dict[str, float] = {}
-        for name, weight in weights.items():
+        for name, raw_weight in weights.items():
             try:
-                weight = float(weight)
+                weight = float(raw_weight)
             except (TypeError, ValueError):
                 weight = math.nan
             if not math.isfinite(weight):

@@ -18,7 +18,7 @@ completion.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 RewardFn = Callable[..., list[float]]
 

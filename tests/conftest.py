@@ -12,8 +12,12 @@ if not torch.cuda.is_available():
     # anything imports triton (loading transformers' models does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conf.schema import ModelConfig
+from conf.registry import discover
+from conf.schema import Config, DataConfig, LoggerConfig, ModelConfig, RewardConfig, TrainerConfig
 from models.loading import load_causal_lm, load_tokenizer
+from training.loop import StageContext
+
+discover()  # every stage registers its config, so that Hydra can compose conf/algo/* (as run.py does)
 
 TINY = dict(source="random", tokenizer="embedded", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, init_seed=0)
@@ -49,3 +53,12 @@ def letter_e_reward():
     from rewards import CombinedReward
 
     return CombinedReward({"letter_e": 1.0}, extra={"letter_e": letter_e})
+
+
+def stage_context(policy, tokenizer, algo_cfg, reward_fn=None, seed: int = 0, train_rows=(), eval_rows=(),
+                  trainer: TrainerConfig | None = None) -> StageContext:
+    """What a registered builder receives, for a tiny model outside run.py (no logger, no run dir)."""
+    cfg = Config(model=ModelConfig(name="tiny_llama", **TINY), data=DataConfig(), reward=RewardConfig(),
+                 algo=algo_cfg, trainer=trainer or TrainerConfig(), logger=LoggerConfig(mode="disabled"), seed=seed)
+    return StageContext(cfg, run_dir=None, policy=policy, tokenizer=tokenizer, train_rows=list(train_rows),
+                        eval_rows=list(eval_rows), reward_fn=reward_fn, generator=torch.Generator().manual_seed(seed))

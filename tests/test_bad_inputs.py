@@ -4,7 +4,6 @@ one clear error. Through `run_cli`, what `python run.py` runs after Hydra compos
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -14,8 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from conf.schema import (ConfigError, DataConfig, GRPOConfig, ModelConfig, PPOConfig, TrainerConfig,
-                         check_override_keys, validate)
+from algorithms.grpo import GRPOConfig
+from algorithms.ppo import PPOConfig
+from conf.schema import ConfigError, DataConfig, ModelConfig, TrainerConfig, check_override_keys, validate
 from run import default_algo, load_data, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,9 @@ def one_line_error(capsys, overrides: list[str], run_dir: Path) -> str:
 
 
 def with_value(base, key: str, value):
-    """`base` with key=value, as a Hydra override sets it (keys absent from the YAML are added)."""
-    cfg = copy.deepcopy(base)
+    """`base` with key=value, as a Hydra override sets it (keys absent from the YAML are added); the groups
+    as plain containers, so that validate (not the composed schema) judges the value."""
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
     with open_dict(cfg):
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
@@ -48,7 +49,8 @@ def typed_cases() -> list[tuple[str, str, object]]:
     """(group, key, value): every numeric and boolean option of every group, with a value of the wrong type."""
     cases = []
     for group, schema, algo in [("trainer", TrainerConfig, "grpo"), ("algo", GRPOConfig, "grpo"),
-                                ("algo", PPOConfig, "ppo"), ("data", DataConfig, "grpo"), ("model", ModelConfig, "grpo")]:
+                                ("algo", PPOConfig, "ppo"), ("data", DataConfig, "grpo"),
+                                ("model", ModelConfig, "grpo")]:
         for f in dataclasses.fields(schema):
             if f.type in ("int", "float", "bool", "int | None", "float | None"):
                 cases.append((algo, f"{group}.{f.name}", "zz9"))
@@ -91,8 +93,12 @@ def test_misspelt_override_keys_list_the_valid_ones():
     assert default_algo([]) == "grpo" and default_algo(["experiment=r1_pipeline"]) == "pipeline"
     with pytest.raises(ConfigError, match=r"trainer.lr_shedule is not an option of trainer; valid keys: .*lr_schedule"):
         check_override_keys(["trainer.lr_shedule=cosine"], "grpo")
-    with pytest.raises(ConfigError, match=r"algo.group_size is not an option of algo=ppo; .*samples_per_prompt"):
-        check_override_keys(["-m", "algo=ppo,grpo", "algo.group_size=2"], "grpo")
+    with pytest.raises(ConfigError, match=r"trainer.max_steps='ten': .*could not be converted to Integer"):
+        check_override_keys(["trainer.max_steps=ten"], "grpo")
+    with pytest.raises(ConfigError, match=r"algo.beta='x': .*Float"):
+        check_override_keys(["-m", "algo.beta=0,0.1,x", "trainer.lora.target_modules=[q_proj,v_proj]"], "grpo")
+    with pytest.raises(ConfigError, match=r"algo.scale_rewards is not an option of algo=ppo; .*group_size"):
+        check_override_keys(["-m", "algo=ppo,grpo", "algo.scale_rewards=batch"], "grpo")
     check_override_keys(["-m", "algo=ppo,grpo", "algo.beta=0", "+trainer.new=1", "reward.weights.format=2",
                          "model=tiny_llama", "seed=0,1", "hydra.run.dir=x"], "grpo")
 

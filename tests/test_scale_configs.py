@@ -36,7 +36,7 @@ def test_unknown_chat_template_names_the_valid_ones():
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_h100_settings_on_the_tiny_model(algo, tmp_path):
     out = tmp_path / "run"
-    extra = ["algo.group_size=2"] if algo == "grpo" else ["algo.samples_per_prompt=2", "algo.minibatch_size=4",
+    extra = ["algo.group_size=2"] if algo == "grpo" else ["algo.group_size=2", "algo.minibatch_size=4",
                                                          "algo.micro_batch_size=2"]
     proc = run_py([f"algo={algo}", *H100_ON_TINY, *extra, f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

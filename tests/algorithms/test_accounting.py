@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.accounting import accumulate_totals, model_params, step_compute_metrics
+from algorithms.compute import model_params, step_compute_metrics
 from algorithms.rollout import Rollout
 from rewards.combine import CombinedReward
+from training.accounting import accumulate_totals
 
 
 def hand_rollout() -> Rollout:

@@ -6,9 +6,11 @@ import copy
 
 import torch
 
-from algorithms.grpo import GRPO
-from algorithms.update import OptimTarget
-from conf.schema import GRPOConfig
+from algorithms.grpo import GRPO, GRPOConfig
+from data.loading import Batch
+from tests.conftest import stage_context
+from training.update import OptimTarget
+
 
 def train_grpo(model, tokenizer, reward, steps: int, beta: float, seed: int = 0) -> list[float]:
     torch.manual_seed(seed)
@@ -19,9 +21,9 @@ def train_grpo(model, tokenizer, reward, steps: int, beta: float, seed: int = 0)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     reference = copy.deepcopy(model).requires_grad_(False) if beta > 0 else None
-    algo = GRPO(cfg, model, reference, tokenizer, reward,
-                [OptimTarget(optimizer, params, 1.0)], torch.Generator().manual_seed(seed))
-    return [algo.step(rows)[0]["reward/total_mean"] for _ in range(steps)]
+    ctx = stage_context(model, tokenizer, cfg, reward, seed)
+    algo = GRPO(cfg, ctx, reference, [OptimTarget(optimizer, params, 1.0)])
+    return [algo.step(Batch(rows)).metrics["reward/total_mean"] for _ in range(steps)]
 
 
 def test_grpo_raises_reward_on_synthetic_task(tiny_model, tokenizer, letter_e_reward):

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from algorithms.grpo import GRPOConfig
 from algorithms.losses import LOSS_TYPES
 from algorithms.objective import policy_objective
-from conf.schema import GRPOConfig, PPOConfig
+from algorithms.ppo import PPOConfig
 
 
 def micro_batch(vocab: int, per_token_advantages: bool) -> dict[str, torch.Tensor]:

@@ -12,17 +12,16 @@ import copy
 import torch
 
 from algorithms.kl_control import KLController
-from algorithms.ppo import PPO
-from algorithms.update import OptimTarget
-from conf.schema import PPOConfig
+from algorithms.ppo import PPO, PPOConfig
+from data.loading import Batch
 from models.heads import ValueModel
-
-
+from tests.conftest import stage_context
+from training.update import OptimTarget
 
 
 def train_ppo(model, tokenizer, reward, steps: int, seed: int = 0) -> list[dict[str, float]]:
     torch.manual_seed(seed)
-    cfg = PPOConfig(samples_per_prompt=8, ppo_epochs=2, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
+    cfg = PPOConfig(group_size=8, num_iterations=2, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
                     temperature=0.1, beta=0.04, vf_coef=0.5, lam=0.95)
     rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
                                                      tokenize=False, add_generation_prompt=True)} for i in range(4)]
@@ -31,9 +30,9 @@ def train_ppo(model, tokenizer, reward, steps: int, seed: int = 0) -> list[dict[
     targets = [OptimTarget(torch.optim.AdamW(actor_params, lr=1e-3), actor_params, 1.0, "actor"),
                OptimTarget(torch.optim.AdamW(critic_params, lr=1e-3), critic_params, 1.0, "critic")]
     reference = copy.deepcopy(model).requires_grad_(False)
-    algo = PPO(cfg, model, critic.eval(), reference, tokenizer, reward, targets, torch.Generator().manual_seed(seed),
+    algo = PPO(cfg, stage_context(model, tokenizer, cfg, reward, seed), reference, targets, critic.eval(),
                KLController(cfg.beta))
-    return [algo.step(rows)[0] for _ in range(steps)]
+    return [algo.step(Batch(rows)).metrics for _ in range(steps)]
 
 
 def test_ppo_raises_reward_and_critic_fits(tiny_model, tokenizer, letter_e_reward):

@@ -25,7 +25,7 @@ def composed(overrides: list[str], hydra: bool = False):
 
 
 def sequences_per_step(algo) -> int:
-    return algo.prompts_per_step * (algo.group_size if algo.name == "grpo" else algo.samples_per_prompt)
+    return algo.prompts_per_step * algo.group_size
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -52,7 +52,7 @@ def test_ppo_vs_grpo_spends_the_same_generation_budget():
     assert sequences_per_step(ppo.algo) == sequences_per_step(grpo.algo) == 8
     assert ppo.algo.max_new_tokens == grpo.algo.max_new_tokens
     assert ppo.trainer.max_steps == grpo.trainer.max_steps == 28
-    assert ppo.algo.samples_per_prompt == 1  # PPO: P x G distinct prompts, one sample each
+    assert ppo.algo.group_size == 1  # PPO: P x G distinct prompts, one sample each
     assert (ppo.model, ppo.data, ppo.reward, ppo.trainer) == (grpo.model, grpo.data, grpo.reward, grpo.trainer)
 
 
@@ -65,3 +65,4 @@ def test_group_size_sweep_holds_the_budget(group_size, prompts):
 def test_group_size_that_does_not_divide_the_budget_is_a_clear_error():
     with pytest.raises(ConfigError, match="choose a divisor of 8"):
         validate(composed(["experiment=grpo_group_size", "algo.group_size=3"]))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from conf.schema import DataConfig
+from conf.schema import DataConfig, load_choice
 from data import PromptSampler, attach_prompts, load_examples, render_prompt, resolve_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,9 +22,7 @@ CONFIGS = ("medical_o1_verifiable", "medical_o1", "medical_mcq")
 
 def data_cfg(name: str, **overrides) -> DataConfig:
     """A shipped data config, read from local files (tests never touch the network)."""
-    node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml"))
-    merged = OmegaConf.merge(node, {"source": "local", **overrides})
-    return OmegaConf.to_object(merged)
+    return dataclasses.replace(load_choice("data", name), **{"source": "local", **overrides})
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -184,9 +182,9 @@ def test_no_valid_rows_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no valid rows.*d\.jsonl.*missing_field"):
         load_examples(data_cfg("medical_o1", local_path="d.jsonl"), tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no valid rows.*empty"):
+    with pytest.raises(ValueError, match=r"no valid rows.*empty"):
         load_examples(data_cfg("medical_o1", local_path="empty.jsonl"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl"):
         load_examples(data_cfg("medical_o1", local_path="missing.jsonl"), tmp_path)
 
 
@@ -215,13 +213,15 @@ def test_hub_unreachable_is_one_clear_error():
         "from conf.schema import DataConfig\n"
         "from data import load_examples\n"
         "try:\n"
-        "    load_examples(DataConfig(source='hub', hub_id='FreedomIntelligence/medical-o1-verifiable-problem'), Path('.'))\n"
+        "    load_examples(DataConfig(source='hub', hub_id='FreedomIntelligence/medical-o1-verifiable-problem'),\n"
+        "                  Path('.'))\n"
         "except RuntimeError as e:\n"
         "    assert e.__cause__ is None and e.__suppress_context__, 'hub errors should not be chained'\n"
         "    print('MESSAGE', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MESSAGE" in out.stdout and "data.source=local" in out.stdout and "unreachable" in out.stdout
 

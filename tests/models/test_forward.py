@@ -3,9 +3,10 @@ parameter gradients, on a tiny Llama with repeated, left-padded prompts and righ
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from models.forward import completion_hidden
+from models.forward import completion_hidden, set_prefill_agreement
 from models.logprobs import completion_logprobs
 
 PROMPTS = [[19556, 905, 28], [638, 359, 346, 47, 905, 19556]]  # lengths 3 and 6
@@ -56,3 +57,47 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_pass(tiny_model, t
     # the prompt's embeddings get gradient through the shared cache
     embed = tiny_model.get_input_embeddings().weight.grad
     assert embed[PROMPTS[1][0]].abs().sum() > 0
+
+
+@pytest.fixture()
+def agreement():
+    """Registers an agreement (as parallel.fsdp does) that answers `decision` and records what it was asked."""
+    asked: list[bool] = []
+    decision = {"share": True}
+
+    def agree(share: bool) -> bool:
+        asked.append(share)
+        return decision["share"]
+
+    set_prefill_agreement(agree)
+    yield asked, decision
+    set_prefill_agreement(None)
+
+
+def count_decoder_passes(decoder) -> list[int]:
+    calls = [0]
+    decoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_registered_agreement_decides_whether_prompts_share_a_prefill(tiny_model, tokenizer, agreement):
+    asked, decision = agreement
+    input_ids, attention_mask = batch(tokenizer.pad_token_id)
+    decoder = tiny_model.get_decoder()
+    passes = count_decoder_passes(decoder)
+    with torch.no_grad():
+        plain = completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
+        assert asked == [] and passes[0] == 1  # nothing to agree on without sharing
+
+        decision["share"] = False  # another rank has no repeated prompts: the plain pass, one decoder call
+        vetoed = completion_hidden(decoder, input_ids, attention_mask, TC)
+        assert asked == [True] and passes[0] == 2
+
+        # this rank's prompts are all distinct, another rank's repeat: prefill, then completions
+        distinct = [0, 1]
+        decision["share"] = True
+        shared = completion_hidden(decoder, input_ids[distinct], attention_mask[distinct], TC)
+        assert asked == [True, False] and passes[0] == 4
+    real = attention_mask[:, -TC:].bool()
+    torch.testing.assert_close(vetoed, plain)
+    torch.testing.assert_close(shared[real[distinct]], plain[distinct][real[distinct]], atol=1e-5, rtol=1e-5)

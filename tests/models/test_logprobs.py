@@ -305,9 +305,9 @@ def test_fused_keeps_no_vocabulary_sized_tensor_for_backward():
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if fn == "fused":
-                logp, _ = fused_token_logprobs(h, w, tokens, chunk=4, with_entropy=True, backend="torch")
+                _logp, _ = fused_token_logprobs(h, w, tokens, chunk=4, with_entropy=True, backend="torch")
             else:
-                logp, _ = naive_linear_logprobs(h, w, tokens)
+                _logp, _ = naive_linear_logprobs(h, w, tokens)
         logits_sized = [n for n in saved_sizes if n >= B * T * vocab]
         if fn == "fused":  # the weight [V, H] is saved, the logits [B*T, V] are not
             assert max(saved_sizes) == vocab * H and not logits_sized

@@ -10,18 +10,19 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from algorithms.checkpoint import save_checkpoint
 from algorithms.common import batched_logprobs, micro_logprobs, micro_values, rollout_tensors
-from algorithms.grpo import build_grpo
-from algorithms.ppo import build_ppo
+from algorithms.grpo import GRPOConfig, build_grpo
+from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
-from conf.schema import (Config, DataConfig, GRPOConfig, LoggerConfig, LoraOptions, ModelConfig, PPOConfig,
-                         RewardConfig, TrainerConfig)
+from conf.schema import Config, DataConfig, LoggerConfig, LoraOptions, ModelConfig, RewardConfig, TrainerConfig
+from data.loading import Batch
 from models.heads import ValueModel
 from models.loading import load_causal_lm
 from models.lora import ACTOR, CRITIC, AdapterView, adapter_of, add_critic_adapter, apply_lora, enable_checkpointing
 from models.scale import model_config_for, prepare_policy
 from tests.conftest import TINY
+from training.checkpoint import save_checkpoint
+from training.loop import StageContext
 
 
 def rows_for(tokenizer, n: int = 2) -> list[dict]:
@@ -35,6 +36,11 @@ def config(algo, **trainer) -> Config:
                   trainer=TrainerConfig(**trainer), logger=LoggerConfig(mode="disabled"))
 
 
+def context(cfg: Config, policy, tokenizer, reward) -> StageContext:
+    return StageContext(cfg, None, policy=policy, tokenizer=tokenizer, train_rows=rows_for(tokenizer), reward_fn=reward,
+                        generator=torch.Generator().manual_seed(0))
+
+
 def test_adapter_of_names():
     assert adapter_of("base_model.model.model.layers.0.self_attn.q_proj.lora_A.critic.weight") == "critic"
     assert adapter_of("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight") == "default"
@@ -43,11 +49,12 @@ def test_adapter_of_names():
 
 def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_reward, tmp_path):
     base = copy.deepcopy(tiny_model)
-    cfg = config(PPOConfig(samples_per_prompt=2, minibatch_size=4, micro_batch_size=2, max_new_tokens=6, beta=0.1,
+    cfg = config(PPOConfig(group_size=2, minibatch_size=4, micro_batch_size=2, max_new_tokens=6, beta=0.1,
                            vf_coef=1.0))
     policy = prepare_policy(tiny_model, cfg.model, cfg.trainer)
     assert isinstance(policy, PeftModel)
-    algo, optimizers = build_ppo(cfg, policy, tokenizer, letter_e_reward, torch.Generator().manual_seed(0))
+    built = build_ppo(context(cfg, policy, tokenizer, letter_e_reward))
+    algo, optimizers = built.algorithm, built.optimizers
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     head_before = algo.critic.head.weight.detach().clone()
     # the optimisers hold exactly the two adapters and the head: no base weight, no overlap
@@ -59,7 +66,7 @@ def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_
         id(p) for p in algo.critic.head.parameters()}
 
     for _ in range(2):
-        algo.step(rows_for(tokenizer))
+        algo.step(Batch(rows_for(tokenizer)))
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
     assert {adapter_of(n) for n in changed} == {ACTOR, CRITIC}, "a base weight moved or an adapter did not"
@@ -93,9 +100,9 @@ def test_grpo_lora_bf16_checkpointing(tokenizer, letter_e_reward):
     assert policy.get_base_model().is_activation_checkpointing
     assert {p.dtype for n, p in policy.named_parameters() if adapter_of(n)} == {torch.float32}
     assert {p.dtype for n, p in policy.named_parameters() if not adapter_of(n)} == {torch.bfloat16}
-    algo, _ = build_grpo(cfg, policy, tokenizer, letter_e_reward, torch.Generator().manual_seed(0))
+    algo = build_grpo(context(cfg, policy, tokenizer, letter_e_reward)).algorithm
     before = [p.detach().clone() for p in algo.targets[0].params]
-    metrics = algo.step(rows_for(tokenizer))[0]
+    metrics = algo.step(Batch(rows_for(tokenizer))).metrics
     assert metrics["optimizer_steps"] == 1 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(p, b) for p, b in zip(algo.targets[0].params, before))
 
@@ -148,6 +155,6 @@ def test_lora_options_reject_bad_values():
 
     with pytest.raises(ConfigError, match="lm_head"):
         LoraOptions(target_modules=["q_proj", "lm_head"])
-    with pytest.raises(ConfigError, match="trainer.lora.rank"):
+    with pytest.raises(ConfigError, match=r"trainer.lora.rank"):
         LoraOptions(rank=0)
     assert dataclasses.replace(LoraOptions(), rank=8).rank == 8

@@ -11,25 +11,16 @@ import pytest
 import torch
 
 from algorithms.common import micro_logprobs, micro_values, rollout_tensors
-from algorithms.grpo import build_grpo
-from algorithms.ppo import build_ppo
+from algorithms.grpo import GRPOConfig
+from algorithms.ppo import PPOConfig
 from algorithms.rollout import generate_rollout
-from conf.schema import (
-    Config,
-    DataConfig,
-    GRPOConfig,
-    LoggerConfig,
-    LoraOptions,
-    ModelConfig,
-    PPOConfig,
-    RewardConfig,
-    TrainerConfig,
-)
+from conf.registry import discover, get_stage, stage_names
+from conf.schema import LoraOptions, ModelConfig, TrainerConfig
 from models.loading import load_causal_lm
 from models.logprobs import completion_logprobs
 from models.memory import DTYPE_BYTES, Architecture, architecture, project
 from models.scale import prepare_policy
-from tests.conftest import TINY
+from tests.conftest import TINY, stage_context
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,36 +34,40 @@ def storage_bytes(tensors) -> int:
 
 
 def build(algo_name: str, lora: bool, dtype: str, tokenizer, reward):
-    algo_cfg = PPOConfig(samples_per_prompt=2, max_new_tokens=6) if algo_name == "ppo" else GRPOConfig(
-        group_size=2, max_new_tokens=6)
+    """The registered builder of `algo_name` on a tiny model: (the algorithm, its optimisers)."""
+    config = {"grpo": GRPOConfig, "ppo": PPOConfig}[algo_name]
     model_cfg = ModelConfig(name="tiny_llama", **{**TINY, "dtype": dtype})
     trainer = TrainerConfig(lora=LoraOptions(enabled=lora, rank=4, alpha=8))
-    cfg = Config(model=model_cfg, data=DataConfig(), reward=RewardConfig(), algo=algo_cfg, trainer=trainer,
-                 logger=LoggerConfig(mode="disabled"))
     policy = prepare_policy(load_causal_lm(model_cfg, tokenizer), model_cfg, trainer)
-    builder = build_ppo if algo_name == "ppo" else build_grpo
-    algo, optimizers = builder(cfg, policy, tokenizer, reward, torch.Generator().manual_seed(0))
-    return algo, optimizers
+    ctx = stage_context(policy, tokenizer, config(group_size=2, max_new_tokens=6), reward,
+                        train_rows=chat_rows(tokenizer), trainer=trainer)
+    built = get_stage(algo_name).build(ctx)
+    return built.algorithm, built.optimizers
+
+
+def chat_rows(tokenizer) -> list[dict]:
+    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
+                                                     add_generation_prompt=True)}]
 
 
 @pytest.mark.parametrize("algo_name, lora, dtype", [("ppo", False, "float32"), ("ppo", True, "bfloat16"),
                                                      ("grpo", False, "bfloat16"), ("grpo", True, "float32")])
 def test_weights_grads_and_optimizer_bytes_are_exact(algo_name, lora, dtype, tokenizer, letter_e_reward):
     algo, optimizers = build(algo_name, lora, dtype, tokenizer, letter_e_reward)
+    kept = get_stage(algo_name).models  # what the registry says the algorithm keeps besides the actor
     arch = architecture(ModelConfig(name="tiny_llama", **TINY), vocab_size=len(tokenizer))
-    projected = project(arch, algo_name, DTYPE_BYTES[dtype], 4 if lora else None,
-                        list(LoraOptions().target_modules))
-    models = [algo.policy, algo.reference] + ([algo.critic] if algo_name == "ppo" else [])
+    projected = project(arch, DTYPE_BYTES[dtype], 4 if lora else None, list(LoraOptions().target_modules),
+                        reference="reference" in kept, critic="critic" in kept)
+    assert (algo.reference is not None) == ("reference" in kept) and (algo.critic is not None) == ("critic" in kept)
+    models = [m for m in (algo.policy, algo.reference, algo.critic) if m is not None]
     assert storage_bytes(p for m in models for p in m.parameters()) == sum(m.weights for m in projected)
     unique = {p.untyped_storage().data_ptr(): p for m in models for p in m.parameters()}
     assert sum(p.numel() for p in unique.values()) == sum(m.params for m in projected)
 
     # one backward through every trained model, then one optimiser step
-    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
-                                                     add_generation_prompt=True)}]
-    micro = rollout_tensors(generate_rollout(algo.policy, tokenizer, rows, 2, 5))
+    micro = rollout_tensors(generate_rollout(algo.policy, tokenizer, chat_rows(tokenizer), 2, 5))
     loss = micro_logprobs(algo.policy, micro, 1.0)[0].sum()
-    if algo_name == "ppo":
+    if algo.critic is not None:
         loss = loss + micro_values(algo.critic, micro).sum()
     loss.backward()
     params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
@@ -122,11 +117,17 @@ def test_checkpointed_activations_match_measured(dtype, tokenizer):
     assert 0.9 * projected <= measured[4] <= 1.1 * projected
 
 
+def rl_algorithms() -> tuple[str, ...]:
+    discover()  # every registered algorithm, not only those this module imports
+    return stage_names(kind="rl")
+
+
 def test_memory_cli_prints_the_8b_tables():
     proc = subprocess.run([sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert re.findall(r"^## (\S+)$", out, flags=re.MULTILINE) == [name.upper() for name in rl_algorithms()]
     assert "## GRPO" in out and "## PPO" in out and "critic adapter + head" in out
     assert "8.03 B params" in out  # Llama-3.1-8B's 8,030,261,248 parameters
     assert "| base (shared) | 8,030.3 M | 14.96 |" in out  # bf16: 2 bytes per weight
@@ -142,7 +143,7 @@ def test_memory_cli_divides_the_static_memory_over_fsdp_gpus():
         outs.append(proc.stdout)
     totals = [float(t) for t in re.findall(r"\| \*\*all\*\* \| \| \| \| \| \*\*([0-9.]+)\*\* \|", outs[1])]
     per_gpu = [float(t) for t in re.findall(r"fsdp over 8 GPUs: ([0-9.]+) GiB", outs[1])]
-    assert len(totals) == len(per_gpu) == 2  # GRPO and PPO
+    assert len(totals) == len(per_gpu) == len(rl_algorithms())  # one table per RL algorithm
     for total, shard in zip(totals, per_gpu):
         assert shard == pytest.approx(total / 8, abs=0.01)
     assert "fsdp over 1 GPUs" in outs[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conf.schema import ConfigError, RewardConfig
+from conf.schema import ConfigError, load_choice
 from rewards import REWARDS, CombinedReward, build_reward, register
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="no entry in reward.weights"):
+    with pytest.raises(ConfigError, match=r"no entry in reward.weights"):
         CombinedReward({"format": 1.0}, {"accuracy": {"metric": "f1"}})
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['metrc'\]; valid: \['metric'\]"):
         CombinedReward({"accuracy": 1.0}, {"accuracy": {"metrc": "f1"}})
@@ -126,9 +126,9 @@ def test_register_rejects_a_second_function_under_a_taken_name():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf" / "reward").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_build(path):
-    node = OmegaConf.load(path)
-    assert node.name == path.stem
-    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), node))
+    typed = load_choice("reward", path.stem)
+    assert typed.name == path.stem
+    node = OmegaConf.structured(typed)
     # the learned reward model comes from the training code (run.py loads it from reward.path)
     extra = {"reward_model": lambda prompts, completions, **_: [0.0] * len(completions)}
     for cfg in (typed, node):  # a typed RewardConfig or the raw DictConfig

@@ -17,17 +17,54 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from conf.schema import Config, ModelConfig
+from conf.checks import ConfigError, check_choice
+from conf.registry import get_stage, register_stage, stage_names
+from conf.schema import ModelConfig
+from training.loop import StageContext
 
-# stages that write checkpoints/final, the next stage's starting model
-MODEL_STAGES = ("sft", "grpo", "ppo")
 # a pipeline's own command-line overrides that are not passed on to its stages
 PRIVATE_PREFIXES = ("algo", "+algo", "~algo", "experiment", "+experiment", "hydra", "+hydra")
 SUMMARY_FILE = "summary.md"
+
+
+@dataclass
+class StageConfig:
+    algo: str = "sft"  # the stage's algorithm (its conf/algo/<name>.yaml)
+    overrides: list[str] = field(default_factory=list)  # run.py overrides of this stage (data=..., trainer.max_steps=)
+    data_from: str | None = None  # sft: train on the rows an earlier rejection_sampling stage (by name) wrote
+    evaluate: bool = True  # run algo=eval on the stage's checkpoint afterwards (model-producing stages)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    order: list[str] = field(default_factory=list)  # stage names, run in this order
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    eval_overrides: list[str] = field(default_factory=list)  # run.py overrides of every eval run
+    evaluate_start: bool = True  # evaluate the starting model before the first stage
+
+    def __post_init__(self) -> None:
+        if not self.order:
+            raise ConfigError("algo.order is empty: list the stage names to run")
+        for name in self.order:
+            if name not in self.stages:
+                raise ConfigError(f"algo.order: stage {name!r} has no entry in algo.stages ({', '.join(self.stages)})")
+        for name, stage in self.stages.items():
+            check_choice(f"algo.stages.{name}.algo", stage.algo, tuple(n for n in stage_names() if n != self.name))
+            if stage.data_from is not None:
+                source = self.stages.get(stage.data_from)
+                if source is None or source.algo != "rejection_sampling":
+                    raise ConfigError(f"algo.stages.{name}.data_from={stage.data_from!r} must name a "
+                                      "rejection_sampling stage")
+                runs_after = name in self.order and stage.data_from in self.order and (
+                    self.order.index(stage.data_from) < self.order.index(name))
+                if name in self.order and not runs_after:
+                    raise ConfigError(f"algo.stages.{name}.data_from: stage {stage.data_from!r} must run before it")
 
 
 class PipelineError(ValueError):
@@ -68,7 +105,7 @@ def run_stage(run_py: Path, args: list[str], stage_dir: Path, label: str) -> flo
     cmd = [sys.executable, str(run_py), *args, f"hydra.run.dir={stage_dir}"]
     print(f"\n=== {label}: python run.py {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, check=False)  # a failure is raised below as a PipelineError
     if proc.returncode != 0:
         raise PipelineError(f"pipeline stage {label} failed (exit {proc.returncode}); its run dir is {stage_dir}")
     return time.perf_counter() - start
@@ -90,19 +127,17 @@ def summary_table(records: list[dict]) -> str:
 
 
 def stage_metric(algo: str, metrics: dict[str, float]) -> str:
-    """The one number that says how a stage went besides the eval."""
-    if algo == "sft" and "eval/sft/loss" in metrics:
-        return f"held-out SFT loss {metrics['eval/sft/loss']:.3f}"
-    if algo == "rejection_sampling":
-        return f"acceptance {metrics.get('rs/acceptance_rate', 0):.2f} ({metrics.get('rs/accepted', 0):.0f} rows)"
-    if "reward/total_mean" in metrics:
-        return f"last-step reward {metrics['reward/total_mean']:.3f}"
-    return ""
+    """The one number that says how a stage went besides the eval: its registered objective."""
+    key = get_stage(algo).objective
+    return f"{key} {metrics[key]:.3f}" if key in metrics else ""
 
 
-def run_pipeline(cfg: Config, run_dir: Path, overrides: list[str], run_py: Path) -> dict[str, float]:
+@register_stage("pipeline", PipelineConfig, kind="driver", objective="eval/reward/total_mean")
+def run_pipeline(ctx: StageContext) -> dict[str, float]:
     """Run the stages of cfg.algo (PipelineConfig) in order; writes run_dir/summary.md, returns the last eval."""
-    pipe, run_dir = cfg.algo, Path(run_dir)
+    cfg, overrides, run_py = ctx.cfg, ctx.overrides, ctx.root / "run.py"
+    model_stages = stage_names(trains_policy=True)  # they write checkpoints/final, the next stage's model
+    pipe, run_dir = cfg.algo, Path(ctx.run_dir)
     common = shared_overrides(overrides) + [f"experiment_name={cfg.experiment_name}"]
     eval_args = ["algo=eval", *pipe.eval_overrides, *common]
     model: Path | None = None  # None: the configured model; else the checkpoint the stages continue from
@@ -126,8 +161,8 @@ def run_pipeline(cfg: Config, run_dir: Path, overrides: list[str], run_py: Path)
         metrics = read_metrics(stage_dir)
         record = {"stage": name, "algo": stage.algo, "seconds": seconds, "metric": stage_metric(stage.algo, metrics),
                   "steps": OmegaConf.load(stage_dir / ".hydra" / "config.yaml").trainer.max_steps
-                  if stage.algo in MODEL_STAGES else ""}
-        if stage.algo in MODEL_STAGES:
+                  if stage.algo in model_stages else ""}
+        if stage.algo in model_stages:
             checkpoint = stage_dir / "checkpoints" / "final"
             if stage.evaluate:
                 compare = [f"algo.before_path={model or before}"] if (model or before) else []

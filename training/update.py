@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from conf.schema import TrainerConfig
+from models.lora import actor_parameters
+from parallel.distributed import sync_hooks
 
 
 @dataclass
@@ -26,10 +28,10 @@ class OptimTarget:
     max_grad_norm: float
     name: str = "actor"
     # (params, this rank's loss was finite) -> every rank's was; averages the gradients over ranks
-    # (algorithms.distributed.average_gradients); None in a single process
+    # (ddp: parallel.distributed.average_gradients); None in a single process
     grad_sync: Callable[[list[torch.nn.Parameter], bool], bool] | None = None
     # (this rank's loss is finite) -> every rank's is, agreed before the backward: under FSDP the
-    # backward's reduce-scatters need every rank (algorithms.fsdp); None: decided alone
+    # backward's reduce-scatters need every rank (parallel.fsdp); None: decided alone
     finite_sync: Callable[[bool], bool] | None = None
 
 
@@ -37,6 +39,19 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: fl
     """AdamW with the trainer's settings; `lr` overrides trainer.lr (PPO's critic)."""
     return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas),
                              weight_decay=cfg.weight_decay)
+
+
+def optim_target(params: list[torch.nn.Parameter], cfg: TrainerConfig, name: str, lr: float | None = None
+                 ) -> tuple[OptimTarget, torch.optim.AdamW]:
+    """`params` with their AdamW and the collective hooks of trainer.strategy (parallel.distributed.sync_hooks)."""
+    optimizer = build_optimizer(params, cfg, lr=lr)
+    return OptimTarget(optimizer, params, cfg.max_grad_norm, name, **sync_hooks(cfg.strategy)), optimizer
+
+
+def actor_target(policy: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None
+                 ) -> tuple[OptimTarget, torch.optim.AdamW]:
+    """The policy's trainable parameters with their AdamW (lr: None = trainer.lr)."""
+    return optim_target(actor_parameters(policy), cfg, "actor", lr)  # under LoRA: the actor's adapter only
 
 
 def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:

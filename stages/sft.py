@@ -5,28 +5,50 @@ question in the model's chat template (data.loading.attach_prompts) and the targ
 assistant turn should say. The loss is the token-mean negative log-likelihood of the target tokens
 only: the prompt conditions the model but is never trained on. A batch is laid out like a rollout
 (left-padded prompt, right-padded target with its mask), so the log-prob pass, gradient accumulation,
-clipping and NaN guard are the RL update's own (models.logprobs, algorithms.update).
+clipping and NaN guard are the RL update's own (models.logprobs, training.update), and the stage runs
+in the one training loop (training.loop.Trainer: resume, interrupt checkpoints, logging).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from algorithms.checkpoint import save_checkpoint
-from algorithms.common import actor_target, micro_logprobs
-from algorithms.supervised import supervised_fit
-from algorithms.tracking import RunLogger
-from algorithms.update import minibatch_update
-from conf.schema import Config
-from data.loading import PromptSampler
+from algorithms.common import micro_logprobs
+from conf.checks import check_range
+from conf.registry import register_stage
+from data.loading import Batch, PromptSampler
 from rewards.text import THINK_CLOSE, THINK_OPEN
+from training.loop import Built, StageContext, StepOutput
+from training.timers import PhaseTimer
+from training.update import OptimTarget, actor_target, minibatch_update
 
 SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    batch_size: int = 4  # rows per optimiser step
+    micro_batch_size: int = 4  # rows per forward/backward; gradients accumulate up to batch_size
+    max_length: int = 512  # prompt + target tokens; a longer row loses the end of its target (counted)
+    # the chain of thought / response are cut to their first N tokens (at a sentence end when one is
+    # close) before rendering, so that `</think>` and the answer stay within a short budget (a CPU-sized
+    # generation budget at these defaults); null = whole
+    max_cot_tokens: int | None = 32
+    max_response_tokens: int | None = 48
+    lr: float | None = 2e-4  # AdamW learning rate of this stage; null = trainer.lr (SFT wants a larger step than RL)
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            check_range("algo.lr", self.lr, 0.0)
+        for key in ("batch_size", "micro_batch_size", "max_length"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        for key in ("max_cot_tokens", "max_response_tokens"):
+            if getattr(self, key) is not None:
+                check_range(f"algo.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -73,7 +95,7 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> SFTE
     return SFTExample(prompt_ids, target_ids[:room], len(target_ids) > room)
 
 
-def build_examples(rows: list[dict], tokenizer, cfg) -> list[SFTExample]:
+def build_examples(rows: list[dict], tokenizer, cfg: SFTConfig) -> list[SFTExample]:
     """SFT examples of data rows with a "prompt", "cot" and "reference" (data.kind=sft), per `cfg` (SFTConfig)."""
     examples = []
     for row in rows:
@@ -129,8 +151,10 @@ def evaluate_nll(policy, examples: list[SFTExample], pad_id: int, batch_size: in
     return total / max(tokens, 1.0)
 
 
-def sft_update(policy, batch: dict[str, Tensor], targets, micro_batch_size: int) -> dict[str, float]:
-    """One optimiser step on `batch` (gradients accumulated over micro-batches); returns its stats."""
+def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch_size: int
+               ) -> dict[str, float]:
+    """One optimiser step on `batch` (gradients accumulated over micro-batches); returns its stats,
+    with minibatch_update's optimizer_steps / skipped_steps (a non-finite loss or gradient skips it)."""
 
     def loss_fn(micro: dict[str, Tensor], share: float, batch_tokens: float):
         logp, _ = micro_logprobs(policy, micro, temperature=1.0)
@@ -145,38 +169,57 @@ def sft_update(policy, batch: dict[str, Tensor], targets, micro_batch_size: int)
     return stats
 
 
-def train_sft(cfg: Config, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict], logger: RunLogger,
-              run_dir: Path, generator: torch.Generator) -> dict[str, float]:
-    """The algo=sft stage: trainer.max_steps optimiser steps of algo.batch_size rows; checkpoints/final."""
-    algo, tcfg = cfg.algo, cfg.trainer
+class SFT:
+    """The SFT step on a policy (training.loop.Algorithm): one optimiser step on a batch of examples."""
+
+    progress = {"loss": "sft/loss"}
+
+    def __init__(self, cfg: SFTConfig, policy: torch.nn.Module, pad_id: int, target: OptimTarget,
+                 held_out: list[SFTExample], eval_batch_size: int):
+        self.cfg, self.policy, self.pad_id, self.target = cfg, policy, pad_id, target
+        self.held_out, self.eval_batch_size = held_out, eval_batch_size
+        self.device = next(policy.parameters()).device
+
+    def step(self, batch: Batch) -> StepOutput:
+        examples: list[SFTExample] = batch.rows  # the sampler draws encoded examples, not raw rows
+        timer = PhaseTimer()
+        tensors = to_device(collate(examples, self.pad_id), self.device)
+        with timer("train"):
+            stats = sft_update(self.policy, tensors, [self.target], self.cfg.micro_batch_size)
+        metrics = {("sft/loss" if key == "loss" else key): value for key, value in stats.items()}
+        metrics["sft/truncated_frac"] = sum(e.truncated for e in examples) / len(examples)
+        # per step: the loop keeps the running tokens/trained_total (and restores it on resume)
+        metrics["tokens/trained"] = float(tensors["completion_mask"].sum())
+        metrics.update(timer.metrics())
+        return StepOutput(metrics)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.held_out:
+            return {}
+        return {"eval/sft/loss": evaluate_nll(self.policy, self.held_out, self.pad_id, self.eval_batch_size)}
+
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        return {}  # the policy is saved by the loop
+
+    def state_dict(self) -> dict:
+        return {}  # nothing beyond the weights, optimiser, schedule, RNGs and data position the loop saves
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register_stage("sft", SFTConfig, kind="supervised", trains_policy=True, objective="eval/sft/loss")
+def build_sft(ctx: StageContext) -> Built:
+    """SFT of ctx.policy on the data rows' chains of thought and responses (data.kind=sft)."""
+    cfg, algo = ctx.cfg, ctx.cfg.algo
     if cfg.data.kind != "sft":
         raise ValueError(f"algo=sft needs rows with a chain of thought and a response: data.kind=sft "
                          f"(data=medical_o1), not data.kind={cfg.data.kind} (data={cfg.data.name})")
-    train = build_examples(train_rows, tokenizer, algo)
-    held_out = build_examples(eval_rows, tokenizer, algo)
-    pad_id, device = tokenizer.pad_token_id, next(policy.parameters()).device
-    logger.log({"data/sft_truncated": float(sum(e.truncated for e in train + held_out)),
-                "data/sft_target_tokens_mean": sum(len(e.target_ids) for e in train) / len(train)}, step=0)
-    if algo.lr is not None:
-        tcfg = dataclasses.replace(tcfg, lr=algo.lr)
-    target, optimizer = actor_target(policy, tcfg)
-    sampler = PromptSampler(train, algo.batch_size, seed=cfg.seed)
-    totals = {"tokens/trained_total": 0.0}
-
-    def step() -> dict[str, float]:
-        examples = sampler.next_batch()
-        batch = to_device(collate(examples, pad_id), device)
-        stats = sft_update(policy, batch, [target], algo.micro_batch_size)
-        totals["tokens/trained_total"] += float(batch["completion_mask"].sum())
-        return {f"sft/{k}" if k == "loss" else k: v for k, v in stats.items()} | totals | {
-            "sft/truncated_frac": sum(e.truncated for e in examples) / len(examples)}
-
-    def evaluate() -> dict[str, float]:
-        return {"eval/sft/loss": evaluate_nll(policy, held_out, pad_id, tcfg.eval_batch_size)} if held_out else {}
-
-    def save(name: str, step: int) -> Path:
-        return save_checkpoint(Path(run_dir) / "checkpoints" / name, policy, tokenizer, {"actor": optimizer},
-                               {"step": step, "sampler": sampler.state_dict(), "totals": totals})
-
-    return supervised_fit(tcfg, optimizer, step, evaluate, logger, "sft", lambda m: {"loss": f"{m['sft/loss']:.3f}"},
-                          save)
+    train = build_examples(ctx.train_rows, ctx.tokenizer, algo)
+    held_out = build_examples(ctx.eval_rows, ctx.tokenizer, algo)
+    if ctx.logger is not None:
+        ctx.logger.log({"data/sft_truncated": float(sum(e.truncated for e in train + held_out)),
+                        "data/sft_target_tokens_mean": sum(len(e.target_ids) for e in train) / len(train)}, step=0)
+    target, optimizer = actor_target(ctx.policy, cfg.trainer, lr=algo.lr)
+    sft = SFT(algo, ctx.policy, ctx.tokenizer.pad_token_id, target, held_out, cfg.trainer.eval_batch_size)
+    return Built(sft, {"actor": optimizer}, PromptSampler(train, algo.batch_size, seed=cfg.seed))

@@ -1,33 +1,48 @@
-"""The training loop shared by every RL algorithm: steps, LR schedule, eval, logging, checkpoints."""
+"""The one training loop: every looped stage (RL algorithms, SFT, the reward model) runs here, so each
+gets exact resume, Ctrl-C / SIGTERM checkpoints, the NaN guard, the LR schedule, logging and eval.
+
+A stage hands the loop an `Algorithm` (the `Built` its registered builder returns, conf.registry):
+the loop draws each step's rows from the sampler and calls `algorithm.step`; the algorithm owns
+everything about what a step does (sampling, scoring, losses, optimiser steps via training.update).
+"""
 
 from __future__ import annotations
 
 import math
-import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from algorithms.accounting import accumulate_totals, peak_cuda_mb
-from algorithms.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from algorithms.common import rollout_metrics
-from algorithms.distributed import is_main_process
-from algorithms.fsdp import gather_full_state
-from algorithms.interrupts import GracefulStop, TrainingError, TrainingInterrupted
-from algorithms.rollout import Rollout, generate_rollout
-from algorithms.tracking import RunLogger, sample_records
-from conf.schema import TrainerConfig
-from data.loading import PromptSampler
-from rewards.combine import RewardOutput
+from conf.schema import Config, TrainerConfig
+from data.loading import Batch
+from parallel.distributed import DistContext, is_main_process, reduce_metrics
+from parallel.fsdp import gather_full_state
+from training.accounting import accumulate_totals, peak_cuda_mb, peak_rss_mb
+from training.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from training.interrupts import GracefulStop, TrainingError, TrainingInterrupted
+from training.tracking import RunLogger
+
+
+@dataclass
+class StepOutput:
+    metrics: dict[str, float]  # this rank's step metrics (the loop reduces them over ranks)
+    samples: list[dict] = field(default_factory=list)  # records for samples.jsonl (the loop keeps log_samples)
 
 
 class Algorithm(Protocol):
-    prompts_per_step: int
+    """Everything the loop (and the data-parallel strategies) use of a looped stage."""
 
-    def step(self, rows: list[dict]) -> tuple[dict[str, float], Rollout, dict[str, torch.Tensor]]: ...
+    # progress-bar label -> metric key of a step's metrics (e.g. {"reward": "reward/total_mean"})
+    progress: dict[str, str]
+
+    def step(self, batch: Batch) -> StepOutput: ...  # one step: usually one or more optimiser steps
+
+    def evaluate(self) -> dict[str, float]: ...  # held-out metrics, keys under eval/; {} = nothing to evaluate
 
     def checkpoint_models(self) -> dict[str, torch.nn.Module]: ...  # trained models besides the policy
 
@@ -36,8 +51,53 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Sampler(Protocol):
+    """Where a step's rows come from (data.loading.PromptSampler, parallel.distributed.ShardedSampler)."""
+
+    def draw(self, seeded: bool = False) -> Batch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Built:
+    """What a looped stage's builder returns: the algorithm, the optimisers it steps (checkpointed and
+    scheduled by the loop), and the sampler of its rows (prompts, SFT examples, preference rows)."""
+
+    algorithm: Algorithm
+    optimizers: dict[str, torch.optim.Optimizer]
+    sampler: Any  # data.loading.PromptSampler
+    # the model the loop checkpoints as the run's weights (checkpoints/<name>/, loadable with model.source=local);
+    # None: the policy
+    model: torch.nn.Module | None = None
+    # run by run.py once fit() has returned (not after an interrupt or an error): what a stage writes when
+    # training is done besides checkpoints/final (the reward model's <run_dir>/reward_model)
+    finish: Callable[[], None] | None = None
+
+
+@dataclass
+class StageContext:
+    """What a stage's builder or runner receives (conf.registry). A driver stage (the pipeline) gets
+    only cfg, run_dir, overrides and root: it loads no model itself."""
+
+    cfg: Config
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)  # the run's command-line overrides
+    root: Path = Path(".")  # the project root (run.py's directory)
+    policy: torch.nn.Module | None = None
+    tokenizer: Any = None
+    train_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+    reward_fn: Any = None  # rewards.CombinedReward when the stage uses rewards
+    logger: Any = None  # training.tracking.RunLogger (a NullLogger off rank 0)
+    generator: torch.Generator | None = None  # seeded; drives sampling and minibatch order
+    dist: DistContext | None = None
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over warmup_steps, then constant, linear decay to 0, or cosine decay to 0 (per RL step)."""
+    """Linear warmup over warmup_steps, then constant, linear decay to 0, or cosine decay to 0 (per step)."""
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -52,68 +112,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total: int) -> float:
-    """One metric over all eval batches: extremes of extremes, sums of counts, weighted means of means."""
-    values = [metrics[key] for _, metrics in batches]
-    if key.endswith("_max"):
-        return max(values)
-    if key.endswith("_min"):
-        return min(values)
-    if key.endswith("_failures") or key == "tokens/generated":
-        return sum(values)
-    return sum(n * metrics[key] for n, metrics in batches) / total
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
-                    ) -> tuple[dict[str, float], list[tuple[Rollout, RewardOutput]]]:
-    """One sample per row, in batches, seeded by `seed`: (rollout metrics over all rows, every batch's
-    (rollout, scores)). `sampling`: max_new_tokens, temperature, top_p. No rows: ({}, [])."""
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
-    scored_batches = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, dynamic_ncols=True):
-        batch_rows = rows[start : start + batch_size]
-        rollout = generate_rollout(policy, tokenizer, batch_rows, 1, generator=generator, **sampling)
-        scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
-        batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures)))
-        scored_batches.append((rollout, scored))
-    if not batches:
-        return {}, []
-    metrics = {key: combine_batches(key, batches, len(rows)) for key in batches[0][1] if not key.endswith("_std")}
-    return metrics, scored_batches
-
-
 class Trainer:
-    """Runs `algo.step` max_steps times; evaluates, logs and checkpoints on the way."""
+    """Runs `algorithm.step` max_steps times; evaluates, logs and checkpoints on the way."""
 
-    def __init__(self, cfg: TrainerConfig, algo: Algorithm, sampler: PromptSampler, eval_rows: list[dict],
-                 logger: RunLogger, run_dir: Path, policy, tokenizer, reward_fn,
-                 optimizers: dict[str, torch.optim.Optimizer], eval_sampling: dict, seed: int,
-                 generator: torch.Generator | None = None):
-        self.cfg, self.algo, self.sampler, self.eval_rows = cfg, algo, sampler, eval_rows
+    def __init__(self, cfg: TrainerConfig, built: Built, logger: RunLogger, run_dir: Path, policy, tokenizer,
+                 generator: torch.Generator | None = None, seeded_sampling: bool = False):
+        self.cfg, self.algo, self.sampler, self.optimizers = cfg, built.algorithm, built.sampler, built.optimizers
         self.logger, self.run_dir, self.policy, self.tokenizer = logger, Path(run_dir), policy, tokenizer
-        self.reward_fn, self.optimizers, self.eval_sampling, self.seed = reward_fn, optimizers, eval_sampling, seed
+        self.seeded_sampling = seeded_sampling  # each row's samples from its own seed (data.loading.Batch)
         self.generators = {"sampling": generator} if generator is not None else {}  # rollout + minibatch order
-        self.schedulers = [build_scheduler(opt, cfg) for opt in optimizers.values()]
+        self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers.values()]
         self.totals: dict[str, float] = {"time/total": 0.0, "skipped_steps_total": 0.0}  # running sums, resumed
         self.start_step = 1
-        self.consecutive_skips = 0  # RL steps in a row whose every optimiser update was non-finite
+        self.consecutive_skips = 0  # steps in a row whose every optimiser update was non-finite
         self.last_checkpoint: Path | None = None
-
-    def evaluate(self) -> dict[str, float]:
-        """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
-        metrics, _ = evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.reward_fn, self.eval_sampling,
-                                     self.cfg.eval_batch_size, self.seed + 10_000)
-        return {f"eval/{key}": value for key, value in metrics.items()}
 
     def save(self, name: str, step: int) -> Path | None:
         # sharded weights are gathered by every rank first; then one writer (rank 0)
         full_state = gather_full_state(self.policy, self.algo.checkpoint_models(), self.optimizers)
-        if not is_main_process():  # ddp: every rank holds the same weights (algorithms.distributed)
+        if not is_main_process():  # ddp: every rank holds the same weights (parallel.distributed)
             return None
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
                  "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict()}
@@ -163,14 +180,14 @@ class Trainer:
                   "nothing to train (raise trainer.max_steps to continue)")
             return last
         if cfg.eval_every and self.start_step == 1:
-            self.logger.log(self.evaluate(), step=0)
+            self.logger.log(self.algo.evaluate(), step=0)
         bar = tqdm(range(self.start_step, cfg.max_steps + 1), desc="train", dynamic_ncols=True,
                    initial=self.start_step - 1, total=cfg.max_steps)
         with GracefulStop() as stop:
             for step in bar:
                 start = time.perf_counter()
-                rows = self.sampler.next_batch()
-                metrics, rollout, rewards = self.algo.step(rows)
+                out = self.algo.step(self.sampler.draw(self.seeded_sampling))
+                metrics = reduce_metrics(out.metrics)  # over ranks (the identity in one process)
                 for scheduler in self.schedulers:
                     scheduler.step()
                 metrics["time/step"] = time.perf_counter() - start
@@ -183,14 +200,13 @@ class Trainer:
                     metrics["memory/peak_cuda_mb"] = cuda_mb
                 stopping = stop.signum is not None
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps and not stopping:
-                    metrics.update(self.evaluate())
+                    metrics.update(self.algo.evaluate())
                 if step == cfg.max_steps:
-                    metrics.update(self.evaluate())
+                    metrics.update(self.algo.evaluate())
                 self.logger.log(metrics, step)
-                self.logger.log_samples(step, sample_records(rollout.prompts, rollout.completions, rewards,
-                                                             cfg.log_samples))
-                bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}",
-                                len=f"{metrics['completion/length_mean']:.0f}")
+                self.logger.log_samples(step, out.samples[: cfg.log_samples])
+                bar.set_postfix({label: f"{metrics[key]:.3g}" for label, key in self.algo.progress.items()
+                                 if key in metrics})
                 if diverged:  # no checkpoint of this state: the last good one stays the newest
                     raise self.diverged(step)
                 if (cfg.save_every and step % cfg.save_every == 0) or (stopping and step < cfg.max_steps):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from algorithms.trainer import combine_batches
+from algorithms.evaluate import combine_batches
 
 
 def test_combine_batches_hand_computed():

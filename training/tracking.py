@@ -6,19 +6,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from conf.schema import LoggerConfig
 
 
 class RunLogger:
-    """Writes every metric to metrics.jsonl and to wandb; samples (prompt, completion, reward parts) to samples.jsonl."""
+    """Writes every metric to metrics.jsonl and to wandb; samples (prompt, completion, reward parts) to
+    samples.jsonl."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_name: str, group: str):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        self.samples_file = open(self.run_dir / "samples.jsonl", "a", buffering=1)
+        self.metrics_file = _open_append(self.run_dir / "metrics.jsonl")
+        self.samples_file = _open_append(self.run_dir / "samples.jsonl")
         self.wandb_run = None
         if cfg.mode != "disabled":
             import wandb
@@ -34,7 +35,7 @@ class RunLogger:
         clean = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items()}, step=step)
+            self.wandb_run.log(dict(metrics), step=step)
 
     def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
         for record in records:
@@ -49,7 +50,7 @@ class RunLogger:
             path = Path(file.name)
             kept = [line for line in path.read_text().splitlines() if _record_step(line) <= step]
             path.write_text("".join(line + "\n" for line in kept))
-            setattr(self, name, open(path, "a", buffering=1))
+            setattr(self, name, _open_append(path))
 
     def finish(self) -> None:
         self.metrics_file.close()
@@ -57,6 +58,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _open_append(path: Path) -> TextIO:
+    """A line-buffered append handle for a RunLogger jsonl file: the logger keeps it open for its whole life
+    and closes it in finish() (truncate_after() closes and reopens it)."""
+    return open(path, "a", buffering=1)
 
 
 def _record_step(line: str) -> float:

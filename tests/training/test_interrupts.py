@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from algorithms.interrupts import GracefulStop, TrainingInterrupted
+from training.interrupts import GracefulStop, TrainingInterrupted
 
 
 def test_signals_set_a_flag_then_a_second_ctrl_c_aborts():

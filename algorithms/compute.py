@@ -17,7 +17,6 @@ import torch
 from algorithms.rollout import Rollout
 
 MODELS = ("actor", "reference", "critic", "reward_model")
-TOTALLED = ("tokens/", "compute/", "time/")  # per-step metrics that also get a running `<key>_total`
 
 
 def num_params(model: torch.nn.Module | None) -> int:
@@ -88,16 +87,3 @@ def step_token_metrics(rollout: Rollout, epochs: int) -> dict[str, float]:
             "tokens/trained": epochs * float(rollout.completion_mask.sum())}
 
 
-def accumulate_totals(totals: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
-    """Add this step's token, compute and phase-time metrics into the running `<key>_total`s."""
-    for key, value in metrics.items():
-        if key.startswith(TOTALLED) and not key.endswith("_total") and key not in ("time/total", "time/step"):
-            totals[f"{key}_total"] = totals.get(f"{key}_total", 0.0) + value
-    return totals
-
-
-def peak_cuda_mb() -> float | None:
-    """Max memory allocated by tensors on the current CUDA device since start (None without CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated() / 2**20

@@ -1,4 +1,5 @@
-"""SFT: rendering, the assistant-only loss mask, truncation, and a tiny Llama overfitting a few rows."""
+"""SFT: rendering, the assistant-only loss mask, truncation, a tiny Llama overfitting a few rows, and the
+stage in the training loop (its step's counters, the NaN guard, the data check)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 
-from algorithms.common import actor_target, micro_logprobs
-from algorithms.update import OptimTarget
-from algorithms.sft import (
+from algorithms.common import micro_logprobs
+from conf.registry import get_stage
+from conf.schema import DataConfig, TrainerConfig, validate
+from data.loading import render_prompt
+from run import load_data
+from stages.sft import (
+    SFTConfig,
     SFTExample,
     build_examples,
     clip_text,
@@ -22,8 +29,10 @@ from algorithms.sft import (
     sft_loss,
     sft_update,
 )
-from conf.schema import DataConfig, SFTConfig, TrainerConfig
-from data.loading import render_prompt
+from training.interrupts import TrainingError
+from training.loop import StageContext, Trainer
+from training.tracking import RunLogger
+from training.update import OptimTarget, actor_target
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "Think inside <think> </think> tags, then answer."
@@ -144,3 +153,60 @@ def test_sft_rows_from_the_data_loader(tokenizer):
     examples = build_examples(train, tokenizer, SFTConfig(max_cot_tokens=64, max_response_tokens=64))
     assert len(examples) == 8 and not any(e.truncated for e in examples)
     assert all(isinstance(e, SFTExample) and e.target_ids[-1] == tokenizer.eos_token_id for e in examples)
+
+
+def sft_trainer(tokenizer, policy, run_dir: Path, overrides: list[str], data: str = "medical_o1"
+                ) -> tuple[Trainer, RunLogger]:
+    """What run.py builds for algo=sft on 8 rows of `data`, around `policy`."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=[
+            "algo=sft", f"data={data}", "model=tiny_llama", "data.source=local", "data.max_rows=8",
+            "data.eval_size=2", "logger.mode=disabled", "algo.batch_size=2", *overrides]))
+    train_rows, eval_rows, _ = load_data(cfg, tokenizer)
+    logger = RunLogger(cfg.logger, run_dir, {}, run_name="test", group="test")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ctx = StageContext(cfg, run_dir, [], ROOT, policy, tokenizer, train_rows, eval_rows, None, logger, generator)
+    built = get_stage("sft").build(ctx)
+    return Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator), logger
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "skipped_steps" in r}  # a skipped step logs no loss
+
+
+def test_sft_steps_report_what_the_loop_counts(tmp_path, tiny_model, tokenizer):
+    trainer, logger = sft_trainer(tokenizer, tiny_model, tmp_path, ["trainer.max_steps=2"])
+    last = trainer.fit()
+    logger.finish()
+    steps = logged(tmp_path)
+    assert sorted(steps) == [1, 2]
+    for m in steps.values():
+        assert m["optimizer_steps"] == 1 and m["skipped_steps"] == 0 and m["tokens/trained"] > 0
+    assert steps[2]["tokens/trained_total"] == steps[1]["tokens/trained"] + steps[2]["tokens/trained"]
+    assert steps[2]["lr"] == pytest.approx(2e-4)  # algo.lr, not trainer.lr
+    assert last["eval/sft/loss"] > 0 and (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def test_non_finite_sft_steps_are_skipped_then_stop_the_run(tmp_path, tiny_model, tokenizer):
+    """NaN weights make every loss non-finite: each step is skipped (weights kept), counted, and the
+    run stops after trainer.max_consecutive_skips of them."""
+    with torch.no_grad():
+        tiny_model.get_input_embeddings().weight[:] = float("nan")
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    trainer, logger = sft_trainer(tokenizer, tiny_model, tmp_path, ["trainer.max_steps=5",
+                                                                    "trainer.max_consecutive_skips=2"])
+    with pytest.raises(TrainingError, match="2 consecutive steps"):
+        trainer.fit()
+    logger.finish()
+    steps = logged(tmp_path)
+    assert sorted(steps) == [1, 2]
+    assert [steps[s]["skipped_steps_total"] for s in (1, 2)] == [1, 2]
+    assert all(steps[s]["optimizer_steps"] == 0 for s in (1, 2))
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key
+
+
+def test_sft_needs_sft_rows(tmp_path, tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="algo=sft needs rows with a chain of thought"):
+        sft_trainer(tokenizer, tiny_model, tmp_path, [], data="medical_o1_verifiable")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.checkpoint import (
+from training.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
     load_checkpoint,

@@ -12,8 +12,8 @@ Every rank runs the same loop on its own shard of each step's prompts:
   micro_batch_size is per rank;
 - gradients are averaged over ranks before clipping (`average_gradients`), so every rank takes the
   same optimiser step and the weights stay identical without ever being broadcast;
-- statistics over the whole batch use every rank's data: PPO's advantage whitening
-  (`global_whiten`), GRPO's batch-scaled advantages, the adaptive KL controller's KL;
+- statistics over the whole batch use every rank's data: PPO's advantage whitening, GRPO's batch-scaled
+  advantages (algorithms.batch_stats, on this module's collectives), the adaptive KL controller's KL;
 - step metrics are reduced over ranks (`reduce_metrics`); rank 0 alone logs and writes checkpoints.
 With equal-length completions the result equals one process on the same global batch (tested); with
 unequal lengths a token mean (bnpo, PPO's value loss) weighs each rank's tokens by its own count, as
@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from algorithms.advantages import group_advantages, masked_mean, whiten
 from conf.schema import Config, ConfigError
-from data.loading import PromptSampler
+from data.loading import Batch, PromptSampler
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def init_distributed(strategy: str, device: str) -> DistContext:
         raise ConfigError(f"trainer.strategy={strategy} runs one process per device: launch with "
                           f"`torchrun --nproc_per_node=N run.py ... trainer.strategy={strategy}`, or use "
                           f"trainer.strategy=single")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -103,11 +102,6 @@ def local_algo_config(cfg: Config, world: int) -> Config:
     return dataclasses.replace(cfg, algo=dataclasses.replace(algo, minibatch_size=algo.minibatch_size // world))
 
 
-def prompt_seed(seed: int, epoch: int, position: int) -> int:
-    """The sampling seed of the prompt drawn at (epoch, position) of a run seeded `seed`."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 1)
-
-
 class ShardedSampler:
     """This rank's contiguous slice of each global batch, with each prompt's sampling seed.
 
@@ -120,21 +114,17 @@ class ShardedSampler:
             raise ConfigError(f"algo.prompts_per_step={sampler.batch_size} does not split over {world} ranks; "
                               f"choose a multiple of {world}")
         self.sampler, self.rank, self.world = sampler, rank, world
-        self.prompt_seeds: list[int] = []  # of the last batch's shard
 
-    def next_batch(self) -> list[dict]:
-        # the (epoch, position) each row of the global batch is drawn at, as PromptSampler walks them
-        epoch, position, n, seeds = self.sampler.epoch, self.sampler.position, len(self.sampler.rows), []
-        for _ in range(self.sampler.batch_size):
-            if position == n:
-                epoch, position = epoch + 1, 0
-            seeds.append(prompt_seed(self.sampler.seed, epoch, position))
-            position += 1
-        rows = self.sampler.next_batch()
-        per_rank = len(rows) // self.world
-        start = self.rank * per_rank
-        self.prompt_seeds = seeds[start : start + per_rank]
-        return rows[start : start + per_rank]
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size // self.world
+
+    def draw(self, seeded: bool = True) -> Batch:
+        """This rank's rows of the next global batch, always with their seeds (ranks sample apart)."""
+        full = self.sampler.draw(seeded=True)
+        start = self.rank * self.batch_size
+        end = start + self.batch_size
+        return Batch(full.rows[start:end], full.seeds[start:end])
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()
@@ -199,45 +189,6 @@ def average_gradients(params: list[torch.nn.Parameter], finite: bool) -> bool:
     return bool(flat[-1] == 0)
 
 
-def global_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """`advantages.whiten` with the mean and (unbiased) variance of the real entries on every rank."""
-    if world_size() == 1:
-        return whiten(x, mask, shift_mean, eps)
-    m = mask.to(x.dtype)
-    stats = all_reduce_(torch.stack([(x * m).sum(), m.sum()]).double())
-    count = stats[1].clamp(min=1.0)
-    mean = (stats[0] / count).to(x.dtype)
-    sq = all_reduce_((((x - mean) ** 2) * m).sum().double().reshape(1))[0]
-    var = (sq / count * (count / (count - 1) if count > 1 else 1.0)).to(x.dtype)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
-
-
-def global_masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    if world_size() == 1:
-        return masked_mean(x, mask)
-    m = mask.to(x.dtype)
-    stats = all_reduce_(torch.stack([(x * m).sum(), m.sum()]).double())
-    return (stats[0] / stats[1].clamp(min=1.0)).to(x.dtype)
-
-
-def sharded_group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """`group_advantages` of this rank's rewards [N_local]; with scale=batch the std is the global batch's.
-
-    Groups never cross ranks, so only the batch scale needs the other ranks' rewards: they are
-    gathered, the advantages computed on the whole batch and this rank's slice returned.
-    """
-    world = world_size()
-    if world == 1 or scale != "batch":
-        return group_advantages(rewards, group_size, scale, eps)
-    gathered = [torch.empty_like(rewards) for _ in range(world)]
-    dist.all_gather(gathered, rewards.contiguous())
-    full = group_advantages(torch.cat(gathered), group_size, scale, eps)
-    return full.view(world, -1)[rank()]
-
-
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One step's metrics over all ranks: max of maxima (and of times: the slowest rank sets the pace),
     min of minima, sums of counts (tokens, FLOPs, failures), means of the rest (equal-sized shards)."""
@@ -257,26 +208,16 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, out)}
 
 
-class ShardedAlgorithm:
-    """An RL algorithm run on this rank's shard: seeds each prompt's sampling, averages gradients
-    over ranks (ddp; FSDP's backward reduce-scatters them itself, once every rank agrees that its loss
-    is finite), and reduces the step's metrics. Anything else is the wrapped algorithm's."""
-
-    def __init__(self, algo, sampler: ShardedSampler, strategy: str = "ddp"):
-        self.algo, self.sampler = algo, sampler
-        for target in algo.targets:
-            if strategy == "fsdp":
-                target.finite_sync = all_ranks
-            else:
-                target.grad_sync = average_gradients
-
-    def step(self, rows: list[dict]):
-        self.algo.prompt_seeds = self.sampler.prompt_seeds
-        metrics, rollout, rewards = self.algo.step(rows)
-        return reduce_metrics(metrics), rollout, rewards
-
-    def __getattr__(self, name: str):
-        return getattr(self.algo, name)
+def sync_hooks(strategy: str) -> dict[str, Callable]:
+    """The collective hooks of an optimiser target (training.update.OptimTarget) under `strategy`:
+    ddp averages the gradients over ranks after the backward passes (`grad_sync`); fsdp's backward
+    reduce-scatters them itself, so the ranks only agree first that every loss is finite (`finite_sync`);
+    a single process needs neither."""
+    if strategy == "ddp":
+        return {"grad_sync": average_gradients}
+    if strategy == "fsdp":
+        return {"finite_sync": all_ranks}
+    return {}
 
 
 class NullLogger:

@@ -5,7 +5,7 @@
 Each decoder layer is one FSDP unit (its weights are all-gathered just before it runs and freed after),
 the causal LM (embeddings, final norm, lm_head) is the root unit, and a critic's fp32 head is a unit of
 its own (an FSDP unit holds one dtype). Everything else of the data-parallel loop is shared with ddp
-(`algorithms.distributed`): prompt shards, per-prompt seeds, global statistics, reduced metrics.
+(`parallel.distributed`): prompt shards, per-prompt seeds, global statistics, reduced metrics.
 
 FSDP only knows a module's `forward`; the RL code reaches a model through other entry points, so:
 - the completion pass (decoder, then lm_head fused with the log-probs or the loss) runs as a registered
@@ -13,10 +13,11 @@ FSDP only knows a module's `forward`; the RL code reaches a model through other 
   and a critic's `values` likewise, so the root's weights are gathered for them and their gradients reduce-scattered;
 - every rank must run the same sequence of collectives, and three things in the loop are decided per
   rank: when generation stops (each rank's completions end at their own step), whether a batch has
-  repeated prompts to prefill once (`models.forward`), and whether a loss is finite (`algorithms.update`).
-  Generation therefore runs on gathered weights with no collectives at all (`gathered_weights`, as RL
-  systems gather weights for their inference engine), and the other two decisions are agreed on by an
-  all-reduce before they are acted on;
+  repeated prompts to prefill once (`models.forward`), and whether a loss is finite (`training.update`).
+  Generation therefore runs on gathered weights with no collectives at all (`sampling_weights`, which
+  algorithms.rollout enters around its sampling loop, as RL systems gather weights for their inference
+  engine), and the other two decisions are agreed on by an all-reduce before they are acted on
+  (`models.forward.set_prefill_agreement`, `training.update.OptimTarget.finite_sync`);
 - checkpoints gather full (unsharded) state dicts on every rank and rank 0 writes them in the usual
   format, so the weights load anywhere (model.source=local); optimizer states are saved keyed by
   parameter name, so a resume of an fsdp checkpoint needs fsdp.
@@ -25,6 +26,7 @@ Gradients are reduce-scattered in fp32 and averaged over ranks, as `average_grad
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,8 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from algorithms.distributed import any_rank
+from models.forward import set_prefill_agreement
 from models.logprobs import SHARDED_METHOD, direct_completion_pass
+from parallel.distributed import any_rank
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0's CPU
 
@@ -60,9 +63,8 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def shard_model(model: nn.Module, decoder: nn.Module, device: torch.device) -> nn.Module:
-    """fully_shard `model` in place over all ranks: its decoder layers, then the root. `decoder` is the
-    module the log-prob and value passes call (`get_decoder()`, a critic's backbone)."""
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """fully_shard `model` in place over all ranks: its decoder layers, then the root."""
     if is_sharded(model):
         return model
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -77,24 +79,29 @@ def shard_model(model: nn.Module, decoder: nn.Module, device: torch.device) -> n
     if isinstance(head, nn.Linear):
         fully_shard(head, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    decoder.choose_prefill = any_rank  # models.forward: one prefill per prompt on every rank, or on none
+    set_prefill_agreement(any_rank)  # models.forward: one prefill per prompt on every rank, or on none
     return model
 
 
 def shard_policy(model: nn.Module, device: torch.device) -> nn.Module:
     """A causal LM (actor or reference): its log-prob pass becomes an FSDP forward method."""
-    shard_model(model, model.get_decoder(), device)
+    shard_model(model, device)
     setattr(model, SHARDED_METHOD, types.MethodType(direct_completion_pass, model))
     register_fsdp_forward_method(model, SHARDED_METHOD)
-    model.gathered_weights = types.MethodType(gathered_weights, model)  # algorithms.rollout samples on them
     return model
 
 
 def shard_critic(critic: nn.Module, device: torch.device) -> nn.Module:
     """A models.heads.ValueModel: `values` becomes an FSDP forward method."""
-    shard_model(critic, critic.backbone, device)
+    shard_model(critic, device)
     register_fsdp_forward_method(critic, "values")
     return critic
+
+
+def sampling_weights(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The context to sample from `model` in: its gathered weights when it is sharded (`gathered_weights`),
+    else nothing to do."""
+    return gathered_weights(model) if is_sharded(model) else contextlib.nullcontext()
 
 
 @contextmanager
@@ -176,3 +183,17 @@ def load_full_state(policy: nn.Module, policy_state: dict[str, torch.Tensor],
     for name, optimizer in optimizers.items():
         set_optimizer_state_dict(owners[name], optimizer, optimizer_states[name],
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def shard_models(strategy: str, policy: nn.Module, reference: nn.Module | None,
+                 critic: nn.Module | None = None) -> None:
+    """Under trainer.strategy=fsdp, fully_shard the models in place (before their optimisers are built:
+    sharding replaces the parameters); otherwise nothing."""
+    if strategy != "fsdp":
+        return
+    device = next(policy.parameters()).device
+    for model in (policy, reference):
+        if model is not None:
+            shard_policy(model, device)
+    if critic is not None:
+        shard_critic(critic, device)

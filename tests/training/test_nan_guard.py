@@ -13,21 +13,22 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from algorithms.checkpoint import find_latest_checkpoint, load_checkpoint
-from algorithms.interrupts import TrainingError
-from algorithms.tracking import RunLogger
-from algorithms.trainer import Trainer
+from conf.registry import get_stage
 from conf.schema import validate
 from data.loading import PromptSampler
 from models.loading import load_causal_lm
 from rewards import RewardOutput, build_reward
-from run import RL_BUILDERS, load_data, run_cli
+from run import load_data, run_cli
+from training.checkpoint import find_latest_checkpoint, load_checkpoint
+from training.interrupts import TrainingError
+from training.loop import StageContext, Trainer
+from training.tracking import RunLogger
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny_llama", "algo.max_new_tokens=6", "algo.prompts_per_step=2", "data.eval_size=2",
         "trainer.eval_batch_size=2", "logger.mode=disabled", "data.source=local", "trainer.log_samples=0"]
 GROUPS = {"grpo": ["algo=grpo", "algo.group_size=2", "algo.minibatch_size=4"],
-          "ppo": ["algo=ppo", "algo.samples_per_prompt=2", "algo.minibatch_size=4"]}
+          "ppo": ["algo=ppo", "algo.group_size=2", "algo.minibatch_size=4"]}
 
 
 def config(overrides: list[str]):
@@ -54,14 +55,13 @@ def make_trainer(tokenizer, run_dir: Path, overrides: list[str], wrap=lambda r: 
     cfg = validate(config(overrides))
     generator = torch.Generator().manual_seed(cfg.seed)
     policy = policy if policy is not None else load_causal_lm(cfg.model, tokenizer)
-    train_rows, eval_rows, _ = load_data(cfg, tokenizer)
+    train_rows, _eval_rows, _ = load_data(cfg, tokenizer)
     reward = wrap(build_reward(cfg.reward))
-    algo, optimizers = RL_BUILDERS[cfg.algo.name](cfg, policy, tokenizer, reward, generator)
     logger = RunLogger(cfg.logger, run_dir, {}, run_name="test", group="test")
-    sampler = PromptSampler(train_rows, algo.prompts_per_step, seed=cfg.seed)
-    sampling = {"max_new_tokens": cfg.algo.max_new_tokens, "temperature": 1.0, "top_p": 1.0}
-    return Trainer(cfg.trainer, algo, sampler, eval_rows[:0], logger, run_dir, policy, tokenizer, lambda *a: None,
-                   optimizers, sampling, cfg.seed, generator), logger
+    ctx = StageContext(cfg, run_dir, policy=policy, tokenizer=tokenizer, train_rows=train_rows, reward_fn=reward,
+                       logger=logger, generator=generator)  # no eval rows: evaluate() has nothing to do
+    built = get_stage(cfg.algo.name).build(ctx)
+    return Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator), logger
 
 
 def logged(run_dir: Path) -> dict[int, dict]:
@@ -132,8 +132,8 @@ def test_degenerate_batches_give_no_nan(tmp_path, tokenizer, tiny_model, algo, c
     trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS[algo], "trainer.max_steps=2", "reward=keyword",
                                                          "reward.options.keyword.keyword=zyzzyva"], policy=policy)
     rollouts = []
-    step = trainer.algo.step
-    trainer.algo.step = lambda rows: (out := step(rows), rollouts.append(out[1]))[0]
+    sample = trainer.algo.sample  # records each step's rollout
+    trainer.algo.sample = lambda *args: (out := sample(*args), rollouts.append(out[0]))[0]
     trainer.fit()
     logger.finish()
     for rollout in rollouts:
@@ -149,7 +149,7 @@ def test_degenerate_batches_give_no_nan(tmp_path, tokenizer, tiny_model, algo, c
     assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
 
 
-def flaky(prompts, completions, id, **_):  # noqa: A002 - the data column is called id
+def flaky(prompts, completions, id, **_):
     """Raises on odd rows, NaN on rows divisible by 4, else 1: a broken user reward."""
     if any(int(i) % 2 for i in id):
         raise RuntimeError("reward service timed out")

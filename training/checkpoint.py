@@ -113,7 +113,7 @@ def save_checkpoint(
 
     `extra_models`: name -> a model with `save(dir)` and `load_weights(dir)` (models.heads), written to
     `directory/name`. `generators`: the run's own sampling generators, saved with the global RNGs.
-    `full_state`: an `algorithms.fsdp.FullState`, the gathered weights and optimizer states of sharded
+    `full_state`: an `parallel.fsdp.FullState`, the gathered weights and optimizer states of sharded
     models, written instead of the models' own (sharded) ones.
     """
     directory = Path(directory)
@@ -255,8 +255,8 @@ def load_checkpoint(
 
     Restores weights, optimizer and scheduler states and every RNG state (global and `generators`).
     """
-    from algorithms.fsdp import is_sharded, load_full_state
     from models.loading import load_weights_into, read_weights
+    from parallel.fsdp import is_sharded, load_full_state
 
     directory = Path(directory)
     verify_checkpoint(directory)
@@ -278,9 +278,9 @@ def load_checkpoint(
                                   f"strategy that wrote it, or start from its weights (model.source=local "
                                   f"model.path={directory})")
         if sharded:
-            load_full_state(model, read_weights(directory),
-                            extra_models, {name: extra.read_weights(directory / name) for name, extra in extra_models.items()},
-                            optimizers, saved)
+            weights = read_weights(directory)
+            extra_weights = {name: extra.read_weights(directory / name) for name, extra in extra_models.items()}
+            load_full_state(model, weights, extra_models, extra_weights, optimizers, saved)
         else:
             load_weights_into(model, directory)
             for name, extra in extra_models.items():

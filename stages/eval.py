@@ -10,16 +10,42 @@ when `algo.before_path` names another model, by that one too, side by side in `a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from algorithms.tracking import RunLogger, sample_records
-from algorithms.trainer import evaluate_policy
-from conf.schema import Config, ModelConfig
+from algorithms.evaluate import evaluate_policy
+from algorithms.policy_gradient import EVAL_SEED_OFFSET
+from conf.checks import check_choice, check_range
+from conf.registry import register_stage
+from conf.schema import ModelConfig
 from models.loading import load_causal_lm
 from rewards.accuracy import accuracy
 from rewards.format import is_think_format, with_prefill
+from training.loop import StageContext
+from training.tracking import sample_records
+
+
+@dataclass
+class EvalConfig:
+    name: str = "eval"
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 1.0
+    accuracy_metric: str = "f1"  # f1 | exact | contains: the extracted answer against the ground truth
+    before_path: str | None = None  # a model directory (or "embedded") whose answers go beside the model's
+    num_answers: int = 3  # held-out questions whose answers are written to answers.md
+    # questions (case-insensitive substrings) always written to answers.md when some row contains them
+    fixed_questions: list[str] = field(default_factory=lambda: ["61-year-old woman", "cystometry"])
+
+    def __post_init__(self) -> None:
+        check_choice("algo.accuracy_metric", self.accuracy_metric, ("f1", "exact", "contains"))
+        check_range("algo.max_new_tokens", self.max_new_tokens, 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+        check_range("algo.num_answers", self.num_answers, 0)
+
 
 ANSWERS_FILE = "answers.md"
 EVAL_FILE = "eval.json"
@@ -91,14 +117,17 @@ def answer_questions(model, tokenizer, rows: list[dict], reward_fn, sampling: di
     return completions, scores
 
 
-def run_eval(cfg: Config, policy, tokenizer, train_rows: list[dict], eval_rows: list[dict], reward_fn,
-             logger: RunLogger, run_dir: Path) -> dict[str, float]:
+@register_stage("eval", EvalConfig, kind="pass", uses_rewards=True, objective="eval/reward/total_mean")
+def run_eval(ctx: StageContext) -> dict[str, float]:
     """The algo=eval stage: metrics on every held-out prompt (eval.json, metrics.jsonl), answers.md."""
+    cfg, policy, tokenizer, reward_fn = ctx.cfg, ctx.policy, ctx.tokenizer, ctx.reward_fn
+    logger, run_dir = ctx.logger, ctx.run_dir
+    train_rows, eval_rows = ctx.train_rows, ctx.eval_rows
     algo, tcfg = cfg.algo, cfg.trainer
     if not eval_rows:
         raise ValueError("algo=eval needs held-out rows: set data.eval_size to at least 1")
     sampling = {"max_new_tokens": algo.max_new_tokens, "temperature": algo.temperature, "top_p": algo.top_p}
-    seed = cfg.seed + 10_000  # the RL trainer's eval seed: the same prompts get the same random stream
+    seed = cfg.seed + EVAL_SEED_OFFSET  # the RL algorithms' eval seed: the same prompts, the same random stream
     metrics, batches = evaluate_policy(policy, tokenizer, eval_rows, reward_fn, sampling, tcfg.eval_batch_size, seed)
     prompts = [p for rollout, _ in batches for p in rollout.prompts]
     completions = [c for rollout, _ in batches for c in rollout.completions]

@@ -15,16 +15,43 @@ SFT data with the rejection-sampled rows.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from algorithms.rollout import generate_rollout
-from algorithms.tracking import RunLogger
-from conf.schema import Config
+from conf.checks import check_range
+from conf.registry import register_stage
 from rewards.format import is_think_format, with_prefill
 from rewards.text import THINK_CLOSE, THINK_OPEN
+from training.loop import StageContext
+
+
+@dataclass
+class RejectionSamplingConfig:
+    name: str = "rejection_sampling"
+    samples_per_prompt: int = 4  # k completions per prompt
+    num_prompts: int | None = None  # training prompts sampled (null = all)
+    batch_size: int = 4  # prompts per generation batch
+    max_new_tokens: int = 160
+    temperature: float = 1.0
+    top_p: float = 1.0
+    threshold: float = 0.0  # the best sample is kept only if its total reward exceeds this
+    # rows of the original data (their reference CoT and response) appended to the output, as R1 mixes
+    # non-RL SFT data with the rejection-sampled rows; 0 = none
+    source_rows: int = 0
+    output: str = "sft_rows.jsonl"  # file name in the run dir
+
+    def __post_init__(self) -> None:
+        for key in ("samples_per_prompt", "batch_size", "max_new_tokens"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        if self.num_prompts is not None:
+            check_range("algo.num_prompts", self.num_prompts, 1)
+        check_range("algo.source_rows", self.source_rows, 0)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
 
 
 def split_think(prompt: str, completion: str) -> tuple[str, str] | None:
@@ -70,10 +97,13 @@ def select(prompts: list[str], completions: list[str], rows: list[dict], totals:
     return kept, rejected
 
 
-def rejection_sample(cfg: Config, policy, tokenizer, train_rows: list[dict], reward_fn, logger: RunLogger,
-                     run_dir: Path, generator: torch.Generator) -> dict[str, float]:
+@register_stage("rejection_sampling", RejectionSamplingConfig, kind="pass", uses_rewards=True,
+                objective="rs/acceptance_rate")
+def rejection_sample(ctx: StageContext) -> dict[str, float]:
     """The algo=rejection_sampling stage: writes <run_dir>/<algo.output>; returns the acceptance rate and
     reward statistics."""
+    cfg, policy, tokenizer, train_rows, reward_fn = ctx.cfg, ctx.policy, ctx.tokenizer, ctx.train_rows, ctx.reward_fn
+    logger, run_dir, generator = ctx.logger, ctx.run_dir, ctx.generator
     algo = cfg.algo
     prompts_rows = train_rows[: algo.num_prompts] if algo.num_prompts else train_rows
     kept: list[dict] = []

@@ -6,14 +6,14 @@ import json
 
 import torch
 
-from algorithms.common import actor_target
-from algorithms.rejection_sampling import rejection_sample, select, split_think
-from algorithms.sft import collate, encode_example, sft_update
-from algorithms.tracking import RunLogger
-from conf.schema import (Config, DataConfig, LoggerConfig, ModelConfig, RejectionSamplingConfig, RewardConfig,
-                         TrainerConfig)
+from conf.schema import Config, DataConfig, LoggerConfig, ModelConfig, RewardConfig, TrainerConfig
 from data.loading import attach_prompts, load_examples, render_prompt
 from rewards import CombinedReward
+from stages.rejection_sampling import RejectionSamplingConfig, rejection_sample, select, split_think
+from stages.sft import collate, encode_example, sft_update
+from training.loop import StageContext
+from training.tracking import RunLogger
+from training.update import actor_target
 
 ROW = {"question": "Q?", "answer": "blood", "reference": "", "cot": "", "options": None, "kind": "open", "id": "0"}
 
@@ -56,8 +56,9 @@ def test_rejection_sampling_writes_valid_sft_rows_that_pass(tiny_model, tokenize
     cfg = Config(model=ModelConfig(), data=DataConfig(), reward=RewardConfig(), algo=algo, trainer=TrainerConfig(),
                  logger=LoggerConfig(mode="disabled"))
     logger = RunLogger(cfg.logger, tmp_path, {}, "rs", "test")
-    metrics = rejection_sample(cfg, tiny_model, tokenizer, rows, reward_fn, logger, tmp_path,
-                               torch.Generator().manual_seed(0))
+    metrics = rejection_sample(StageContext(cfg, tmp_path, policy=tiny_model, tokenizer=tokenizer, train_rows=rows,
+                                            reward_fn=reward_fn, logger=logger,
+                                            generator=torch.Generator().manual_seed(0)))
     logger.finish()
 
     written = [json.loads(line) for line in (tmp_path / "sft_rows.jsonl").read_text().splitlines()]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from algorithms.pipeline import shared_overrides, summary_table
-from conf.schema import ConfigError, PipelineConfig, StageConfig
+from conf.schema import ConfigError
+from stages.pipeline import PipelineConfig, StageConfig, shared_overrides, summary_table
 from tests.test_run import read_metrics, run_py
 
 TINY_COMMON = ["model=tiny_llama", "trainer.max_steps=1", "data.eval_size=2", "trainer.eval_batch_size=2",
@@ -18,7 +18,7 @@ def test_pipeline_config_checks_stage_names_and_data_sources():
     stages = {"sft": StageConfig(algo="sft"), "rs": StageConfig(algo="rejection_sampling"),
               "sft2": StageConfig(algo="sft", data_from="rs")}
     PipelineConfig(order=["sft", "rs", "sft2"], stages=stages)  # valid
-    with pytest.raises(ConfigError, match="no entry in algo.stages"):
+    with pytest.raises(ConfigError, match=r"no entry in algo.stages"):
         PipelineConfig(order=["sft", "grpo"], stages=stages)
     with pytest.raises(ConfigError, match="must run before it"):
         PipelineConfig(order=["sft2", "rs"], stages=stages)

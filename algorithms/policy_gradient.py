@@ -1,0 +1,184 @@
+"""What every policy-gradient algorithm here shares: its config base, its state, and the pieces of a step.
+
+An algorithm file (grpo.py, ppo.py, rloo.py, reinforce_pp.py) declares its config as a subclass of
+`PolicyGradientConfig` (only the options it adds, and the defaults it changes), subclasses
+`PolicyGradient`, writes its `step()` top to bottom from the pieces below (sample and score, old and
+reference log-probs, the clipped policy update, the metrics), and registers a builder
+(conf.registry.register_stage). They differ in the advantage estimator, the critic and where the KL
+enters; sampling, scoring, log-probs, the KL estimators, the loss aggregation and the loop are these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors, sample_and_score, sequence_mean
+from algorithms.compute import model_params, step_compute_metrics
+from algorithms.evaluate import evaluate_policy
+from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, accumulation_weight, kl_estimate
+from algorithms.objective import policy_objective
+from algorithms.rollout import Rollout
+from conf.checks import check_choice, check_range
+from data.loading import Batch, PromptSampler
+from models.scale import reference_model
+from parallel.fsdp import shard_models
+from rewards.combine import RewardOutput
+from training.loop import Built, StageContext, StepOutput
+from training.timers import PhaseTimer
+from training.tracking import sample_records
+from training.update import OptimTarget, actor_target, minibatch_update
+
+EVAL_SEED_OFFSET = 10_000  # held-out samples are drawn with seed + this at every eval: comparable across steps
+
+
+@dataclass
+class PolicyGradientConfig:
+    """The options of every policy-gradient algorithm (algo.*); a subclass adds its own and may change defaults."""
+
+    name: str = "policy_gradient"
+    prompts_per_step: int = 2  # P prompts per RL step
+    group_size: int = 4  # G samples per prompt; N = P * G sequences per step
+    num_iterations: int = 1  # mu: optimisation passes over each rollout batch (1 = on-policy, ratio starts at 1)
+    minibatch_size: int = 8  # sequences per optimiser step (N / minibatch_size optimiser steps per pass)
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
+    max_new_tokens: int = 40  # completion budget; longer completions are truncated (no EOS)
+    temperature: float = 1.0  # sampling temperature; log-probs are of the same tempered policy
+    top_p: float = 1.0  # nucleus sampling (1.0 = off); recorded log-probs stay the untruncated policy's
+    loss_type: str = "grpo"  # policy-loss aggregation: grpo | bnpo | dr_grpo | dapo | gspo (TRL's definitions)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # > clip_low is DAPO's clip-higher
+    beta: float = 0.04  # KL coefficient (in the loss or in the reward, per algorithm); 0 = no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || ref), per token)
+    ent_coef: float = 0.0  # entropy bonus coefficient (0 = none)
+    recompute_old_logp: bool = False  # true: a no-grad forward for old log-probs instead of the sampling-time ones
+    fused_loss: bool = True  # policy loss and its gradient inside the lm_head pass (models.fused_loss); not gspo
+    default_max_steps: int | None = None  # trainer.max_steps when not given (conf/trainer/default.yaml)
+
+    def __post_init__(self) -> None:
+        check_choice("algo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("algo.loss_type", self.loss_type, LOSS_TYPES)
+        for key in ("prompts_per_step", "group_size", "num_iterations", "minibatch_size", "micro_batch_size",
+                    "max_new_tokens"):
+            check_range(f"algo.{key}", getattr(self, key), 1)
+        check_range("algo.temperature", self.temperature, 1e-3)
+        check_range("algo.top_p", self.top_p, 1e-3, 1.0)
+        for key in ("beta", "clip_low", "clip_high", "ent_coef"):
+            check_range(f"algo.{key}", getattr(self, key), 0.0)
+
+
+class PolicyGradient:
+    """The state every policy-gradient algorithm holds, and the steps they share."""
+
+    progress = {"reward": "reward/total_mean", "len": "completion/length_mean"}
+
+    def __init__(self, cfg: PolicyGradientConfig, ctx: StageContext, reference: torch.nn.Module | None,
+                 targets: list[OptimTarget], critic: torch.nn.Module | None = None):
+        self.cfg = cfg
+        self.policy, self.tokenizer, self.reward_fn = ctx.policy, ctx.tokenizer, ctx.reward_fn
+        self.reference = reference  # None when beta == 0: no reference forward at all
+        self.critic = critic
+        self.targets = targets  # the optimisers one update steps together (PPO: actor and critic)
+        self.generator = ctx.generator  # sampling and minibatch order (checkpointed by the loop)
+        self.eval_rows = ctx.eval_rows
+        self.eval_batch_size = ctx.cfg.trainer.eval_batch_size
+        self.eval_seed = ctx.cfg.seed + EVAL_SEED_OFFSET
+        self.params = model_params(self.policy, reference, critic, self.reward_fn)
+
+    # ---- what the loop uses (training.loop.Algorithm) -------------------------------------------
+    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+        return {} if self.critic is None else {"critic": self.critic}  # the policy is saved by the loop
+
+    def state_dict(self) -> dict:
+        return {}  # nothing beyond the weights, optimisers and RNGs the loop saves
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def evaluate(self) -> dict[str, float]:
+        """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
+        sampling = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
+                    "top_p": self.cfg.top_p}
+        metrics, _ = evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.reward_fn, sampling,
+                                     self.eval_batch_size, self.eval_seed)
+        return {f"eval/{key}": value for key, value in metrics.items()}
+
+    # ---- the shared pieces of a step ---------------------------------------------------------------
+    def sample(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput, dict[str, Tensor]]:
+        """G samples per prompt (group-contiguous), their rewards, and the rollout as [N, ...] tensors
+        with old_logp (sampling-time, or recomputed) and ref_logp (when there is a reference)."""
+        cfg = self.cfg
+        rollout, scored = sample_and_score(self.policy, self.tokenizer, self.reward_fn, batch.rows, batch.seeds,
+                                           cfg, self.generator, timer)
+        tensors = rollout_tensors(rollout)
+        if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
+            with timer("old_logp"):
+                tensors["old_logp"] = batched_logprobs(self.policy, rollout, cfg.micro_batch_size, cfg.temperature)
+        if self.reference is not None:
+            with timer("reference"):
+                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, cfg.micro_batch_size,
+                                                       cfg.temperature)
+        return rollout, scored, tensors
+
+    def kl_penalty(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(k1 [N, Tc], the configured estimator [N, Tc]) of the sampling policy against the reference,
+        0 on padding and without a reference: the per-token KL that algorithms with the KL in the reward
+        subtract (times beta), and the k1 they report."""
+        mask, old = tensors["completion_mask"], tensors["old_logp"]
+        if "ref_logp" not in tensors:
+            return torch.zeros_like(old), torch.zeros_like(old)
+        ref = tensors["ref_logp"]
+        return (old - ref) * mask, kl_estimate(old, ref, self.cfg.kl_estimator) * mask
+
+    def update_policy(self, tensors: dict[str, Tensor], timer: PhaseTimer, beta_in_loss: float) -> dict[str, float]:
+        """num_iterations passes of clipped policy loss (+ beta_in_loss * KL when > 0) - ent_coef * entropy
+        over minibatches; `tensors` carries advantages ([N] or [N, Tc]). Returns the update's statistics."""
+        cfg = self.cfg
+
+        def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
+            objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
+                                         weight=accumulation_weight(cfg.loss_type, share), beta=beta_in_loss,
+                                         entropy_weight=cfg.ent_coef * share)
+            stats = objective.stats
+            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
+            stats["loss"] = objective.policy_loss
+            return objective.loss, stats
+
+        with timer("train"):
+            self.policy.train()
+            stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
+                                     cfg.micro_batch_size, self.generator)
+            self.policy.eval()
+        return stats
+
+    def step_output(self, rollout: Rollout, scored: RewardOutput, rewards: Tensor, metrics: dict[str, float],
+                    timer: PhaseTimer) -> StepOutput:
+        """The metrics every RL step logs (samples, rewards, cost, phase times) around the algorithm's own,
+        and the sample records."""
+        out = rollout_metrics(rollout, rewards, scored.parts, scored.failures)
+        out.update(metrics)
+        out.update(timer.metrics())
+        out.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
+                                        self.cfg.num_iterations, self.cfg.recompute_old_logp))
+        parts = {"total": rewards, **scored.parts}
+        return StepOutput(out, sample_records(rollout.prompts, rollout.completions, parts, len(rollout.completions)))
+
+
+def build_actor_and_reference(ctx: StageContext, lr: float | None = None, critic: torch.nn.Module | None = None
+                              ) -> tuple[torch.nn.Module | None, OptimTarget, torch.optim.Optimizer]:
+    """The frozen reference (none when algo.beta = 0), every model sharded under fsdp, then the actor's
+    AdamW (built after sharding, which replaces the parameters)."""
+    cfg = ctx.cfg
+    reference = reference_model(ctx.policy) if cfg.algo.beta > 0 else None
+    shard_models(cfg.trainer.strategy, ctx.policy, reference, critic)
+    target, optimizer = actor_target(ctx.policy, cfg.trainer, lr=lr)
+    return reference, target, optimizer
+
+
+def build_critic_free(algorithm: type[PolicyGradient], ctx: StageContext) -> Built:
+    """A critic-free algorithm (GRPO, RLOO, REINFORCE++) on ctx.policy: the actor, its reference, its sampler."""
+    reference, target, optimizer = build_actor_and_reference(ctx)
+    algo = algorithm(ctx.cfg.algo, ctx, reference, [target])
+    return Built(algo, {"actor": optimizer}, PromptSampler(ctx.train_rows, ctx.cfg.algo.prompts_per_step, ctx.cfg.seed))

@@ -1,0 +1,115 @@
+"""The name -> stage registry that `algo=<name>` refers to: every stage (RL or not) is registered once.
+
+    @register_stage("rloo", RLOOConfig, kind="rl", objective="reward/total_mean")
+    def build_rloo(ctx: StageContext) -> Built: ...
+
+A stage's entry says everything the rest of the project needs to know about it, so that run.py, the
+config schema, the pipeline and the memory projection read it here instead of listing names:
+- `config`: the dataclass of `algo.*` (types, choices and the only defaults; conf/algo/<name>.yaml
+  names the choice and holds overrides);
+- `kind`: how run.py runs it — `rl` and `supervised` stages are built (`build(ctx) -> Built`) and run by
+  the one training loop (training.loop.Trainer: resume, Ctrl-C checkpoints, the NaN guard, logging);
+  `pass` stages (eval, rejection sampling) are one pass over the data (`run(ctx) -> metrics`); a
+  `driver` (the pipeline) runs other stages and loads no model itself;
+- `trains_policy`: it writes checkpoints/final, a policy the next pipeline stage starts from;
+- `uses_rewards`: it scores samples with the configured reward functions;
+- `objective`: the metric run.py returns to a sweeper (Optuna, ...);
+- `models`: the models an RL algorithm keeps besides the actor (`reference`, `critic`): the memory
+  projection (models.memory) counts them.
+
+Modules register on import; `discover()` imports every module of STAGE_PACKAGES (run.py calls it), so
+a new algorithm needs no line anywhere else. This module imports none of them: it stays at the bottom
+of the import graph, and the modules that register point down to it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+KINDS = ("rl", "supervised", "pass", "driver")
+STAGE_PACKAGES = ("algorithms", "stages")  # packages whose modules may register stages
+SCHEMA_GROUP = "schema/algo"  # ConfigStore group of the stage dataclasses (conf/algo/*.yaml extend them)
+
+
+class UnknownStage(ValueError):
+    """`algo=<name>` names no registered stage; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type  # dataclass of algo.*
+    kind: str  # rl | supervised | pass | driver
+    build: Callable[..., Any] | None = None  # rl, supervised: build(ctx) -> Built (training.loop)
+    run: Callable[..., Any] | None = None  # pass, driver: run(ctx) -> metrics
+    trains_policy: bool = False
+    uses_rewards: bool = False
+    objective: str | None = None
+    models: tuple[str, ...] = ()  # models kept besides the actor: reference, critic
+
+    @property
+    def looped(self) -> bool:
+        """Run by the training loop (so it gets resume, interrupts and the NaN guard)."""
+        return self.kind in ("rl", "supervised")
+
+
+STAGES: dict[str, Stage] = {}
+# "done": discover() ran: STAGES holds every stage, not only those imported so far
+_discovered: dict[str, bool] = {"done": False}
+
+
+def register_stage(name: str, config: type, *, kind: str, trains_policy: bool = False, uses_rewards: bool = False,
+                   objective: str | None = None, models: tuple[str, ...] = ()) -> Callable:
+    """Decorator on a stage's builder (kind rl / supervised) or runner (pass / driver); returns it unchanged.
+
+    Also stores `config` in Hydra's ConfigStore as `schema/algo/<name>`, which conf/algo/<name>.yaml
+    extends (`defaults: [/schema/algo/<name>@_here_, _self_]`), so the dataclass holds the only defaults.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"stage {name!r}: kind={kind!r}; choose one of: {', '.join(KINDS)}")
+
+    def decorator(fn: Callable) -> Callable:
+        old = STAGES.get(name)
+        if old is not None and (old.build or old.run).__qualname__ != fn.__qualname__:
+            raise ValueError(f"stage {name!r} is already registered by {(old.build or old.run).__module__}")
+        looped = kind in ("rl", "supervised")
+        STAGES[name] = Stage(name, config, kind, build=fn if looped else None, run=None if looped else fn,
+                             trains_policy=trains_policy, uses_rewards=uses_rewards, objective=objective,
+                             models=tuple(models))
+        ConfigStore.instance().store(group=SCHEMA_GROUP, name=name, node=config)
+        return fn
+
+    return decorator
+
+
+def discover() -> dict[str, Stage]:
+    """Import every module of STAGE_PACKAGES once, so that each registers its stages; returns STAGES."""
+    if _discovered["done"]:
+        return STAGES
+    _discovered["done"] = True  # first: a module that looks a stage up while it is imported must not recurse
+    for package_name in STAGE_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{info.name}")
+    return STAGES
+
+
+def get_stage(name: str) -> Stage:
+    discover()
+    if name not in STAGES:
+        raise UnknownStage(f"algo={name!r} is not valid; choose one of: {', '.join(sorted(STAGES))}")
+    return STAGES[name]
+
+
+def stage_names(kind: str | None = None, trains_policy: bool | None = None) -> tuple[str, ...]:
+    """Registered stage names, optionally only those of one kind / that train a policy."""
+    discover()
+    return tuple(sorted(name for name, s in STAGES.items()
+                        if (kind is None or s.kind == kind)
+                        and (trains_policy is None or s.trains_policy == trains_policy)))
