@@ -66,3 +66,18 @@ def test_group_size_that_does_not_divide_the_budget_is_a_clear_error():
     with pytest.raises(ConfigError, match="choose a divisor of 8"):
         validate(composed(["experiment=grpo_group_size", "algo.group_size=3"]))
 
+
+def test_estimators_sweep_compares_four_estimators_at_one_budget():
+    cfg = composed(["experiment=estimators"], hydra=True)
+    assert dict(cfg.hydra.sweeper.params) == {"algo": "ppo,grpo,rloo,reinforce_pp", "seed": "0,1"}
+    assert cfg.experiment_name == "estimators" and "multirun/estimators/" in cfg.hydra.sweep.dir
+    runs = {algo: validate(composed(["experiment=estimators", f"algo={algo}"]))
+            for algo in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    assert {algo: sequences_per_step(c.algo) for algo, c in runs.items()} == dict.fromkeys(runs, 8)
+    assert {c.algo.max_new_tokens for c in runs.values()} == {40}
+    assert {c.trainer.max_steps for c in runs.values()} == {28}
+    assert runs["rloo"].algo.group_size >= 2  # a leave-one-out baseline needs two samples per prompt
+    first = runs["ppo"]
+    for c in runs.values():  # only the algorithm differs
+        assert (c.model, c.data, c.reward, c.trainer, c.experiment_name) == (
+            first.model, first.data, first.reward, first.trainer, "estimators")
