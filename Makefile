@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare bench lint clean
+.PHONY: install test test-fast demo compare bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ compare: install
 bench: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) experiments/bench_logprobs.py
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py
+
+# The GPU check on one GPU, offline, in about 8 minutes (experiments/gpu_check.py): Triton kernels compiled against
+# the PyTorch reference, the embedded model and an 8B-shaped random Llama under trainer=h100, FSDP on NCCL, resumes.
+# Writes $(OUT)/gpu_check.md and gpu_check.json; exits 1 when a section failed. `--tiny` runs it on the CPU.
+# Installs nothing (GPU machines may have no network): `make install` first, or `make gpu-check PY=python` in an
+# environment that has a CUDA build of torch and the packages of requirements.txt.
+OUT ?= outputs/gpu_check
+gpu-check:
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/gpu_check.py --out $(OUT)
 
 lint: install
 	$(VENV)/bin/ruff check .

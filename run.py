@@ -88,17 +88,19 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
         return stage.run(StageContext(cfg, run_dir, list(overrides), ROOT))
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device)  # torchrun's ranks, or one process
+    dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device,  # torchrun's ranks, or one process
+                                cfg.trainer.dist_timeout_min)
     check_scale_options(cfg, dist_ctx.strategy)
     checkpoint = resolve_resume(cfg.trainer.resume, run_dir)  # first: a bad path fails before any model loads
     if dist_ctx.strategy != "single":
         cfg = local_algo_config(cfg, dist_ctx.world_size)  # global batch sizes -> this rank's share
     generator = seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-    model_cfg = model_config_for(cfg.model, cfg.trainer)  # trainer.precision
+    # trainer.precision; weights that train stay fp32 under a bf16 forward (models.scale)
+    model_cfg = model_config_for(cfg.model, cfg.trainer, trains=stage.looped)
 
     tokenizer = load_tokenizer(model_cfg)
-    policy = load_causal_lm(model_cfg, tokenizer).to(dist_ctx.device)
-    policy = prepare_policy(policy, cfg.model, cfg.trainer)  # checkpointing, LoRA
+    policy = load_causal_lm(model_cfg, tokenizer, device=dist_ctx.device)
+    policy = prepare_policy(policy, cfg.model, cfg.trainer, trains=stage.looped)  # checkpointing, LoRA, autocast
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
     # built before the logger starts a run, so that a bad reward config fails first

@@ -83,7 +83,7 @@ def batched_logprobs(
 
 
 def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],
-                    failures: dict[str, int]) -> dict[str, float]:
+                    failures: dict[str, int], timeouts: dict[str, int] | None = None) -> dict[str, float]:
     """What every RL step logs about its samples and their rewards."""
     lengths = rollout.completion_lengths.float()
     metrics = {
@@ -100,6 +100,8 @@ def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Te
         metrics[f"reward/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
     for name, count in failures.items():
         metrics[f"reward/{name}_failures"] = float(count)
+    for name, count in (timeouts or {}).items():  # only with reward.timeout_s
+        metrics[f"reward/{name}_timeouts"] = float(count)
     return metrics
 
 

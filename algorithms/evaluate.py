@@ -18,7 +18,7 @@ def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total
         return max(values)
     if key.endswith("_min"):
         return min(values)
-    if key.endswith("_failures") or key == "tokens/generated":
+    if key.endswith(("_failures", "_timeouts")) or key == "tokens/generated":
         return sum(values)
     return sum(n * metrics[key] for n, metrics in batches) / total
 
@@ -34,7 +34,8 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: di
         batch_rows = rows[start : start + batch_size]
         rollout = generate_rollout(policy, tokenizer, batch_rows, 1, generator=generator, **sampling)
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
-        batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures)))
+        batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures,
+                                                         scored.timeouts)))
         scored_batches.append((rollout, scored))
     if not batches:
         return {}, []

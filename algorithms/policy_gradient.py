@@ -10,6 +10,7 @@ enters; sampling, scoring, log-probs, the KL estimators, the loss aggregation an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,13 +24,13 @@ from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout
 from conf.checks import check_choice, check_range
 from data.loading import Batch, PromptSampler
-from models.scale import reference_model
+from models.scale import autocast_dtype, compute_dtype, reference_model
 from parallel.fsdp import shard_models
 from rewards.combine import RewardOutput
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
 from training.tracking import sample_records
-from training.update import OptimTarget, actor_target, minibatch_update
+from training.update import MicroBatch, OptimTarget, actor_target, minibatch_update
 
 EVAL_SEED_OFFSET = 10_000  # held-out samples are drawn with seed + this at every eval: comparable across steps
 
@@ -53,7 +54,10 @@ class PolicyGradientConfig:
     beta: float = 0.04  # KL coefficient (in the loss or in the reward, per algorithm); 0 = no reference model
     kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || ref), per token)
     ent_coef: float = 0.0  # entropy bonus coefficient (0 = none)
-    recompute_old_logp: bool = False  # true: a no-grad forward for old log-probs instead of the sampling-time ones
+    # true: a no-grad forward for the old log-probs instead of the sampling-time ones; null: true when the model
+    # computes in bf16/fp16, where the KV-cached sampling pass and the full training pass round apart, so the
+    # ratio would not start at 1 (false in fp32: there they agree to ~1e-6 and the extra forward is saved)
+    recompute_old_logp: bool | None = None
     fused_loss: bool = True  # policy loss and its gradient inside the lm_head pass (models.fused_loss); not gspo
     default_max_steps: int | None = None  # trainer.max_steps when not given (conf/trainer/default.yaml)
 
@@ -76,11 +80,17 @@ class PolicyGradient:
 
     def __init__(self, cfg: PolicyGradientConfig, ctx: StageContext, reference: torch.nn.Module | None,
                  targets: list[OptimTarget], critic: torch.nn.Module | None = None):
+        if cfg.recompute_old_logp is None:
+            low_precision = compute_dtype(ctx.cfg.model, ctx.cfg.trainer) != "float32"
+            cfg = dataclasses.replace(cfg, recompute_old_logp=low_precision)
         self.cfg = cfg
         self.policy, self.tokenizer, self.reward_fn = ctx.policy, ctx.tokenizer, ctx.reward_fn
         self.reference = reference  # None when beta == 0: no reference forward at all
         self.critic = critic
         self.targets = targets  # the optimisers one update steps together (PPO: actor and critic)
+        # the micro-batch size every forward runs at: algo.micro_batch_size, halved by an update that ran out
+        # of memory (training.update.MicroBatch); checkpointed, so a resumed run keeps the smaller size
+        self.micro_batch = MicroBatch(cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries)
         self.generator = ctx.generator  # sampling and minibatch order (checkpointed by the loop)
         self.eval_rows = ctx.eval_rows
         self.eval_batch_size = ctx.cfg.trainer.eval_batch_size
@@ -92,10 +102,10 @@ class PolicyGradient:
         return {} if self.critic is None else {"critic": self.critic}  # the policy is saved by the loop
 
     def state_dict(self) -> dict:
-        return {}  # nothing beyond the weights, optimisers and RNGs the loop saves
+        return {"micro_batch": self.micro_batch.state_dict()}  # besides the weights, optimisers, RNGs the loop saves
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.micro_batch.load_state_dict(state.get("micro_batch"))  # absent from older checkpoints
 
     def evaluate(self) -> dict[str, float]:
         """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
@@ -115,10 +125,10 @@ class PolicyGradient:
         tensors = rollout_tensors(rollout)
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
             with timer("old_logp"):
-                tensors["old_logp"] = batched_logprobs(self.policy, rollout, cfg.micro_batch_size, cfg.temperature)
+                tensors["old_logp"] = batched_logprobs(self.policy, rollout, self.micro_batch.size, cfg.temperature)
         if self.reference is not None:
             with timer("reference"):
-                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, cfg.micro_batch_size,
+                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch.size,
                                                        cfg.temperature)
         return rollout, scored, tensors
 
@@ -149,7 +159,7 @@ class PolicyGradient:
         with timer("train"):
             self.policy.train()
             stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
-                                     cfg.micro_batch_size, self.generator)
+                                     self.micro_batch, self.generator)
             self.policy.eval()
         return stats
 
@@ -157,7 +167,7 @@ class PolicyGradient:
                     timer: PhaseTimer) -> StepOutput:
         """The metrics every RL step logs (samples, rewards, cost, phase times) around the algorithm's own,
         and the sample records."""
-        out = rollout_metrics(rollout, rewards, scored.parts, scored.failures)
+        out = rollout_metrics(rollout, rewards, scored.parts, scored.failures, scored.timeouts)
         out.update(metrics)
         out.update(timer.metrics())
         out.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
@@ -172,7 +182,8 @@ def build_actor_and_reference(ctx: StageContext, lr: float | None = None, critic
     AdamW (built after sharding, which replaces the parameters)."""
     cfg = ctx.cfg
     reference = reference_model(ctx.policy) if cfg.algo.beta > 0 else None
-    shard_models(cfg.trainer.strategy, ctx.policy, reference, critic)
+    # fp32 master weights of bf16 full fine-tuning are gathered in bf16 for compute (models.scale)
+    shard_models(cfg.trainer.strategy, ctx.policy, reference, critic, autocast_dtype(cfg.model, cfg.trainer))
     target, optimizer = actor_target(ctx.policy, cfg.trainer, lr=lr)
     return reference, target, optimizer
 

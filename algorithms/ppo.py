@@ -78,9 +78,11 @@ class PPO(PolicyGradient):
         self.kl_ctl = kl_ctl
 
     def state_dict(self) -> dict:
-        return {"kl_ctl": self.kl_ctl.state_dict()}  # the adaptive beta (critic weights: checkpoint_models)
+        # the adaptive beta (critic weights: checkpoint_models)
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def step(self, batch: Batch) -> StepOutput:
@@ -95,7 +97,7 @@ class PPO(PolicyGradient):
         # ---- OLD VALUES (no grad) -------------------------------------------------------------
         with timer("critic"):
             old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
-                                         cfg.micro_batch_size)  # [N, Tc]
+                                         self.micro_batch.size)  # [N, Tc]
 
         # ---- ALGO LOGIC: per-token rewards, GAE, whitening -----------------------------------
         beta = self.kl_ctl.value
@@ -129,7 +131,7 @@ class PPO(PolicyGradient):
             self.policy.train()
             self.critic.train()
             stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
-                                     cfg.micro_batch_size, self.generator)
+                                     self.micro_batch, self.generator)
             self.policy.eval()
             self.critic.eval()
 

@@ -59,6 +59,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 2048
+    vocab_size: int | None = None  # null: the tokenizer's (a larger one, e.g. the 8B's 128256, pads the embedding)
+    tie_word_embeddings: bool = True  # lm_head shares the input embedding (the 8B's are separate: false)
     init_seed: int = 0
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -70,6 +72,8 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.source in ("hub", "local") and not self.path:
             raise ConfigError(f"model.source={self.source} needs model.path (a hub id or a directory)")
+        if self.vocab_size is not None:
+            check_range("model.vocab_size", self.vocab_size, 1)
 
 
 @dataclass
@@ -109,6 +113,15 @@ class RewardConfig:
     # the learned reward (weights.reward_model): directory written by algo=reward_model
     path: str | None = None
     batch_size: int = 16  # completions per reward-model forward pass
+    # seconds one reward function may take on one batch (its per-sample retry after a raise included); past it
+    # the batch's samples score 0 for that reward, counted as reward/<name>_timeouts. The call runs in a thread
+    # that is abandoned, not killed (Python cannot stop a hung function). null = no limit, no thread
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"reward.timeout_s={self.timeout_s!r} must be a positive number of seconds, "
+                              "or null for no limit")
 
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -156,11 +169,21 @@ class TrainerConfig:
     save_final: bool = True  # write checkpoints/final (loadable with model.source=local model.path=...)
     resume: str | None = None  # null (fresh start) | auto (newest checkpoint of the run dir) | a path
     max_consecutive_skips: int = 5  # stop after this many steps in a row with only non-finite updates
+    # out of memory in an update's forward/backward halves the micro-batch and redoes the minibatch (gradient
+    # accumulation keeps the update the same); this many halvings over the run, then the run stops with one
+    # line (as it does at micro-batch 1). 3 takes the default micro-batch of 8 down to 1; 0 = stop at once
+    max_oom_retries: int = 3
+    # a checkpoint write that fails (a full disk): stop (one-line error; the last complete checkpoint stays
+    # intact) | warn (a warning line, training goes on, counted in checkpoint/failed_saves_total)
+    checkpoint_errors: str = "stop"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     precision: str = "auto"  # auto (model.dtype) | fp32 | bf16: the dtype the weights are loaded and run in
     gradient_checkpointing: bool = False  # recompute activations in backward (also on when the model's yaml asks)
     strategy: str = "single"  # single | ddp | fsdp (the last two launched with torchrun; fsdp: full fine-tuning)
+    # minutes a collective may wait under ddp / fsdp before the process group aborts (NCCL's watchdog): rank 0
+    # writing a large checkpoint (100 GB for PPO full fine-tuning of 8B, with checksums) keeps the others waiting
+    dist_timeout_min: float = 60.0
     # seed each prompt's samples from (seed, epoch, position in the data order): the samples then do not depend
     # on how prompts are split over ranks or batched (always on for ddp and fsdp)
     prompt_seeded_sampling: bool = False
@@ -171,6 +194,7 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
         check_choice("trainer.strategy", self.strategy, ("single", "ddp", "fsdp"))
+        check_choice("trainer.checkpoint_errors", self.checkpoint_errors, ("stop", "warn"))
         if self.strategy == "fsdp" and self.lora.enabled:
             raise ConfigError("trainer.strategy=fsdp shards full fine-tuning; with trainer.lora.enabled=true choose "
                               "trainer.strategy=ddp (or single): the frozen base is replicated, only adapters train")
@@ -179,8 +203,10 @@ class TrainerConfig:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")
         check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
+        check_range("trainer.dist_timeout_min", self.dist_timeout_min, 1.0)
         check_range("trainer.weight_decay", self.weight_decay, 0.0)
-        for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads"):
+        for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads",
+                    "max_oom_retries"):
             check_range(f"trainer.{key}", getattr(self, key), 0)
         for key in ("eval_batch_size", "max_consecutive_skips"):
             check_range(f"trainer.{key}", getattr(self, key), 1)
@@ -194,9 +220,14 @@ class LoggerConfig:
     entity: str | None = None
     group: str | None = None  # runs of one experiment are grouped under this name
     tags: list[str] = field(default_factory=list)
+    # online: seconds wandb.init may wait for the server; unreachable (or no API key), the run logs offline in
+    # the run dir instead, with one warning line and the `wandb sync` command at the end (wandb's own is 90)
+    init_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+        if not self.init_timeout_s > 0:
+            raise ConfigError(f"logger.init_timeout_s={self.init_timeout_s!r} must be a positive number of seconds")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from models.logprobs import (
+    chunk_budget,
     completion_pass,
     default_chunk_rows,
     logit_grad,
@@ -167,7 +168,7 @@ def fused_token_loss(
     mask: Tensor | None = None,  # [B, T] 1 = real token; padded positions are never projected nor scored
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block
+    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block (512 MiB on a GPU)
     backend: str = "auto",  # auto (Triton on CUDA when installed, else torch) | torch | triton
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """sum over real positions of token_loss(logp, entropy, positions), with logp = log softmax(hidden @ W.T /
@@ -179,7 +180,7 @@ def fused_token_loss(
     """
     B, T, _ = hidden.shape
     backend = pick_backend(backend, hidden.device)
-    chunk = chunk or default_chunk_rows(lm_head_weight.shape[0])
+    chunk = chunk or default_chunk_rows(lm_head_weight.shape[0], chunk_budget(hidden.device))
     flat_hidden, flat_tokens, positions = real_rows(hidden, tokens, mask)  # only real positions reach lm_head
     loss, logp, entropy = _FusedLinearTokenLoss.apply(flat_hidden, lm_head_weight, flat_tokens, positions, token_loss,
                                                       chunk, 1.0 / temperature, with_entropy, backend)

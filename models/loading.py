@@ -142,30 +142,39 @@ def chat_template(name: str) -> str:
     return path.read_text()
 
 
-def random_llama(cfg: ModelConfig, vocab_size: int) -> LlamaForCausalLM:
-    """A small Llama with seeded random weights: the same code path as real models, in seconds."""
+def random_llama(cfg: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """A Llama with seeded random weights: the same code path as real models, in seconds.
+
+    Built on `device` in cfg.dtype directly (an 8B model initialises on a GPU in seconds, never on the
+    CPU); the seed drives that device's generator, so one seed gives other weights on a GPU than on a CPU.
+    """
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=cfg.vocab_size or vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), device:
         torch.manual_seed(cfg.init_seed)
-        model = LlamaForCausalLM(config)
-    return model.to(DTYPES[cfg.dtype])
+        return LlamaForCausalLM._from_config(config, dtype=DTYPES[cfg.dtype])
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
-    """The causal LM described by `cfg` (weights in cfg.dtype, train mode off)."""
+def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+                   device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The causal LM described by `cfg` on `device` (weights in cfg.dtype, train mode off)."""
     if cfg.source == "random":
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg)
-        model = random_llama(cfg, vocab_size=len(tokenizer))
+        if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
+            raise ModelLoadError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                                 f"{len(tokenizer)} tokens; raise it or leave it null")
+        model = random_llama(cfg, vocab_size=len(tokenizer), device=device)
     else:
         name, kwargs = _pretrained_source(cfg)
         try:
@@ -174,6 +183,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None =
             )
         except OSError as err:
             raise _hub_error(cfg, err) from None
+        model = model.to(device)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:

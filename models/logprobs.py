@@ -32,7 +32,18 @@ from torch import Tensor
 from models.forward import completion_hidden
 
 BACKENDS = ("auto", "torch", "triton")
-CHUNK_BYTES = 32 * 2**20  # one fp32 [chunk, V] block of logits: 32 MiB (170 rows at V = 49152)
+CHUNK_BYTES = 32 * 2**20  # one fp32 [chunk, V] block of logits on a CPU: 32 MiB (170 rows at V = 49152)
+# on a GPU: 512 MiB (1046 rows at V = 128256). Each chunk's [rows, H] x [H, V] matmul reads all of lm_head
+# (1 GiB for the 8B model): at 65 rows (32 MiB) that read dominates, at ~1000 rows the matmul is compute-bound
+CUDA_CHUNK_BYTES = 512 * 2**20
+
+
+def chunk_budget(device: torch.device | str | None) -> int:
+    """Bytes of one fp32 [chunk, V] block: CHUNK_BYTES on a CPU; on a GPU CUDA_CHUNK_BYTES, at most 1/64 of
+    its memory."""
+    if device is None or torch.device(device).type != "cuda":
+        return CHUNK_BYTES
+    return min(CUDA_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 64)
 
 
 def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
@@ -173,7 +184,7 @@ def token_logprobs(
     logits: Tensor,  # [B, T, V] any float dtype
     tokens: Tensor,  # [B, T] long
     temperature: float = 1.0,
-    chunk_rows: int | None = None,  # None: a 32 MiB fp32 [chunk, V] block
+    chunk_rows: int | None = None,  # None: a 32 MiB fp32 [chunk, V] block (512 MiB on a GPU: chunk_budget)
     with_entropy: bool = False,
     entropy_grad: bool = False,
     mask: Tensor | None = None,  # [B, T] 1 = real token; padded positions give 0 and get no gradient
@@ -189,7 +200,7 @@ def token_logprobs(
     flat_tokens = tokens.reshape(B * T)
     if mask is not None:  # pad ids may be anything (-100, out of range): read a valid index there
         flat_tokens = flat_tokens.masked_fill(mask.reshape(B * T) == 0, 0)
-    chunk_rows = chunk_rows or default_chunk_rows(V)
+    chunk_rows = chunk_rows or default_chunk_rows(V, chunk_budget(logits.device))
     logp, entropy = _ChunkedLogprobs.apply(logits.reshape(B * T, V), flat_tokens.contiguous(), chunk_rows,
                                            1.0 / temperature, with_entropy, backend)
     logp, entropy = logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
@@ -257,7 +268,7 @@ def fused_token_logprobs(
     hidden: Tensor,  # [B, T, H] the states that predict `tokens` (already shifted)
     lm_head_weight: Tensor,  # [V, H]; tied input embeddings are fine: the gradient accumulates into it
     tokens: Tensor,  # [B, T] long
-    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block
+    chunk: int | None = None,  # rows per chunk; None: a 32 MiB fp32 [chunk, V] block (512 MiB on a GPU)
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
@@ -272,7 +283,7 @@ def fused_token_logprobs(
     B, T, _ = hidden.shape
     V = lm_head_weight.shape[0]
     backend = pick_backend(backend, hidden.device)
-    chunk = chunk or default_chunk_rows(V)
+    chunk = chunk or default_chunk_rows(V, chunk_budget(hidden.device))
     flat_hidden, flat_tokens, rows = real_rows(hidden, tokens, mask)
     logp, entropy = _FusedLinearLogprobs.apply(flat_hidden, lm_head_weight, flat_tokens, chunk, 1.0 / temperature,
                                                with_entropy, backend)

@@ -103,12 +103,13 @@ class Architecture:
 def architecture(cfg: ModelConfig, vocab_size: int | None = None) -> Architecture:
     """The shape of the model `cfg` loads: from the config (random), the known table, or config.json."""
     if cfg.source == "random":
+        vocab_size = cfg.vocab_size or vocab_size
         if vocab_size is None:
             from models.loading import load_tokenizer
 
             vocab_size = len(load_tokenizer(cfg))
         return Architecture(vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
-                            cfg.num_attention_heads, cfg.num_key_value_heads, tie_word_embeddings=True)
+                            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.tie_word_embeddings)
     if cfg.source == "hub" and cfg.path in KNOWN_ARCHITECTURES:
         return Architecture(**KNOWN_ARCHITECTURES[cfg.path])
     from transformers import AutoConfig
@@ -143,9 +144,10 @@ def project(arch: Architecture, dtype_bytes: int, lora_rank: int | None = None, 
     actor, plus a frozen reference and a trained critic when the algorithm keeps them.
 
     Full fine-tuning: the actor, the reference (a frozen copy) and the critic (a copy of the decoder
-    plus an fp32 head) each hold their weights in the model dtype; trained weights have gradients
-    and two AdamW moments in the same dtype. LoRA (lora_rank set): one base in the model dtype serves
-    all three; each adapter and the head are fp32 with fp32 gradients and moments.
+    plus an fp32 head) each hold their weights in `dtype_bytes` (4: fp32 master weights, also when the
+    model computes in bf16, models.scale); trained weights have gradients and two AdamW moments in the
+    same dtype. LoRA (lora_rank set): one base in `dtype_bytes` (the compute dtype) serves all three;
+    each adapter and the head are fp32 with fp32 gradients and moments.
     """
     P, H = arch.num_params(), arch.hidden_size
     head = H + 1  # the critic's value head, fp32
@@ -170,7 +172,8 @@ def project(arch: Architecture, dtype_bytes: int, lora_rank: int | None = None, 
 
 
 def fsdp_per_gpu(models: list[ModelMemory], arch: Architecture, dtype_bytes: int, gpus: int) -> tuple[float, float]:
-    """(sharded static bytes per GPU, transient gathered bytes) under trainer.strategy=fsdp on `gpus` GPUs.
+    """(sharded static bytes per GPU, transient gathered bytes) under trainer.strategy=fsdp on `gpus` GPUs;
+    dtype_bytes: the compute dtype's, which FSDP gathers the weights in.
 
     Every model's weights, gradients and AdamW state are split evenly over the GPUs; on top of its
     shard a GPU holds the actor's full weights while sampling (generation runs on gathered weights,
@@ -187,16 +190,19 @@ def report(cfg: Config, arch: Architecture, algos: dict[str, tuple[str, ...]], g
         uncounted = sorted(set(kept) - set(EXTRA_MODELS))
         if uncounted:
             raise ValueError(f"{algo} keeps {uncounted}: the projection counts only {', '.join(EXTRA_MODELS)}")
-    from models.scale import model_config_for
+    from models.scale import compute_dtype, model_config_for
 
-    model_cfg = model_config_for(cfg.model, cfg.trainer)
+    model_cfg = model_config_for(cfg.model, cfg.trainer)  # the dtype the weights are held in
     b = DTYPE_BYTES[model_cfg.dtype]
+    compute = compute_dtype(cfg.model, cfg.trainer)
+    cb = DTYPE_BYTES[compute]  # activations, KV cache and gathered weights
     ckpt = cfg.model.gradient_checkpointing or cfg.trainer.gradient_checkpointing
     lora = cfg.trainer.lora
-    act = arch.activation_bytes_per_token(b, ckpt)
+    act = arch.activation_bytes_per_token(cb, ckpt)
     logits = arch.logits_bytes_per_token()
-    kv = arch.kv_cache_bytes_per_token(b)
-    lines = [f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {model_cfg.dtype}, "
+    kv = arch.kv_cache_bytes_per_token(cb)
+    dtype = compute if compute == model_cfg.dtype else f"{compute} compute on {model_cfg.dtype} master weights"
+    lines = [f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {dtype}, "
              f"{'LoRA r=' + str(lora.rank) if lora.enabled else 'full fine-tuning'}, "
              f"activation checkpointing {'on' if ckpt else 'off'}", ""]
     for algo, kept in algos.items():
@@ -212,7 +218,7 @@ def report(cfg: Config, arch: Architecture, algos: dict[str, tuple[str, ...]], g
         trained = 2 if critic else 1  # a critic runs its own decoder pass with activations
         lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", ""]
         if cfg.trainer.strategy == "fsdp":
-            shard, gathered = fsdp_per_gpu(models, arch, b, gpus)
+            shard, gathered = fsdp_per_gpu(models, arch, cb, gpus)
             lines += [(f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW "
                        f"state per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling"), ""]
         lines += [(f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "

@@ -31,6 +31,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,10 +54,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(strategy: str, device: str) -> DistContext:
+def init_distributed(strategy: str, device: str, timeout_min: float = 60.0) -> DistContext:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); single: one process, no group.
 
     device: trainer.device (auto | cpu | cuda); under torchrun a CUDA rank takes cuda:LOCAL_RANK.
+    timeout_min: trainer.dist_timeout_min, how long a collective waits (the other ranks wait in one while
+    rank 0 writes a checkpoint) before the group aborts; torch's own default is 10 minutes under NCCL.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -74,7 +77,7 @@ def init_distributed(strategy: str, device: str) -> DistContext:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_min))
     return DistContext(strategy, dist.get_rank(), dist.get_world_size(), local_rank,
                        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
@@ -191,20 +194,31 @@ def average_gradients(params: list[torch.nn.Parameter], finite: bool) -> bool:
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """One step's metrics over all ranks: max of maxima (and of times: the slowest rank sets the pace),
-    min of minima, sums of counts (tokens, FLOPs, failures), means of the rest (equal-sized shards)."""
+    min of minima, sums of counts (tokens, FLOPs, reward failures and timeouts, OOM retries), means of the
+    rest (equal-sized shards).
+
+    The ranks need not report the same keys (a rank whose every micro-batch was non-finite has no loss
+    statistics): the key sets are gathered first, and a key is reduced over the ranks that have it, so every
+    rank sends tensors of one size in one order and gets the same result.
+    """
     world = world_size()
     if world == 1:
         return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    is_max = torch.tensor([k.endswith("_max") or k.startswith("time/") for k in keys])
-    is_min = torch.tensor([k.endswith("_min") for k in keys])
-    is_sum = torch.tensor([k.startswith(("tokens/", "compute/")) or k.endswith("_failures") for k in keys])
-    sums = all_reduce_(values.clone())
-    maxes = all_reduce_(values.clone(), dist.ReduceOp.MAX)
-    mins = all_reduce_(values.clone(), dist.ReduceOp.MIN)
-    is_max, is_min, is_sum = (t.to(values.device) for t in (is_max, is_min, is_sum))
-    out = torch.where(is_max, maxes, torch.where(is_min, mins, torch.where(is_sum, sums, sums / world)))
+    key_sets: list[list[str] | None] = [None] * world
+    dist.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted(set().union(*key_sets))
+    device = comm_device()
+    have = torch.tensor([k in metrics for k in keys], device=device)
+    values = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    is_max = torch.tensor([k.endswith("_max") or k.startswith("time/") for k in keys], device=device)
+    is_min = torch.tensor([k.endswith("_min") for k in keys], device=device)
+    is_sum = torch.tensor([k.startswith(("tokens/", "compute/")) or k.endswith(("_failures", "_timeouts"))
+                           or k == "oom/retries" for k in keys], device=device)
+    sums = all_reduce_(values.clone())  # a missing key adds 0
+    ranks = all_reduce_(have.double())  # how many ranks have each key
+    maxes = all_reduce_(torch.where(have, values, -torch.inf), dist.ReduceOp.MAX)
+    mins = all_reduce_(torch.where(have, values, torch.inf), dist.ReduceOp.MIN)
+    out = torch.where(is_max, maxes, torch.where(is_min, mins, torch.where(is_sum, sums, sums / ranks)))
     return {k: float(v) for k, v in zip(keys, out)}
 
 

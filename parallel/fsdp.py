@@ -22,6 +22,9 @@ FSDP only knows a module's `forward`; the RL code reaches a model through other 
   format, so the weights load anywhere (model.source=local); optimizer states are saved keyed by
   parameter name, so a resume of an fsdp checkpoint needs fsdp.
 Gradients are reduce-scattered in fp32 and averaged over ranks, as `average_gradients` does for ddp.
+Full fine-tuning in bf16 keeps fp32 weights (models.scale): FSDP2 gathers them in bf16 for compute
+(`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), so gradients, AdamW state and the
+checkpointed weights stay fp32; a critic's head computes in fp32.
 """
 
 from __future__ import annotations
@@ -63,37 +66,40 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """fully_shard `model` in place over all ranks: its decoder layers, then the root."""
+def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """fully_shard `model` in place over all ranks: its decoder layers, then the root.
+
+    param_dtype: the dtype the (fp32 master) weights are gathered in for compute, e.g. bf16; None: their own.
+    """
     if is_sharded(model):
         return model
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layer_classes = _layer_classes(model)
     if not layer_classes:
         raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
     for module in model.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh, mp_policy=policy)
-    head = getattr(model, "head", None)  # a critic's fp32 head next to a bf16 backbone
+    head = getattr(model, "head", None)  # a critic's fp32 head next to a bf16 backbone: computes in fp32
     if isinstance(head, nn.Linear):
-        fully_shard(head, mesh=mesh, mp_policy=policy)
+        fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=policy)
     set_prefill_agreement(any_rank)  # models.forward: one prefill per prompt on every rank, or on none
     return model
 
 
-def shard_policy(model: nn.Module, device: torch.device) -> nn.Module:
+def shard_policy(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
     """A causal LM (actor or reference): its log-prob pass becomes an FSDP forward method."""
-    shard_model(model, device)
+    shard_model(model, device, param_dtype)
     setattr(model, SHARDED_METHOD, types.MethodType(direct_completion_pass, model))
     register_fsdp_forward_method(model, SHARDED_METHOD)
     return model
 
 
-def shard_critic(critic: nn.Module, device: torch.device) -> nn.Module:
+def shard_critic(critic: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
     """A models.heads.ValueModel: `values` becomes an FSDP forward method."""
-    shard_model(critic, device)
+    shard_model(critic, device, param_dtype)
     register_fsdp_forward_method(critic, "values")
     return critic
 
@@ -186,14 +192,15 @@ def load_full_state(policy: nn.Module, policy_state: dict[str, torch.Tensor],
 
 
 def shard_models(strategy: str, policy: nn.Module, reference: nn.Module | None,
-                 critic: nn.Module | None = None) -> None:
+                 critic: nn.Module | None = None, param_dtype: torch.dtype | None = None) -> None:
     """Under trainer.strategy=fsdp, fully_shard the models in place (before their optimisers are built:
-    sharding replaces the parameters); otherwise nothing."""
+    sharding replaces the parameters); otherwise nothing. param_dtype: the compute dtype of fp32 master
+    weights (models.scale.autocast_dtype), None when the weights compute in their own dtype."""
     if strategy != "fsdp":
         return
     device = next(policy.parameters()).device
     for model in (policy, reference):
         if model is not None:
-            shard_policy(model, device)
+            shard_policy(model, device, param_dtype)
     if critic is not None:
-        shard_critic(critic, device)
+        shard_critic(critic, device, param_dtype)

@@ -27,7 +27,7 @@ from data.loading import Batch, PromptSampler
 from models.heads import RewardModel, encode_texts
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
-from training.update import OptimTarget, minibatch_update, optim_target
+from training.update import MicroBatch, OptimTarget, minibatch_update, optim_target
 
 REJECTED = ("other_response", "truncated", "policy_sample")
 BT_STATS = ("loss", "accuracy", "margin")  # the update's statistics logged under rm/
@@ -125,8 +125,8 @@ def pair_scores(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
     return scores[:, 0], scores[:, 1]
 
 
-def bt_update(rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch_size: int
-              ) -> dict[str, float]:
+def bt_update(rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarget],
+              micro_batch: MicroBatch | int) -> dict[str, float]:
     """One optimiser step on the pairs of `batch` (pair_tensors; gradients accumulated over micro-batches);
     returns the mean loss, accuracy and margin, with minibatch_update's grad norm and optimizer_steps /
     skipped_steps (a non-finite loss or gradient skips the step, as in the RL update)."""
@@ -137,7 +137,7 @@ def bt_update(rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarg
 
     rm.train()
     stats = minibatch_update(batch, loss_fn, targets, num_epochs=1, minibatch_size=batch["input_ids"].shape[0],
-                             micro_batch_size=micro_batch_size, shuffle=False)
+                             micro_batch=micro_batch, shuffle=False)
     rm.eval()
     return stats
 
@@ -163,6 +163,7 @@ class RewardModelTraining:
     def __init__(self, cfg: RewardModelConfig, ctx: StageContext, rm: RewardModel, target: OptimTarget,
                  train_rows: list[dict], eval_rows: list[dict]):
         self.cfg, self.rm, self.target = cfg, rm, target
+        self.micro_batch = MicroBatch(cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries)  # halved on OOM
         self.policy, self.tokenizer, self.generator = ctx.policy, ctx.tokenizer, ctx.generator
         self.everything = train_rows + eval_rows
         self.eval_batch_size = ctx.cfg.trainer.eval_batch_size
@@ -190,7 +191,7 @@ class RewardModelTraining:
             pairs = self.make_pairs(batch.rows, self.rng, batch.seeds)
             tensors = pair_tensors(self.tokenizer, pairs, self.rm.device)
         with timer("train"):
-            stats = bt_update(self.rm, tensors, [self.target], self.cfg.micro_batch_size)
+            stats = bt_update(self.rm, tensors, [self.target], self.micro_batch)
         # optimizer_steps / skipped_steps keep their names: the loop's NaN guard counts them
         metrics = {(f"rm/{key}" if key in BT_STATS else key): value for key, value in stats.items()}
         metrics["tokens/trained"] = float(tensors["completion_mask"].sum())  # the loop keeps the running total
@@ -208,11 +209,12 @@ class RewardModelTraining:
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()  # json: the tuple of 625 ints becomes a list
-        return {"pair_rng": [version, list(internal), gauss]}
+        return {"pair_rng": [version, list(internal), gauss], "micro_batch": self.micro_batch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["pair_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self.micro_batch.load_state_dict(state.get("micro_batch"))  # absent from older checkpoints
 
     def save(self) -> None:
         """Write the trained model (with the tokenizer) where `reward=reward_model reward.path=` loads it."""

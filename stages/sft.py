@@ -23,7 +23,7 @@ from data.loading import Batch, PromptSampler
 from rewards.text import THINK_CLOSE, THINK_OPEN
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
-from training.update import OptimTarget, actor_target, minibatch_update
+from training.update import MicroBatch, OptimTarget, actor_target, minibatch_update
 
 SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
 
@@ -151,10 +151,11 @@ def evaluate_nll(policy, examples: list[SFTExample], pad_id: int, batch_size: in
     return total / max(tokens, 1.0)
 
 
-def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch_size: int
+def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch: MicroBatch | int
                ) -> dict[str, float]:
     """One optimiser step on `batch` (gradients accumulated over micro-batches); returns its stats,
-    with minibatch_update's optimizer_steps / skipped_steps (a non-finite loss or gradient skips it)."""
+    with minibatch_update's optimizer_steps / skipped_steps (a non-finite loss or gradient skips it)
+    and its oom/ back-off counters."""
 
     def loss_fn(micro: dict[str, Tensor], share: float, batch_tokens: float):
         logp, _ = micro_logprobs(policy, micro, temperature=1.0)
@@ -164,7 +165,7 @@ def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], mic
 
     policy.train()
     stats = minibatch_update(batch, loss_fn, targets, num_epochs=1, minibatch_size=batch["completion_mask"].shape[0],
-                             micro_batch_size=micro_batch_size, shuffle=False)
+                             micro_batch=micro_batch, shuffle=False)
     policy.eval()
     return stats
 
@@ -175,8 +176,9 @@ class SFT:
     progress = {"loss": "sft/loss"}
 
     def __init__(self, cfg: SFTConfig, policy: torch.nn.Module, pad_id: int, target: OptimTarget,
-                 held_out: list[SFTExample], eval_batch_size: int):
+                 held_out: list[SFTExample], eval_batch_size: int, max_oom_retries: int):
         self.cfg, self.policy, self.pad_id, self.target = cfg, policy, pad_id, target
+        self.micro_batch = MicroBatch(cfg.micro_batch_size, max_oom_retries)  # halved on out of memory
         self.held_out, self.eval_batch_size = held_out, eval_batch_size
         self.device = next(policy.parameters()).device
 
@@ -185,7 +187,7 @@ class SFT:
         timer = PhaseTimer()
         tensors = to_device(collate(examples, self.pad_id), self.device)
         with timer("train"):
-            stats = sft_update(self.policy, tensors, [self.target], self.cfg.micro_batch_size)
+            stats = sft_update(self.policy, tensors, [self.target], self.micro_batch)
         metrics = {("sft/loss" if key == "loss" else key): value for key, value in stats.items()}
         metrics["sft/truncated_frac"] = sum(e.truncated for e in examples) / len(examples)
         # per step: the loop keeps the running tokens/trained_total (and restores it on resume)
@@ -202,10 +204,11 @@ class SFT:
         return {}  # the policy is saved by the loop
 
     def state_dict(self) -> dict:
-        return {}  # nothing beyond the weights, optimiser, schedule, RNGs and data position the loop saves
+        # besides the weights, optimiser, schedule, RNGs and data position the loop saves
+        return {"micro_batch": self.micro_batch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.micro_batch.load_state_dict(state.get("micro_batch"))  # absent from older checkpoints
 
 
 @register_stage("sft", SFTConfig, kind="supervised", trains_policy=True, objective="eval/sft/loss")
@@ -221,5 +224,6 @@ def build_sft(ctx: StageContext) -> Built:
         ctx.logger.log({"data/sft_truncated": float(sum(e.truncated for e in train + held_out)),
                         "data/sft_target_tokens_mean": sum(len(e.target_ids) for e in train) / len(train)}, step=0)
     target, optimizer = actor_target(ctx.policy, cfg.trainer, lr=algo.lr)
-    sft = SFT(algo, ctx.policy, ctx.tokenizer.pad_token_id, target, held_out, cfg.trainer.eval_batch_size)
+    sft = SFT(algo, ctx.policy, ctx.tokenizer.pad_token_id, target, held_out, cfg.trainer.eval_batch_size,
+              cfg.trainer.max_oom_retries)
     return Built(sft, {"actor": optimizer}, PromptSampler(train, algo.batch_size, seed=cfg.seed))

@@ -7,9 +7,11 @@ import json
 
 import pytest
 
-from conf.schema import ModelConfig
+from algorithms.grpo import GRPOConfig
+from conf.registry import get_stage
+from conf.schema import ModelConfig, TrainerConfig
 from models.loading import ModelLoadError, load_tokenizer
-from tests.conftest import TINY
+from tests.conftest import TINY, stage_context
 from tests.test_run import read_metrics, run_py
 
 H100_ON_TINY = ["model=tiny_llama", "trainer=h100", "model.chat_template=r1_distill", "trainer.device=cpu",
@@ -25,6 +27,16 @@ def test_r1_chat_template_renders_r1_turns():
         tokenize=False, add_generation_prompt=True)
     assert text == (f"{tokenizer.bos_token or ''}Be brief.<｜User｜>Why?<｜Assistant｜>Because."
                     "<｜end▁of▁sentence｜><｜User｜>Sure?<｜Assistant｜><think>\n")
+
+
+@pytest.mark.parametrize("precision, option, expected", [("bf16", None, True), ("fp32", None, False),
+                                                      ("bf16", False, False), ("fp32", True, True)])
+def test_old_logprobs_are_recomputed_in_bf16(precision, option, expected, tiny_model, tokenizer):
+    """null: the sampling-time log-probs serve in fp32; in bf16 (trainer=h100) they round apart from the training
+    pass's, so the ratio would not start at 1 and a no-grad pass recomputes them."""
+    ctx = stage_context(tiny_model, tokenizer, GRPOConfig(recompute_old_logp=option), train_rows=[{"prompt": "Hi."}],
+                        trainer=TrainerConfig(precision=precision))
+    assert get_stage("grpo").build(ctx).algorithm.cfg.recompute_old_logp is expected
 
 
 def test_unknown_chat_template_names_the_valid_ones():

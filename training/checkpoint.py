@@ -13,11 +13,13 @@ needs to continue exactly where it stopped:
 
 Files go to a hidden sibling temp dir that is renamed into place when complete, so a crash mid-write
 leaves the previous checkpoints untouched; a directory without a matching manifest is reported as
-incomplete or corrupt, naming the file, rather than loaded.
+incomplete or corrupt, naming the file, rather than loaded. A write that fails (a full disk) removes
+its temp dir and raises the OSError behind it, so the caller can stop or go on with the older ones.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -115,36 +117,87 @@ def save_checkpoint(
     `directory/name`. `generators`: the run's own sampling generators, saved with the global RNGs.
     `full_state`: an `parallel.fsdp.FullState`, the gathered weights and optimizer states of sharded
     models, written instead of the models' own (sharded) ones.
+    A write that fails (a full disk) raises the OSError behind it (ENOSPC), whichever library wrote the
+    file, once the partial temp dir is removed; the checkpoints already on disk are untouched.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     try:
-        if full_state is None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
-        else:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state.policy)
-            optimizer_states = {SHARDED_KEY: True, **full_state.optimizers}
-        tokenizer.save_pretrained(tmp)
-        for name, extra in (extra_models or {}).items():
-            extra.save(tmp / name, state_dict=None if full_state is None else full_state.extra_models[name])
-        torch.save(optimizer_states, tmp / "optimizer.pt")
-        torch.save({"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
-                   tmp / "training_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _write_files(tmp, model, tokenizer, optimizers, state, extra_models, schedulers, generators, full_state)
         _write_manifest(tmp, state.get("step"))  # last: its presence means every other file is complete
-        if directory.exists():  # overwrite (checkpoints/final): swap, then drop the old copy
-            old = directory.with_name(f".old-{directory.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _move_into_place(tmp, directory)
+    except Exception as err:
+        cause = os_error_of(err)
+        if cause is None or cause is err:
+            raise
+        raise cause from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial write never stays behind
     return directory
+
+
+def _write_files(tmp: Path, model, tokenizer, optimizers, state, extra_models, schedulers, generators,
+                 full_state) -> None:
+    """Every file of a checkpoint but the manifest, into `tmp` (save_checkpoint's arguments)."""
+    if full_state is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state.policy)
+        optimizer_states = {SHARDED_KEY: True, **full_state.optimizers}
+    tokenizer.save_pretrained(tmp)
+    for name, extra in (extra_models or {}).items():
+        extra.save(tmp / name, state_dict=None if full_state is None else full_state.extra_models[name])
+    _torch_save(optimizer_states, tmp / "optimizer.pt")
+    _torch_save({"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
+                tmp / "training_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # through a Python file: a failed write then carries its OSError (torch's own writer reports a full disk
+    # as "RuntimeError: unexpected pos")
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _move_into_place(tmp: Path, directory: Path) -> None:
+    """Rename the complete temp dir to `directory`; an existing one (checkpoints/final) is swapped out."""
+    if directory.exists():  # overwrite: swap, then drop the old copy
+        old = directory.with_name(f".old-{directory.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) words an I/O error
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `err` itself, one it was raised during (torch.save's RuntimeError),
+    or the one a safetensors error names ('... No space left on device (os error 28)'); None otherwise."""
+    seen: BaseException | None = err
+    for _ in range(8):  # exception chains are short; the bound guards against a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, OSError):
+            return seen
+        if match := RUST_OS_ERROR.search(str(seen)):
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """'ENOSPC: No space left on device' (the errno's name and text), or the error's own words."""
+    if err.errno is None:
+        return str(err)
+    return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or os.strerror(err.errno)}"
 
 
 def checkpoint_step(directory: Path) -> int:

@@ -8,9 +8,11 @@ everything about what a step does (sampling, scoring, losses, optimiser steps vi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +25,12 @@ from data.loading import Batch
 from parallel.distributed import DistContext, is_main_process, reduce_metrics
 from parallel.fsdp import gather_full_state
 from training.accounting import accumulate_totals, peak_cuda_mb, peak_rss_mb
-from training.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from training.checkpoint import describe_os_error, load_checkpoint, prune_checkpoints, save_checkpoint
 from training.interrupts import GracefulStop, TrainingError, TrainingInterrupted
 from training.tracking import RunLogger
+from training.update import OutOfMemoryStop
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +45,10 @@ class Algorithm(Protocol):
     # progress-bar label -> metric key of a step's metrics (e.g. {"reward": "reward/total_mean"})
     progress: dict[str, str]
 
-    def step(self, batch: Batch) -> StepOutput: ...  # one step: usually one or more optimiser steps
+    # one step: usually one or more optimiser steps. Out of memory it backs off from itself (training.update
+    # .MicroBatch, part of its state_dict); what it cannot (OutOfMemoryStop, torch.OutOfMemoryError) it
+    # raises, and the loop stops the run with one line naming the last checkpoint
+    def step(self, batch: Batch) -> StepOutput: ...
 
     def evaluate(self) -> dict[str, float]: ...  # held-out metrics, keys under eval/; {} = nothing to evaluate
 
@@ -122,7 +130,9 @@ class Trainer:
         self.seeded_sampling = seeded_sampling  # each row's samples from its own seed (data.loading.Batch)
         self.generators = {"sampling": generator} if generator is not None else {}  # rollout + minibatch order
         self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers.values()]
-        self.totals: dict[str, float] = {"time/total": 0.0, "skipped_steps_total": 0.0}  # running sums, resumed
+        # running sums, resumed
+        self.totals: dict[str, float] = {"time/total": 0.0, "skipped_steps_total": 0.0,
+                                         "checkpoint/failed_saves_total": 0.0}
         self.start_step = 1
         self.consecutive_skips = 0  # steps in a row whose every optimiser update was non-finite
         self.last_checkpoint: Path | None = None
@@ -134,12 +144,40 @@ class Trainer:
             return None
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
                  "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict()}
-        path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,
-                               state, self.algo.checkpoint_models(), self.schedulers, self.generators,
-                               full_state)
+        try:
+            path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,
+                                   state, self.algo.checkpoint_models(), self.schedulers, self.generators,
+                                   full_state)
+        except OSError as err:  # a full disk: the partial write is gone, the older checkpoints untouched
+            self.save_failed(name, err)
+            return None
         prune_checkpoints(self.run_dir / "checkpoints", self.cfg.keep_last)
         self.last_checkpoint = path
         return path
+
+    def save_failed(self, name: str, err: OSError) -> None:
+        """A checkpoint could not be written: stop with one line (trainer.checkpoint_errors=stop), or warn and
+        go on training with the last complete checkpoint still the newest (=warn), counted in
+        checkpoint/failed_saves_total."""
+        what = (f"could not write checkpoint {self.run_dir / 'checkpoints' / name} ({describe_os_error(err)}); "
+                f"the partial write was removed and {self.kept()}")
+        if self.cfg.checkpoint_errors == "warn":
+            self.totals["checkpoint/failed_saves_total"] += 1
+            log.warning("%s; training goes on (trainer.checkpoint_errors=warn)", what)
+            return
+        raise TrainingError(f"{what}. Free disk space (or set trainer.keep_last lower), then continue with "
+                            f"{self.resume_hint()}")
+
+    def kept(self) -> str:
+        """What a stopped run leaves to resume from, for its error line."""
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint is {self.last_checkpoint} (intact)"
+
+    def resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "a fresh run (no checkpoint to resume)"
+        return f"trainer.resume={self.last_checkpoint}"
 
     def resume(self, checkpoint: Path) -> int:
         """Continue from `checkpoint`: weights, optimisers, schedulers, RNGs, data position, counters,
@@ -166,11 +204,28 @@ class Trainer:
         return self.consecutive_skips >= self.cfg.max_consecutive_skips
 
     def diverged(self, step: int) -> TrainingError:
-        kept = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
         return TrainingError(
             f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or gradient and "
             f"were skipped, so the run stopped (trainer.max_consecutive_skips={self.cfg.max_consecutive_skips}); "
-            f"{kept}. Lower trainer.lr or check the rewards and data.")
+            f"{self.kept()}. Lower trainer.lr or check the rewards and data.")
+
+    @contextmanager
+    def out_of_memory_stops(self, step: int) -> Iterator[None]:
+        """Out of memory that the update could not back off from (it halves the micro-batch itself,
+        training.update.MicroBatch), or that came outside it (sampling, no-grad passes, eval), stops the
+        run with one line naming the last checkpoint."""
+        try:
+            yield
+        except OutOfMemoryStop as err:
+            raise TrainingError(f"out of memory in step {step}: {err}; {self.kept()}. Shorten the sequences "
+                                f"(algo.max_new_tokens, SFT's algo.max_length) or turn on "
+                                f"trainer.gradient_checkpointing, then continue with {self.resume_hint()}") from err
+        except torch.OutOfMemoryError as err:
+            error = " ".join(str(err).split())[:200]
+            raise TrainingError(f"out of memory in step {step} outside the update's micro-batches (sampling, a "
+                                f"no-grad pass or eval, which do not back off): {error}; {self.kept()}. Lower "
+                                f"algo.prompts_per_step, algo.group_size or algo.max_new_tokens (eval: "
+                                f"trainer.eval_batch_size), then continue with {self.resume_hint()}") from err
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -180,13 +235,15 @@ class Trainer:
                   "nothing to train (raise trainer.max_steps to continue)")
             return last
         if cfg.eval_every and self.start_step == 1:
-            self.logger.log(self.algo.evaluate(), step=0)
+            with self.out_of_memory_stops(0):
+                self.logger.log(self.algo.evaluate(), step=0)
         bar = tqdm(range(self.start_step, cfg.max_steps + 1), desc="train", dynamic_ncols=True,
                    initial=self.start_step - 1, total=cfg.max_steps)
         with GracefulStop() as stop:
             for step in bar:
                 start = time.perf_counter()
-                out = self.algo.step(self.sampler.draw(self.seeded_sampling))
+                with self.out_of_memory_stops(step):
+                    out = self.algo.step(self.sampler.draw(self.seeded_sampling))
                 metrics = reduce_metrics(out.metrics)  # over ranks (the identity in one process)
                 for scheduler in self.schedulers:
                     scheduler.step()
@@ -199,10 +256,10 @@ class Trainer:
                 if (cuda_mb := peak_cuda_mb()) is not None:
                     metrics["memory/peak_cuda_mb"] = cuda_mb
                 stopping = stop.signum is not None
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps and not stopping:
-                    metrics.update(self.algo.evaluate())
-                if step == cfg.max_steps:
-                    metrics.update(self.algo.evaluate())
+                evaluate = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0 and not stopping)
+                if evaluate:
+                    with self.out_of_memory_stops(step):
+                        metrics.update(self.algo.evaluate())
                 self.logger.log(metrics, step)
                 self.logger.log_samples(step, out.samples[: cfg.log_samples])
                 bar.set_postfix({label: f"{metrics[key]:.3g}" for label, key in self.algo.progress.items()

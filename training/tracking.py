@@ -1,14 +1,22 @@
-"""Run outputs: metrics.jsonl, samples.jsonl and a wandb run (offline by default) in the run dir."""
+"""Run outputs: metrics.jsonl, samples.jsonl and a wandb run (offline by default) in the run dir.
+
+An online wandb run that cannot start (server unreachable within logger.init_timeout_s, no API key)
+logs offline in the run dir instead: one warning line, and the `wandb sync` command when the run ends.
+Nothing is lost and the run goes on; metrics.jsonl is written either way.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, TextIO
 
 from conf.schema import LoggerConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -21,15 +29,34 @@ class RunLogger:
         self.metrics_file = _open_append(self.run_dir / "metrics.jsonl")
         self.samples_file = _open_append(self.run_dir / "samples.jsonl")
         self.wandb_run = None
+        self.sync_later: str | None = None  # the offline run dir of an online run that fell back to offline
         if cfg.mode != "disabled":
-            import wandb
+            self.wandb_run = self.start_wandb(cfg, config, run_name, group)
 
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb_run = wandb.init(
+    def start_wandb(self, cfg: LoggerConfig, config: dict[str, Any], run_name: str, group: str):
+        """wandb.init in cfg.mode; an online run that cannot start falls back to an offline one."""
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+        def init(mode: str):
+            return wandb.init(
                 project=cfg.project, entity=cfg.entity, group=cfg.group or group, name=run_name,
-                tags=list(cfg.tags), config=config, dir=str(self.run_dir), mode=cfg.mode,
-                settings=wandb.Settings(console="off", x_disable_stats=True),
+                tags=list(cfg.tags), config=config, dir=str(self.run_dir), mode=mode,
+                settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=cfg.init_timeout_s),
             )
+
+        if cfg.mode != "online":
+            return init(cfg.mode)
+        try:
+            return init("online")
+        except (wandb.errors.Error, TimeoutError) as err:
+            reason = wandb_failure(err, cfg.init_timeout_s)
+        run = init("offline")
+        self.sync_later = run.settings.sync_dir
+        log.warning("wandb: no online run (%s); logging offline to %s instead, upload it later with `wandb sync %s`",
+                    reason, self.sync_later, self.sync_later)
+        return run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
@@ -58,6 +85,20 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+        if self.sync_later is not None:
+            print(f"wandb: this run was logged offline (no online run could start); upload it with "
+                  f"`wandb sync {self.sync_later}`")
+            self.sync_later = None
+
+
+def wandb_failure(err: Exception, timeout_s: float) -> str:
+    """Why wandb.init could not start an online run, in a few words for the warning line."""
+    text = " ".join(str(err).strip().splitlines()[0].split()) if str(err).strip() else type(err).__name__
+    if "no api key" in text.lower():
+        return "no wandb API key: run `wandb login` or set WANDB_API_KEY"
+    if "timed out" in text.lower() or isinstance(err, TimeoutError):
+        return f"the wandb server did not answer within logger.init_timeout_s={timeout_s:g}s: {text[:160]}"
+    return f"wandb.init failed: {text[:200]}"
 
 
 def _open_append(path: Path) -> TextIO:

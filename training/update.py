@@ -2,11 +2,13 @@
 
 An algorithm hands over the rollout tensors (all with a leading sample dimension N) and a loss
 function for one micro-batch; this module owns shuffling, gradient accumulation, clipping, the
-NaN guard and the optimiser steps.
+NaN guard, the out-of-memory back-off (halve the micro-batch, redo the minibatch) and the optimiser steps.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ from torch import Tensor
 from conf.schema import TrainerConfig
 from models.lora import actor_parameters
 from parallel.distributed import sync_hooks
+from training.interrupts import TrainingError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,13 +75,105 @@ def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+class OutOfMemoryStop(TrainingError):
+    """The update ran out of memory and may not back off further; the loop adds the last checkpoint."""
+
+
+@dataclass
+class MicroBatch:
+    """The micro-batch size an algorithm's updates run at: its configured one, halved after each
+    out-of-memory error in a forward/backward. The algorithm owns one and passes it to every
+    minibatch_update; it is part of the algorithm's checkpointed state, so a resumed run goes on at the
+    size it had backed off to (as the uninterrupted run would have)."""
+
+    size: int  # sequences (SFT rows, preference pairs) per forward/backward, now
+    max_retries: int = 0  # trainer.max_oom_retries: halvings allowed over the run; 0 = the first OOM stops
+    retries: int = 0  # halvings so far
+
+    def back_off(self, error: str) -> None:
+        """Halve the size after an out-of-memory error; OutOfMemoryStop when no halving is left."""
+        if self.size == 1 or self.retries >= self.max_retries:
+            raise OutOfMemoryStop(
+                f"the update ran out of memory at micro_batch_size={self.size} after {self.retries} halving(s) "
+                f"(trainer.max_oom_retries={self.max_retries}): {error}")
+        smaller = self.size // 2
+        self.retries += 1
+        log.warning("out of memory at micro_batch_size=%d: freed what could be freed, retrying the minibatch at "
+                    "micro_batch_size=%d (retry %d of trainer.max_oom_retries=%d)", self.size, smaller,
+                    self.retries, self.max_retries)
+        self.size = smaller
+
+    def state_dict(self) -> dict[str, int]:
+        return {"size": self.size, "retries": self.retries}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        """Resume the backed-off size; a smaller configured size wins (the user lowered it to resume).
+        None: a checkpoint written before the back-off existed, nothing to restore."""
+        if state is not None:
+            self.size = min(self.size, int(state["size"]))
+            self.retries = int(state["retries"])
+
+
+def release_memory(targets: list[OptimTarget]) -> None:
+    """Drop the gradients of a failed minibatch and hand cached CUDA blocks back, before a retry."""
+    for t in targets:
+        t.optimizer.zero_grad(set_to_none=True)
+    gc.collect()  # the failed pass's autograd graph may sit in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+LossFn = Callable[[dict[str, Tensor], float, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+def accumulate_gradients(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget],
+                         size: int) -> tuple[bool, list[dict[str, float]]]:
+    """Forward and backward of the minibatch `mb_idx` of `batch` in micro-batches of `size`, the gradients
+    accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the first
+    non-finite loss, before its backward."""
+    mb_tokens = float(batch["completion_mask"][mb_idx].sum())
+    micro_stats: list[dict[str, float]] = []
+    for m_start in range(0, len(mb_idx), size):
+        idx = mb_idx[m_start : m_start + size]
+        micro = trim_padding({k: v[idx] for k, v in batch.items()})
+        loss, stats = loss_fn(micro, len(idx) / len(mb_idx), mb_tokens)
+        loss_finite = bool(torch.isfinite(loss))
+        if targets[0].finite_sync is not None:
+            loss_finite = targets[0].finite_sync(loss_finite)
+        if not loss_finite:
+            return False, micro_stats
+        loss.backward()
+        micro_stats.append({key: float(value) for key, value in stats.items()})
+    return True, micro_stats
+
+
+def accumulate_with_backoff(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget],
+                            micro_batch: MicroBatch) -> tuple[bool, list[dict[str, float]]]:
+    """accumulate_gradients, redone from zero gradients at half the micro-batch size after each
+    out-of-memory error: gradient accumulation keeps the minibatch, so the update is the one an
+    uninterrupted pass at the smaller size makes (to accumulation rounding)."""
+    while True:
+        for t in targets:
+            t.optimizer.zero_grad(set_to_none=True)
+        try:
+            return accumulate_gradients(batch, mb_idx, loss_fn, targets, micro_batch.size)
+        except torch.OutOfMemoryError as err:
+            error = " ".join(str(err).split())[:200]
+            if targets[0].finite_sync is not None:  # fsdp: the other ranks wait in this pass's collectives
+                raise OutOfMemoryStop(f"the update ran out of memory under trainer.strategy=fsdp, where one rank "
+                                      f"cannot retry alone: {error}") from err
+        # out here the error and its traceback, which held the failed pass's tensors, are gone
+        release_memory(targets)
+        micro_batch.back_off(error)
+
+
 def minibatch_update(
     batch: dict[str, Tensor],
-    loss_fn: Callable[[dict[str, Tensor], float, float], tuple[Tensor, dict[str, Tensor]]],
+    loss_fn: LossFn,
     targets: list[OptimTarget],
     num_epochs: int,
     minibatch_size: int,
-    micro_batch_size: int,
+    micro_batch: MicroBatch | int,
     generator: torch.Generator | None = None,
     shuffle: bool = True,
 ) -> dict[str, float]:
@@ -85,7 +182,13 @@ def minibatch_update(
     loss_fn(micro, micro_share, minibatch_tokens) -> (loss, stats): micro_share is the micro-batch's
     fraction of its minibatch's samples, minibatch_tokens the real completion tokens of the minibatch.
     A non-finite loss or gradient norm skips that optimiser step (counted in `skipped_steps`).
+    micro_batch: the algorithm's MicroBatch, halved (and the minibatch redone) on an out-of-memory error;
+    a plain int runs at that size and stops at the first such error. `oom/retries` counts this update's
+    halvings, `oom/micro_batch_size` is the size it ended at.
     """
+    if isinstance(micro_batch, int):
+        micro_batch = MicroBatch(micro_batch)
+    retries_before = micro_batch.retries
     n = batch["completion_mask"].shape[0]
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -94,23 +197,10 @@ def minibatch_update(
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, minibatch_size):
             mb_idx = order[start : start + minibatch_size]
-            mb_tokens = float(batch["completion_mask"][mb_idx].sum())
-            for t in targets:
-                t.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for m_start in range(0, len(mb_idx), micro_batch_size):
-                idx = mb_idx[m_start : m_start + micro_batch_size]
-                micro = trim_padding({k: v[idx] for k, v in batch.items()})
-                loss, stats = loss_fn(micro, len(idx) / len(mb_idx), mb_tokens)
-                loss_finite = bool(torch.isfinite(loss))
-                if targets[0].finite_sync is not None:
-                    loss_finite = targets[0].finite_sync(loss_finite)
-                if not loss_finite:
-                    finite = False
-                    break
-                loss.backward()
+            finite, micro_stats = accumulate_with_backoff(batch, mb_idx, loss_fn, targets, micro_batch)
+            for stats in micro_stats:
                 for key, value in stats.items():
-                    sums[key] += float(value)
+                    sums[key] += value
                     counts[key] += 1
             for t in targets:  # every rank reaches this, finite or not, so the collectives pair up
                 if t.grad_sync is not None:
@@ -131,4 +221,6 @@ def minibatch_update(
                 t.optimizer.zero_grad(set_to_none=True)
     out = {key: sums[key] / counts[key] for key in sums}
     out.update(optimizer_steps=float(steps), skipped_steps=float(skipped))
+    out["oom/retries"] = float(micro_batch.retries - retries_before)
+    out["oom/micro_batch_size"] = float(micro_batch.size)
     return out

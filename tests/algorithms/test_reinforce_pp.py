@@ -11,8 +11,7 @@ import torch
 from algorithms.advantages import gae, kl_penalised_token_rewards
 from algorithms.reinforce_pp import ReinforcePPConfig, build_reinforce_pp, discounted_returns
 from conf.checks import ConfigError
-from conf.schema import TrainerConfig
-from tests.conftest import stage_context
+from tests.conftest import learn
 
 
 def token_rewards_reference(scores, kl, mask, beta) -> list[list[float]]:
@@ -110,15 +109,10 @@ def test_reinforce_pp_defaults_spend_grpos_budget():
 
 # ---- it learns ----------------------------------------------------------------------------------------
 def train_reinforce_pp(model, tokenizer, reward, steps: int, beta: float, seed: int = 0, **options) -> list[dict]:
-    torch.manual_seed(seed)
     # 4 prompts x 8 samples, as GRPO's learning test (the default baseline, none, ignores the groups)
     cfg = ReinforcePPConfig(prompts_per_step=4, group_size=8, minibatch_size=16, micro_batch_size=16,
                             max_new_tokens=12, beta=beta, num_iterations=2, **options)
-    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(4)]
-    ctx = stage_context(model, tokenizer, cfg, reward, seed, train_rows=rows, trainer=TrainerConfig(lr=1e-2))
-    built = build_reinforce_pp(ctx)  # the registered builder: reference (when beta > 0), AdamW, prompt sampler
-    return [built.algorithm.step(built.sampler.draw()).metrics for _ in range(steps)]
+    return learn(build_reinforce_pp, cfg, model, tokenizer, reward, steps, seed)
 
 
 def test_reinforce_pp_raises_reward_on_synthetic_task(tiny_model, tokenizer, letter_e_reward):

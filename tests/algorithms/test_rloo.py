@@ -10,8 +10,7 @@ import torch
 
 from algorithms.rloo import RLOOConfig, build_rloo, kl_penalised_rewards, leave_one_out_advantages
 from conf.checks import ConfigError
-from conf.schema import TrainerConfig
-from tests.conftest import stage_context
+from tests.conftest import learn
 
 
 def loo_reference(rewards: list[float], group_size: int) -> list[float]:
@@ -90,14 +89,9 @@ def test_rloo_defaults_spend_grpos_budget():
 
 # ---- it learns ----------------------------------------------------------------------------------------
 def train_rloo(model, tokenizer, reward, steps: int, beta: float, seed: int = 0, **options) -> list[dict]:
-    torch.manual_seed(seed)
     cfg = RLOOConfig(prompts_per_step=4, group_size=8, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
                      beta=beta, num_iterations=2, **options)
-    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(4)]
-    ctx = stage_context(model, tokenizer, cfg, reward, seed, train_rows=rows, trainer=TrainerConfig(lr=1e-2))
-    built = build_rloo(ctx)  # the registered builder: reference (when beta > 0), AdamW, prompt sampler
-    return [built.algorithm.step(built.sampler.draw()).metrics for _ in range(steps)]
+    return learn(build_rloo, cfg, model, tokenizer, reward, steps, seed)
 
 
 def test_rloo_raises_reward_on_synthetic_task(tiny_model, tokenizer, letter_e_reward):

@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.logprobs import completion_logprobs, default_chunk_rows, fused_token_logprobs, token_logprobs
+from models.logprobs import (
+    CHUNK_BYTES,
+    CUDA_CHUNK_BYTES,
+    chunk_budget,
+    completion_logprobs,
+    default_chunk_rows,
+    fused_token_logprobs,
+    token_logprobs,
+)
 
 B, T, V = 3, 7, 50
 
@@ -333,6 +341,9 @@ def test_unknown_backend_names_the_choices():
 def test_default_chunk_fits_the_budget():
     assert default_chunk_rows(49152) == 170  # 32 MiB of fp32 rows at SmolLM2's vocabulary
     assert default_chunk_rows(10**9) == 16
+    assert chunk_budget("cpu") == chunk_budget(None) == CHUNK_BYTES
+    # on a GPU: ~1000 rows per read of the 8B model's lm_head, not 65
+    assert default_chunk_rows(128256, CUDA_CHUNK_BYTES) == 1046
 
 
 # ---------------------------------------------------------------- completion_logprobs

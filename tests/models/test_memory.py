@@ -18,8 +18,8 @@ from conf.registry import discover, get_stage, stage_names
 from conf.schema import LoraOptions, ModelConfig, TrainerConfig
 from models.loading import load_causal_lm
 from models.logprobs import completion_logprobs
-from models.memory import DTYPE_BYTES, Architecture, architecture, project
-from models.scale import prepare_policy
+from models.memory import DTYPE_BYTES, KNOWN_ARCHITECTURES, Architecture, architecture, project
+from models.scale import model_config_for, prepare_policy
 from tests.conftest import TINY, stage_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +34,17 @@ def storage_bytes(tensors) -> int:
 
 
 def build(algo_name: str, lora: bool, dtype: str, tokenizer, reward):
-    """The registered builder of `algo_name` on a tiny model: (the algorithm, its optimisers)."""
+    """The registered builder of `algo_name` on a tiny model computing in `dtype`, loaded as run.py loads it
+    (full fine-tuning in bf16 keeps fp32 master weights): (the algorithm, its optimisers, the weights' dtype)."""
     config = {"grpo": GRPOConfig, "ppo": PPOConfig}[algo_name]
     model_cfg = ModelConfig(name="tiny_llama", **{**TINY, "dtype": dtype})
     trainer = TrainerConfig(lora=LoraOptions(enabled=lora, rank=4, alpha=8))
-    policy = prepare_policy(load_causal_lm(model_cfg, tokenizer), model_cfg, trainer)
+    loaded = model_config_for(model_cfg, trainer)
+    policy = prepare_policy(load_causal_lm(loaded, tokenizer), model_cfg, trainer)
     ctx = stage_context(policy, tokenizer, config(group_size=2, max_new_tokens=6), reward,
                         train_rows=chat_rows(tokenizer), trainer=trainer)
     built = get_stage(algo_name).build(ctx)
-    return built.algorithm, built.optimizers
+    return built.algorithm, built.optimizers, loaded.dtype
 
 
 def chat_rows(tokenizer) -> list[dict]:
@@ -53,10 +55,11 @@ def chat_rows(tokenizer) -> list[dict]:
 @pytest.mark.parametrize("algo_name, lora, dtype", [("ppo", False, "float32"), ("ppo", True, "bfloat16"),
                                                      ("grpo", False, "bfloat16"), ("grpo", True, "float32")])
 def test_weights_grads_and_optimizer_bytes_are_exact(algo_name, lora, dtype, tokenizer, letter_e_reward):
-    algo, optimizers = build(algo_name, lora, dtype, tokenizer, letter_e_reward)
+    algo, optimizers, weights_dtype = build(algo_name, lora, dtype, tokenizer, letter_e_reward)
+    assert weights_dtype == ("float32" if not lora else dtype)  # full fine-tuning: fp32 master weights
     kept = get_stage(algo_name).models  # what the registry says the algorithm keeps besides the actor
     arch = architecture(ModelConfig(name="tiny_llama", **TINY), vocab_size=len(tokenizer))
-    projected = project(arch, DTYPE_BYTES[dtype], 4 if lora else None, list(LoraOptions().target_modules),
+    projected = project(arch, DTYPE_BYTES[weights_dtype], 4 if lora else None, list(LoraOptions().target_modules),
                         reference="reference" in kept, critic="critic" in kept)
     assert (algo.reference is not None) == ("reference" in kept) and (algo.critic is not None) == ("critic" in kept)
     models = [m for m in (algo.policy, algo.reference, algo.critic) if m is not None]
@@ -115,6 +118,19 @@ def test_checkpointed_activations_match_measured(dtype, tokenizer):
     # and the whole forward is the layers plus the fused lm_head's per-completion-token state (+ small terms)
     projected = arch.activation_bytes_per_token(b, True) * B * (Tp + Tc) + arch.logits_bytes_per_token() * B * Tc
     assert 0.9 * projected <= measured[4] <= 1.1 * projected
+
+
+def test_a_random_llama_takes_the_8b_shapes(tokenizer):
+    fields = KNOWN_ARCHITECTURES["deepseek-ai/DeepSeek-R1-Distill-Llama-8B"]
+    random_8b = ModelConfig(name="r1", source="random", tokenizer="embedded", **fields)
+    assert architecture(random_8b) == Architecture(**fields)
+    # the same fields build that model: here at a tiny width, with the 8B's vocabulary size and untied lm_head
+    tiny = {**TINY, "vocab_size": 50000, "tie_word_embeddings": False}
+    model = load_causal_lm(ModelConfig(name="tiny", **tiny), tokenizer)
+    assert model.lm_head.weight.shape == (50000, TINY["hidden_size"])
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    arch = architecture(ModelConfig(name="tiny", **tiny))
+    assert sum(p.numel() for p in model.parameters()) == arch.num_params()
 
 
 def rl_algorithms() -> tuple[str, ...]:

@@ -23,9 +23,10 @@ from conf.schema import ConfigError, LoraOptions, ModelConfig, TrainerConfig
 from data.loading import PromptSampler
 from models.loading import load_causal_lm, load_tokenizer
 from models.logprobs import completion_logprobs
-from parallel.distributed import ShardedSampler, average_gradients, reduce_metrics
+from parallel.distributed import ShardedSampler, average_gradients, reduce_metrics, sync_hooks
 from parallel.fsdp import is_sharded, shard_models
 from tests.conftest import TINY as TINY_MODEL
+from training.update import OptimTarget, minibatch_update
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -84,6 +85,38 @@ def test_collectives_match_one_process(tmp_path):
     for r in range(WORLD):  # averaged twice: (1 + 2) / 2 = 1.5, then 1.5; (1 + 0) / 2 = 0.5, then 0.5
         torch.testing.assert_close(results[r]["grads"][0], torch.full((3,), 1.5))
         torch.testing.assert_close(results[r]["grads"][1], torch.full((2,), 0.5))
+
+
+def _nan_on_one_rank(rank: int, init_file: str, results: dict) -> None:
+    """A ddp update whose every micro-batch is non-finite on rank 1 only: that rank reports no loss statistics."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))  # a desynchronised collective fails, not hangs
+    try:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 1)
+        target = OptimTarget(torch.optim.AdamW(layer.parameters(), lr=0.1), list(layer.parameters()), 1.0,
+                             **sync_hooks("ddp"))
+        batch = {"x": torch.randn(4, 3), "prompt_mask": torch.ones(4, 1), "completion_mask": torch.ones(4, 3)}
+
+        def loss_fn(micro, share, tokens):
+            loss = layer(micro["x"]).sum() * share * (float("nan") if rank == 1 else 1.0)
+            return loss, {"loss": loss.detach(), "clip_frac": torch.tensor(0.25)}
+
+        stats = minibatch_update(batch, loss_fn, [target], 1, 4, 2, shuffle=False)
+        results[rank] = {"keys": sorted(stats), "reduced": reduce_metrics(stats)}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_micro_batch_on_one_rank_keeps_the_metric_reduction_in_step(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_nan_on_one_rank, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    assert "loss" in results[0]["keys"] and "loss" not in results[1]["keys"]  # the ranks report different keys
+    reduced = results[0]["reduced"]
+    assert results[1]["reduced"] == reduced  # ... and reduce the same ones to the same values
+    assert reduced["clip_frac"] == 0.25  # a key is averaged over the ranks that have it
+    assert reduced["skipped_steps"] == 1.0 and reduced["optimizer_steps"] == 0.0  # every rank skipped the step
 
 
 def test_sharded_sampler_splits_the_global_batch_and_seeds_do_not_depend_on_the_world():
@@ -259,6 +292,23 @@ def test_torchrun_fsdp_resume_is_exact_and_other_strategies_refuse_its_optimizer
         capture_output=True, text=True, timeout=600, check=False)
     assert single.returncode == 2
     assert "written by trainer.strategy=fsdp" in single.stderr and "resume it with the strategy" in single.stderr
+
+
+def test_the_process_group_waits_trainer_dist_timeout_min(monkeypatch):
+    from parallel import distributed
+
+    calls = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.update(kwargs))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
+    distributed.init_distributed("ddp", "cpu", timeout_min=90)
+    assert calls == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+    assert TrainerConfig().dist_timeout_min == 60  # NCCL's watchdog would abort a 10-minute checkpoint write
+    with pytest.raises(ConfigError, match=r"trainer\.dist_timeout_min"):
+        TrainerConfig(dist_timeout_min=0)
 
 
 def test_fsdp_refuses_lora():

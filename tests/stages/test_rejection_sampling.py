@@ -41,7 +41,7 @@ def overfit(model, tokenizer, prompts: list[str], target: str, steps: int = 40) 
     batch = collate([encode_example(tokenizer, p, target, 512) for p in prompts], tokenizer.pad_token_id)
     optim_target, _ = actor_target(model, TrainerConfig(lr=3e-3))
     for _ in range(steps):
-        sft_update(model, batch, [optim_target], micro_batch_size=len(prompts))
+        sft_update(model, batch, [optim_target], micro_batch=len(prompts))
 
 
 def test_rejection_sampling_writes_valid_sft_rows_that_pass(tiny_model, tokenizer, tmp_path):

@@ -78,7 +78,7 @@ def test_bradley_terry_separates_yes_from_no(tiny_model, tokenizer):
     before = evaluate_pairs(rm, tokenizer, held_out)
     for step in range(15):
         batch = pair_tensors(tokenizer, yes_no_pairs(8, seed=100 + step), rm.device)
-        stats = bt_update(rm, batch, [target], micro_batch_size=4)
+        stats = bt_update(rm, batch, [target], micro_batch=4)
     after = evaluate_pairs(rm, tokenizer, held_out)
     assert after["accuracy"] > 0.9, (before, after)
     assert after["loss"] < before["loss"] and stats["loss"] < 0.6
@@ -107,14 +107,14 @@ def test_a_non_finite_pair_loss_skips_the_step(tiny_model, tokenizer):
     params = [p for p in rm.parameters() if p.requires_grad]
     target = OptimTarget(torch.optim.AdamW(params, lr=1e-3), params, max_grad_norm=1.0)
     before = [p.detach().clone() for p in rm.backbone.parameters()]
-    stats = bt_update(rm, pair_tensors(tokenizer, yes_no_pairs(4, seed=0), rm.device), [target], micro_batch_size=2)
+    stats = bt_update(rm, pair_tensors(tokenizer, yes_no_pairs(4, seed=0), rm.device), [target], micro_batch=2)
     assert stats["optimizer_steps"] == 0 and stats["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, rm.backbone.parameters()))
 
 
 def test_the_pair_rng_is_saved_and_restored(tmp_path, tokenizer):
     """The other_response picks continue where the checkpoint left them (through json, as the loop saves)."""
-    cfg = SimpleNamespace(seed=0, trainer=SimpleNamespace(eval_batch_size=2))
+    cfg = SimpleNamespace(seed=0, trainer=SimpleNamespace(eval_batch_size=2, max_oom_retries=0))
     ctx = SimpleNamespace(cfg=cfg, policy=None, tokenizer=tokenizer, generator=None, run_dir=tmp_path)
     first, second, fresh = (RewardModelTraining(RewardModelConfig(), ctx, None, None, ROWS, []) for _ in range(3))
     first.make_pairs(ROWS, first.rng)  # one step's picks

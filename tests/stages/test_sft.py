@@ -135,7 +135,7 @@ def test_sft_overfits_a_handful_of_rows(tiny_model, tokenizer):
     target, _ = actor_target(tiny_model, TrainerConfig(lr=3e-3))
     before = evaluate_nll(tiny_model, examples, tokenizer.pad_token_id, batch_size=4)
     for _ in range(60):
-        stats = sft_update(tiny_model, batch, [target], micro_batch_size=2)
+        stats = sft_update(tiny_model, batch, [target], micro_batch=2)
     after = evaluate_nll(tiny_model, examples, tokenizer.pad_token_id, batch_size=4)
     assert before > 10.0  # a random model over a 49k vocabulary: about log(49152) = 10.8
     assert after < before / 20, (before, after)

@@ -49,10 +49,10 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, to
                     p.add_(1.0)
             real_save = torch.save
 
-            def killed_midway(obj, path, *args, **kwargs):
-                real_save(obj, path, *args, **kwargs)
-                with open(path, "r+b") as f:
-                    f.truncate(os.path.getsize(path) // 2)
+            def killed_midway(obj, file, *args, **kwargs):
+                real_save(obj, file, *args, **kwargs)
+                file.flush()  # checkpoints hand torch.save an open file (so that a full disk raises OSError)
+                os.truncate(file.name, os.path.getsize(file.name) // 2)
                 os.kill(os.getpid(), signal.SIGKILL)
 
             torch.save = killed_midway

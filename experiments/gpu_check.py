@@ -1,0 +1,408 @@
+"""The GPU check: one prepared command that exercises the GPU path on one GPU, offline, in about 8 minutes.
+
+    python experiments/gpu_check.py --out DIR            # one CUDA GPU; nothing is downloaded
+    python experiments/gpu_check.py --tiny --out DIR     # the same checks on the CPU at tiny shapes (a test runs it)
+    make gpu-check OUT=DIR
+
+Writes DIR/gpu_check.md and DIR/gpu_check.json: the environment (GPU, driver, CUDA, torch, triton), then
+1. `probe`: a left-padded batch through the embedded model in bf16 (SDPA): finite logits and log-probs, and how
+   far the sampling-time log-probs are from the training pass's (why bf16 recomputes the old log-probs);
+2. `kernels`: the Triton log-prob and fused-loss kernels, compiled, against the PyTorch reference in fp32 and
+   bf16 (values and gradients) at the 8B model's shapes (H 4096, V 128256) and the embedded model's; the
+   fused backward's fp32 `grad_weight.addmm_` against a bf16 matmul; `bench_logprobs.py --device cuda` rows;
+3. `embedded`: 3 GRPO and 3 PPO steps of SmolLM2-135M in bf16 (full fine-tuning) through run.py: s/step by
+   phase, peak CUDA memory, and a resume from the step-2 checkpoint against the uninterrupted step 3;
+4. `8b`: a Llama with DeepSeek-R1-Distill-Llama-8B's shapes and random weights made on the GPU, under
+   trainer=h100 (LoRA, bf16, checkpointing): one GRPO and one PPO step (P=8, G=8, 512 new tokens): s/step by
+   phase, generated tokens/s, peak CUDA memory against models.memory's projection, decode bandwidth fraction;
+5. `fsdp`: trainer.strategy=fsdp (bf16 full fine-tuning) under `torchrun --nproc_per_node=1` on NCCL for
+   2 steps, and a resume from its step-1 checkpoint.
+Each section records its own failure (with the traceback's tail) and the others still run; the exit code
+is 1 when any section failed. `--tiny` runs every section on the CPU (Triton under its interpreter, gloo,
+model=tiny_llama, a few tokens), so that the script cannot rot while no GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each section runs at: a GPU's (the real shapes) or the CPU's (--tiny)."""
+
+    device: str  # cuda | cpu
+    kernel_shapes: tuple[tuple[str, int, int], ...]  # (name, H, V)
+    kernel_rows: int
+    bench: tuple[str, ...]  # bench_logprobs.py arguments
+    embedded: tuple[str, ...]  # run.py overrides of the embedded-model runs
+    embedded_steps: int
+    big: dict  # model.* of the 8B-shaped random Llama
+    big_run: tuple[str, ...]  # run.py overrides of the 8B runs
+    fsdp_steps: int
+    timeout_s: int  # per run.py process
+
+
+GPU = Sizes(
+    device="cuda",
+    kernel_shapes=(("8B", 4096, 128256), ("SmolLM2-135M", 576, 49152)),
+    kernel_rows=512,
+    bench=("--device", "cuda", "--dtype", "bfloat16", "--batch", "8", "--seq", "256", "--vocab", "128256",
+           "--hidden", "4096", "--repeats", "3", "--warmup", "1"),  # every method (trl's when installed)
+    embedded=("model=smollm2_135m", "data.eval_size=4", "trainer.eval_batch_size=4"),
+    embedded_steps=3,
+    big={"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False},
+    big_run=("algo.prompts_per_step=8", "algo.group_size=8", "algo.max_new_tokens=512", "algo.minibatch_size=64",
+             "algo.micro_batch_size=8"),
+    fsdp_steps=2,
+    timeout_s=300,
+)
+TINY = Sizes(
+    device="cpu",
+    kernel_shapes=(("8B-like", 48, 1000), ("SmolLM2-like", 32, 500)),
+    kernel_rows=8,
+    bench=("--device", "cpu", "--batch", "2", "--seq", "8", "--vocab", "500", "--hidden", "32", "--repeats", "1",
+           "--warmup", "0", "--methods", "naive", "fused_loss"),
+    embedded=("model=tiny_llama", "data.eval_size=0", "algo.max_new_tokens=4", "algo.prompts_per_step=2",
+              "algo.group_size=2", "algo.minibatch_size=4", "algo.micro_batch_size=2", "trainer.device=cpu",
+              "trainer.threads=1"),
+    embedded_steps=2,
+    big={"vocab_size": 50000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+    big_run=("algo.prompts_per_step=2", "algo.group_size=2", "algo.max_new_tokens=4", "algo.minibatch_size=4",
+             "algo.micro_batch_size=2", "trainer.device=cpu", "trainer.threads=1"),
+    fsdp_steps=2,
+    timeout_s=300,
+)
+# every run.py process: offline, no wandb, the shipped data, no periodic eval
+COMMON = ("logger.mode=disabled", "data.source=local", "trainer.eval_every=0", "trainer.log_samples=0")
+
+
+class CheckFailed(AssertionError):
+    """A section ran but a check did not hold (as opposed to an error)."""
+
+
+# ---------------------------------------------------------------- environment and run.py
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    for package in ("triton", "transformers", "peft"):
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env[package] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   compute_capability=f"{props.major}.{props.minor}", gpus_visible=torch.cuda.device_count())
+        try:
+            nccl = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception:  # a build without NCCL
+            env["nccl"] = None
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            env["driver"] = None
+    else:
+        env.update(gpu=None, cpu=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return env
+
+
+def run_py(args: list[str], run_dir: Path, sizes: Sizes, torchrun: bool = False) -> list[dict]:
+    """`python run.py ARGS` (or under `torchrun --nproc_per_node=1`) into run_dir; the logged step metrics."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+           "PYTHONUNBUFFERED": "1"}
+    if sizes.device == "cpu":
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun
+                else [sys.executable])
+    cmd = [*launcher, str(ROOT / "run.py"), *COMMON, *args, f"hydra.run.dir={run_dir}"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=sizes.timeout_s,
+                          check=False)
+    (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run.py exited with {proc.returncode}: {' '.join(cmd[len(launcher):])}\n"
+                           f"{proc.stderr[-2500:]}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "time/step" in m]
+
+
+def resumed_runs(name: str, args: list[str], out: Path, steps: int, sizes: Sizes, torchrun: bool = False) -> dict:
+    """`steps` steps with a checkpoint at step `steps - 1`, then the last step again from that checkpoint."""
+    from experiments.gpu_measure import compare_resume, phase_seconds
+
+    full, resumed = out / f"{name}_full", out / f"{name}_resumed"
+    metrics = run_py([*args, f"trainer.max_steps={steps}", f"trainer.save_every={steps - 1}", "trainer.keep_last=0"],
+                     full, sizes, torchrun)
+    prev = full / "checkpoints" / f"step_{steps - 1}"
+    run_py([*args, f"trainer.max_steps={steps}", f"trainer.resume={prev}"], resumed, sizes, torchrun)
+    step_1 = metrics[0]
+    return {"phases_s": phase_seconds(metrics),
+            "peak_cuda_mb": max((m.get("memory/peak_cuda_mb", 0.0) for m in metrics), default=0.0),
+            "tokens_generated_per_step": [m["tokens/generated"] for m in metrics],
+            "step1_approx_kl": step_1.get("approx_kl"), "step1_clip_frac": step_1.get("clip_frac"),
+            "resume": compare_resume(full, resumed, prev, sizes.device)}
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_probe(sizes: Sizes, out: Path) -> dict:
+    """Left-padded prompts through SDPA in bf16: finite logits at real positions and finite log-probs; and the
+    gap between sampling-time and training-pass log-probs (the ratio's start) in bf16."""
+    import torch
+
+    from algorithms.rollout import generate_rollout
+    from conf.schema import ModelConfig
+    from models.loading import load_causal_lm, load_tokenizer
+    from models.logprobs import completion_logprobs
+
+    device = torch.device(sizes.device)
+    if sizes.device == "cuda":
+        cfg = ModelConfig(dtype="bfloat16")  # the embedded SmolLM2-135M
+    else:
+        cfg = ModelConfig(name="tiny_llama", source="random", tokenizer="embedded", dtype="bfloat16")
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, tokenizer, device=device)
+    prompts = ["Hi.", "A longer prompt, so that the others are left-padded by several tokens.", "Why?"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        real = mask.bool()
+        logp, _ = completion_logprobs(model, ids, mask, completion_len=2)
+    rows = [{"prompt": p} for p in prompts[:2]]
+    rollout = generate_rollout(model, tokenizer, rows, group_size=4, max_new_tokens=32,
+                               generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train_logp, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                            rollout.completion_ids.shape[1])
+    m = rollout.completion_mask.bool()
+    d = (train_logp - rollout.logp)[m].double()  # log ratio at the start of an update without recompute
+    result = {"attention": model.config._attn_implementation, "padded_positions": int((~real).sum()),
+              "real_logits_finite": bool(torch.isfinite(logits[real]).all()),
+              "padded_logits_finite": bool(torch.isfinite(logits[~real]).all()),
+              "logprobs_finite": bool(torch.isfinite(logp).all()),
+              "sampling_vs_training_logp_max_abs": float(d.abs().max()),
+              "approx_kl_without_recompute": float((torch.expm1(d) - d).mean())}
+    if not (result["real_logits_finite"] and result["logprobs_finite"]):
+        raise CheckFailed(f"non-finite logits or log-probs on a left-padded batch: {result}")
+    return result
+
+
+def section_kernels(sizes: Sizes, out: Path) -> dict:
+    from experiments.gpu_measure import addmm_timing, kernel_rows
+
+    rows = [row for name, hidden, vocab in sizes.kernel_shapes for row in
+            kernel_rows(name, hidden, vocab, sizes.kernel_rows, sizes.device)]
+    _, hidden, vocab = sizes.kernel_shapes[0]  # the 8B's
+    result = {"rows": rows, "addmm": addmm_timing(hidden, vocab, sizes.device)}
+    bench = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_logprobs.py"), *sizes.bench,
+                            "--output", str(out / "bench_logprobs.md")], capture_output=True, text=True,
+                           timeout=600, check=False, cwd=ROOT)
+    result["bench_logprobs"] = (bench.stdout.strip() if bench.returncode == 0
+                                else f"bench_logprobs.py failed:\n{bench.stderr[-2000:]}")
+    bad = [r for r in rows if not r["ok"]]
+    if bad or bench.returncode != 0:
+        raise CheckFailed(f"{len(bad)} kernel comparisons out of tolerance; bench exit {bench.returncode}")
+    return result
+
+
+def section_embedded(sizes: Sizes, out: Path) -> dict:
+    """GRPO and PPO on the embedded model, bf16 full fine-tuning (fp32 master weights)."""
+    result = {}
+    for algo in ("grpo", "ppo"):
+        result[algo] = resumed_runs(algo, [f"algo={algo}", *sizes.embedded, "trainer.precision=bf16"],
+                                    out / "embedded", sizes.embedded_steps, sizes)
+    failed = [a for a, r in result.items() if not r["resume"]["ok"]]
+    if failed:
+        raise CheckFailed(f"resume did not reproduce the uninterrupted run for {failed}: {result}")
+    return result
+
+
+def section_8b(sizes: Sizes, out: Path) -> dict:
+    """One GRPO and one PPO step of the 8B-shaped random Llama under trainer=h100."""
+    from experiments.gpu_measure import peak_bandwidth, phase_seconds, projected_peak
+
+    model = ["model=r1_distill_llama_8b", "model.source=random", "model.path=null", "model.tokenizer=embedded",
+             "model.chat_template=r1_distill", *(f"model.{k}={v}" for k, v in sizes.big.items())]
+    result = {}
+    for algo in ("grpo", "ppo"):
+        steps = run_py([f"algo={algo}", *model, "trainer=h100", "trainer.max_steps=1", "trainer.save_final=false",
+                        "data.eval_size=0", *sizes.big_run], out / "8b" / algo, sizes)
+        m = steps[-1]
+        n = override_value(sizes.big_run, "algo.prompts_per_step") * override_value(sizes.big_run, "algo.group_size")
+        projection = projected_peak(sizes.big, algo, n, m, override_value(sizes.big_run, "algo.micro_batch_size"))
+        peak_gib = m.get("memory/peak_cuda_mb", 0.0) / 1024
+        decode_steps = m["completion/length_max"]
+        bandwidth = peak_bandwidth()
+        fraction = (projection["weight_bytes"] * decode_steps / m["time/generate"] / bandwidth[1]
+                    if bandwidth and m["time/generate"] > 0 else None)
+        result[algo] = {
+            "phases_s": phase_seconds(steps), "tokens_generated": m["tokens/generated"],
+            "generated_tokens_per_s": m["tokens/generated"] / m["time/generate"],
+            "peak_cuda_gib": peak_gib, "projected_gib": projection["peak_gib"],
+            "measured_over_projected": peak_gib / projection["peak_gib"] if peak_gib else None,
+            "projection": projection, "decode_steps": decode_steps,
+            "assumed_peak_bandwidth": bandwidth, "decode_bandwidth_fraction": fraction,
+            "approx_kl": m.get("approx_kl"), "clip_frac": m.get("clip_frac"),
+            "optimizer_steps": m.get("optimizer_steps"), "skipped_steps": m.get("skipped_steps")}
+        if m.get("optimizer_steps", 0) < 1 or m.get("skipped_steps", 0) > 0:
+            raise CheckFailed(f"{algo}: the update was skipped (non-finite): {result[algo]}")
+    return result
+
+
+def section_fsdp(sizes: Sizes, out: Path) -> dict:
+    """trainer.strategy=fsdp (bf16 full fine-tuning) in one torchrun process: NCCL on a GPU, gloo on a CPU."""
+    args = ["algo=grpo", *sizes.embedded, "trainer.strategy=fsdp", "trainer.precision=bf16"]
+    result = resumed_runs("grpo_fsdp", args, out / "fsdp", sizes.fsdp_steps, sizes, torchrun=True)
+    if not result["resume"]["ok"]:
+        raise CheckFailed(f"the fsdp resume did not reproduce the uninterrupted run: {result['resume']}")
+    return result
+
+
+def override_value(args: tuple[str, ...], key: str) -> int:
+    """The integer of `key=N` among run.py overrides."""
+    return int(next(a.split("=", 1)[1] for a in args if a.startswith(key + "=")))
+
+
+SECTIONS = {"probe": section_probe, "kernels": section_kernels, "embedded": section_embedded, "8b": section_8b,
+            "fsdp": section_fsdp}
+
+
+def run_section(name: str, sizes: Sizes, out: Path) -> dict:
+    """One section, its failure caught and recorded (status fail: a check did not hold; error: it crashed)."""
+    start = time.perf_counter()
+    try:
+        record = {"status": "pass", "result": SECTIONS[name](sizes, out)}
+    except CheckFailed as err:
+        record = {"status": "fail", "error": str(err)[-4000:], "traceback": traceback.format_exc()[-3000:]}
+    except Exception as err:  # the next section still runs
+        record = {"status": "error", "error": f"{type(err).__name__}: {str(err)[-4000:]}",
+                  "traceback": traceback.format_exc()[-3000:]}
+    record["seconds"] = time.perf_counter() - start
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the run.py sections get the whole GPU
+    except Exception:
+        pass
+    print(f"[gpu_check] {name}: {record['status']} ({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return record
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _phases(phases: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v['step_1'])}" + (f" / {_fmt(v['later_mean'])}" if v["later_mean"] is not None
+                                                   else "") for k, v in phases.items())
+
+
+def markdown(report: dict) -> str:
+    """gpu_check.md: the environment, one status line per section, then each section's figures."""
+    lines = [f"# GPU check ({report['mode']}), {report['seconds']:.0f} s", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in report["env"].items()]
+    lines += ["", "| section | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {name} | {s['status']} | {s['seconds']:.0f} |" for name, s in report["sections"].items()]
+    for name, s in report["sections"].items():
+        lines += ["", f"## {name}: {s['status']}", ""]
+        if s["status"] != "pass":
+            lines += [s["error"], "", "```", s["traceback"], "```"]
+            continue
+        r = s["result"]
+        if name == "probe":
+            lines += [f"- {k}: {_fmt(v)}" for k, v in r.items()]
+        elif name == "kernels":
+            lines += ["max |kernel - reference| / max |reference| (log_softmax of the same dtype's logits in fp32)",
+                      "", "| shape | dtype | backend | path | errors | ok |", "|---|---|---|---|---|---|"]
+            lines += [f"| {row['shape']} | {row['dtype']} | {row['backend']} | {row['path']} | "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items()) + f" | {row['ok']} |"
+                      for row in r["rows"]]
+            lines += ["", "fused backward, one chunk's lm_head gradient: "
+                      + ", ".join(f"{k} {_fmt(v)}" for k, v in r["addmm"].items()), "", r["bench_logprobs"]]
+        elif name in ("embedded", "fsdp"):
+            runs = r if name == "embedded" else {"grpo (fsdp)": r}
+            lines += ["seconds per phase: step 1 / mean of the later steps", ""]
+            for algo, run in runs.items():
+                resume = run["resume"]
+                lines += [f"- **{algo}**: {_phases(run['phases_s'])}; peak CUDA {_fmt(run['peak_cuda_mb'])} MiB; "
+                          f"tokens per step {run['tokens_generated_per_step']}; step 1 approx_kl "
+                          f"{_fmt(run['step1_approx_kl'])}, clip_frac {_fmt(run['step1_clip_frac'])}; resume: "
+                          f"bit-exact {resume['bit_exact']}, weight diff / last update "
+                          f"{_fmt(resume['weight_diff_over_last_step_update'])}, metric diffs "
+                          + ", ".join(f"{k} {_fmt(v)}" for k, v in resume["metric_abs_diff"].items())]
+        elif name == "8b":
+            for algo, run in r.items():
+                bw = run["assumed_peak_bandwidth"]
+                lines += [f"- **{algo}**: {_phases(run['phases_s'])} s; {_fmt(run['generated_tokens_per_s'])} "
+                          f"generated tokens/s ({run['tokens_generated']:.0f} tokens, {run['decode_steps']:.0f} "
+                          f"decode steps); peak CUDA {_fmt(run['peak_cuda_gib'])} GiB vs projected "
+                          f"{_fmt(run['projected_gib'])} GiB (ratio {_fmt(run['measured_over_projected'])}); "
+                          f"decode bandwidth fraction {_fmt(run['decode_bandwidth_fraction'])} of "
+                          f"{_fmt(bw[1] / 1e12) + ' TB/s assumed for ' + bw[0] if bw else 'an unknown peak'}; "
+                          f"approx_kl {_fmt(run['approx_kl'])}, clip_frac {_fmt(run['clip_frac'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md, gpu_check.json and logs")
+    parser.add_argument("--tiny", action="store_true", help="every section on the CPU at tiny shapes")
+    parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
+    args = parser.parse_args()
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    import torch
+
+    sizes = TINY if args.tiny else GPU
+    args.out.mkdir(parents=True, exist_ok=True)
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device is visible; run with --tiny for the CPU version", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    report = {"mode": "tiny (CPU)" if args.tiny else "GPU", "env": environment(), "sizes": asdict(sizes),
+              "sections": {}}
+    for name in args.sections:
+        report["sections"][name] = run_section(name, sizes, args.out)
+    report["seconds"] = time.perf_counter() - start
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "gpu_check.md").write_text(markdown(report))
+    print(f"wrote {args.out / 'gpu_check.md'} and gpu_check.json ({report['seconds']:.0f} s)")
+    return 0 if all(s["status"] == "pass" for s in report["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
