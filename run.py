@@ -122,7 +122,7 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
         seeded = dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling
         if dist_ctx.strategy != "single":
             built.sampler = ShardedSampler(built.sampler, dist_ctx.rank, dist_ctx.world_size)
-        trainer = Trainer(cfg.trainer, built, logger, run_dir, built.model or policy, tokenizer, generator, seeded)
+        trainer = Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator, seeded)
         if checkpoint is not None:
             print(f"resuming from {checkpoint} (step {trainer.resume(checkpoint)})")
         elif cfg.trainer.resume == "auto":

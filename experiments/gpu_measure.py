@@ -124,11 +124,12 @@ def projected_peak(arch_fields: dict, algo: str, sequences: int, metrics: dict, 
     """models.memory's projection of the peak of one step under trainer=h100 (LoRA r=16, bf16, checkpointing):
     static (weights, gradients, AdamW) + the larger of the training activations of one micro-batch and the
     sampling KV cache, with the step's mean prompt and longest completion lengths."""
+    from conf.registry import get_stage
     from conf.schema import LLAMA_LORA_TARGETS
     from models.memory import Architecture, project
 
     arch = Architecture(**arch_fields)
-    critic = algo == "ppo"
+    critic = "critic" in get_stage(algo).models  # the models the algorithm keeps besides the actor
     models = project(arch, 2, 16, list(LLAMA_LORA_TARGETS), reference=True, critic=critic)
     static = sum(m.static for m in models)
     prompt = metrics["tokens/prompt"] / sequences  # mean real prompt tokens

@@ -77,9 +77,6 @@ class Built:
     algorithm: Algorithm
     optimizers: dict[str, torch.optim.Optimizer]
     sampler: Any  # data.loading.PromptSampler
-    # the model the loop checkpoints as the run's weights (checkpoints/<name>/, loadable with model.source=local);
-    # None: the policy
-    model: torch.nn.Module | None = None
     # run by run.py once fit() has returned (not after an interrupt or an error): what a stage writes when
     # training is done besides checkpoints/final (the reward model's <run_dir>/reward_model)
     finish: Callable[[], None] | None = None
