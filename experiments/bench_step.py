@@ -71,15 +71,19 @@ def build_common(args):
 
 
 def run_ours(args) -> list[dict[str, float]]:
-    from algorithms.grpo import build_grpo
+    from conf.registry import get_stage
+    from data.loading import Batch
     from run import seed_everything
+    from training.loop import StageContext
 
     cfg, tokenizer, policy, reward_fn, batches = build_common(args)
-    algo, _ = build_grpo(cfg, policy, tokenizer, reward_fn, seed_everything(cfg.seed))
+    ctx = StageContext(cfg, ROOT, policy=policy, tokenizer=tokenizer, reward_fn=reward_fn,
+                       train_rows=batches[0], generator=seed_everything(cfg.seed))
+    algo = get_stage(cfg.algo.name).build(ctx).algorithm  # what run.py builds: reference, AdamW
     steps = []
     for rows in batches:
         start, cpu_start = time.perf_counter(), time.process_time()
-        metrics, _, _ = algo.step(rows)
+        metrics = algo.step(Batch(rows)).metrics
         step = {"total": time.perf_counter() - start, "cpu_total": time.process_time() - cpu_start}
         for prefix, out in (("time/", ""), ("cpu_time/", "cpu_")):
             step |= {f"{out}generate": metrics.get(f"{prefix}generate", 0.0),
