@@ -108,3 +108,11 @@ def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Te
 def sequence_mean(x: Tensor, mask: Tensor) -> float:
     """Mean over sequences of each sequence's token mean (how per-token diagnostics are reported)."""
     return float(masked_mean(x, mask, dim=1).mean())
+
+
+def zero_std_group_frac(rewards: Tensor, group_size: int) -> float:
+    """Share of prompts whose G rewards are all equal (a group of one counts as such): groups that give a
+    group-relative estimator no signal. rewards: [N] group-contiguous."""
+    if group_size == 1:
+        return 1.0
+    return float((rewards.view(-1, group_size).std(dim=1) == 0).float().mean())

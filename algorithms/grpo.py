@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from algorithms.batch_stats import sharded_group_advantages
+from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import check_choice, check_range
 from conf.registry import register_stage
@@ -46,12 +47,11 @@ class GRPO(PolicyGradient):
         # ---- UPDATE: mu passes over minibatches, beta * KL in the loss -------------------------
         stats = self.update_policy(tensors, timer, beta_in_loss=cfg.beta if self.reference is not None else 0.0)
 
-        std_per_group = rewards.view(-1, cfg.group_size).std(dim=1) if cfg.group_size > 1 else rewards * 0
         stats.update({
             "advantages/mean": float(advantages.mean()),
             "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
             "advantages/abs_mean": float(advantages.abs().mean()),
-            "reward/zero_std_group_frac": float((std_per_group == 0).float().mean()),
+            "reward/zero_std_group_frac": zero_std_group_frac(rewards, cfg.group_size),
         })
         return self.step_output(rollout, scored, rewards, stats, timer)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from algorithms.advantages import masked_mean
 from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors, sample_and_score, sequence_mean
 from algorithms.compute import model_params, step_compute_metrics
 from algorithms.evaluate import evaluate_policy
@@ -141,6 +142,17 @@ class PolicyGradient:
             return torch.zeros_like(old), torch.zeros_like(old)
         ref = tensors["ref_logp"]
         return (old - ref) * mask, kl_estimate(old, ref, self.cfg.kl_estimator) * mask
+
+    def kl_in_reward_metrics(self, kl_k1: Tensor, kl_penalty: Tensor, mask: Tensor, beta: float) -> dict[str, float]:
+        """What an algorithm with the KL in the reward (PPO, RLOO, REINFORCE++) logs of it; {} without a
+        reference. kl_k1, kl_penalty: [N, Tc] from `kl_penalty`, 0 on padding."""
+        if self.reference is None:
+            return {}
+        return {
+            "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
+            "kl/sequence": float(kl_k1.sum(-1).mean()),  # k1 summed over each sequence, mean over sequences
+            "reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean()),  # -beta * sum_t KL_t per sequence
+        }
 
     def update_policy(self, tensors: dict[str, Tensor], timer: PhaseTimer, beta_in_loss: float) -> dict[str, float]:
         """num_iterations passes of clipped policy loss (+ beta_in_loss * KL when > 0) - ent_coef * entropy

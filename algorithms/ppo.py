@@ -135,7 +135,7 @@ class PPO(PolicyGradient):
             self.policy.eval()
             self.critic.eval()
 
-        kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL
+        kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL (logged as kl/sequence)
         # every rank updates the coefficient with the whole batch's KL, so they stay equal
         self.kl_ctl.update(all_mean(kl_per_sequence), N * world_size())
 
@@ -151,12 +151,7 @@ class PPO(PolicyGradient):
             "explained_var": float(explained) if torch.isfinite(explained) else 0.0,
             "kl_coef": beta,  # the beta this step's rewards used
         })
-        if self.reference is not None:
-            stats.update({
-                "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
-                "kl/sequence": kl_per_sequence,  # k1 summed over each sequence, mean over sequences
-                "reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean()),
-            })
+        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, beta))
         return self.step_output(rollout, scored, scores, stats, timer)
 
 

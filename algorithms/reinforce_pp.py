@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from algorithms.advantages import group_advantages, kl_penalised_token_rewards, masked_mean, masked_var
+from algorithms.advantages import gae, group_advantages, kl_penalised_token_rewards, masked_mean, masked_var
 from algorithms.batch_stats import global_whiten
+from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import ConfigError, check_choice, check_range
 from conf.registry import register_stage
@@ -38,17 +38,12 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) 
     """Returns-to-go G_t = sum_{s >= t} gamma^(s - t) r_s over the real tokens of each row.
 
     token_rewards, mask: [N, T]. Masked positions are skipped as if absent (the sum carries over them)
-    and get 0; gamma = 1 is a reverse cumulative sum. Equal to `advantages.gae` with values 0 and lam 1.
+    and get 0; gamma = 1 is a reverse cumulative sum.
     Returns [N, T] fp32.
     """
-    real = mask.bool()
     rewards = token_rewards.float()
-    returns = torch.zeros_like(rewards)  # [N, T]
-    running = rewards.new_zeros(rewards.shape[0])  # G_{t+1}: 0 past the end
-    for t in reversed(range(rewards.shape[1])):  # cleanrl's backward loop, vectorised over the batch
-        running = torch.where(real[:, t], rewards[:, t] + gamma * running, running)
-        returns[:, t] = torch.where(real[:, t], running, 0.0)
-    return returns
+    # GAE's backward recursion with a zero critic and lam = 1: its returns are exactly these
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[1]
 
 
 @dataclass
@@ -110,14 +105,8 @@ class ReinforcePP(PolicyGradient):
             "returns/mean": float(masked_mean(returns, mask)),  # PPO's key: its lam = 1 returns are these
         })
         if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
-            std_per_group = rearrange(scores, "(p g) -> p g", g=cfg.group_size).std(dim=1)  # [P]
-            stats["reward/zero_std_group_frac"] = float((std_per_group == 0).float().mean())
-        if self.reference is not None:
-            stats.update({
-                "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
-                "kl/sequence": float(kl_k1.sum(-1).mean()),  # k1 summed over each sequence, mean over sequences
-                "reward/kl_penalty_mean": float(-(cfg.beta * kl_penalty).sum(-1).mean()),
-            })
+            stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
+        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
         return self.step_output(rollout, scored, scores, stats, timer)
 
 

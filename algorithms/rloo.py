@@ -20,8 +20,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from algorithms.advantages import masked_mean
 from algorithms.batch_stats import global_whiten
+from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import ConfigError
 from conf.registry import register_stage
@@ -105,20 +105,14 @@ class RLOO(PolicyGradient):
         # ---- UPDATE: num_iterations passes over minibatches; no KL term (it is in the rewards) ---
         stats = self.update_policy(tensors, timer, beta_in_loss=0.0)
 
-        # zero-spread groups of the task reward (as GRPO logs it): no signal but the KL's noise
-        std_per_group = rearrange(scores, "(p g) -> p g", g=cfg.group_size).std(dim=1)  # [P]
         stats.update({
             "advantages/mean": float(raw_advantages.mean()),  # before whitening; 0 up to rounding
             "advantages/std": float(raw_advantages.std()) if raw_advantages.numel() > 1 else 0.0,
             "advantages/abs_mean": float(raw_advantages.abs().mean()),
-            "reward/zero_std_group_frac": float((std_per_group == 0).float().mean()),
+            # zero-spread groups of the task reward (as GRPO logs it): no signal but the KL's noise
+            "reward/zero_std_group_frac": zero_std_group_frac(scores, cfg.group_size),
         })
-        if self.reference is not None:
-            stats.update({
-                "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
-                "kl/sequence": float(kl_k1.sum(-1).mean()),  # k1 summed over each sequence, mean over sequences
-                "reward/kl_penalty_mean": float((rewards - scores).mean()),  # -beta * sum_t KL_t, mean
-            })
+        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
         return self.step_output(rollout, scored, scores, stats, timer)
 
 

@@ -312,12 +312,11 @@ class PromptSampler:
 
     def next_batch(self) -> list[dict]:
         batch = []
-        while len(batch) < self.batch_size:
-            if self.position == len(self.rows):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            batch.append(self.rows[self._order[self.position]])
-            self.position += 1
+        for epoch, position in self.upcoming():
+            if epoch != self.epoch:  # the batch runs into the next epoch: a new order
+                self.epoch, self._order = epoch, self._epoch_order(epoch)
+            batch.append(self.rows[self._order[position]])
+            self.position = position + 1
         return batch
 
     def draw(self, seeded: bool = False) -> Batch:
