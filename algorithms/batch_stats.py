@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from algorithms.advantages import group_advantages, masked_mean, whiten
+from algorithms.advantages import group_advantages, group_scale, masked_mean, whiten
 from parallel.distributed import all_reduce_, rank, world_size
 
 
@@ -42,10 +42,21 @@ def sharded_group_advantages(rewards: Tensor, group_size: int, scale: str = "gro
     Groups never cross ranks, so only the batch scale needs the other ranks' rewards: they are
     gathered, the advantages computed on the whole batch and this rank's slice returned.
     """
-    world = world_size()
-    if world == 1 or scale != "batch":
+    if world_size() == 1 or scale != "batch":
         return group_advantages(rewards, group_size, scale, eps)
+    return _on_global_batch(lambda full: group_advantages(full, group_size, scale, eps), rewards)
+
+
+def sharded_group_scale(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """`group_scale` of this rank's rewards [N_local]; with scale=batch the std is the global batch's."""
+    if world_size() == 1 or scale != "batch":
+        return group_scale(rewards, group_size, scale, eps)
+    return _on_global_batch(lambda full: group_scale(full, group_size, scale, eps), rewards)
+
+
+def _on_global_batch(fn, rewards: Tensor) -> Tensor:
+    """fn of every rank's rewards gathered into one [N] tensor, this rank's slice of the [N] result."""
+    world = world_size()
     gathered = [torch.empty_like(rewards) for _ in range(world)]
     dist.all_gather(gathered, rewards.contiguous())
-    full = group_advantages(torch.cat(gathered), group_size, scale, eps)
-    return full.view(world, -1)[rank()]
+    return fn(torch.cat(gathered)).view(world, -1)[rank()]

@@ -19,13 +19,13 @@ def sample_and_score(policy, tokenizer, reward_fn, rows: list[dict], seeds: list
                      generator: torch.Generator, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
     """Rollout then reward scoring, timed: the first half of every RL step.
 
-    cfg: the algorithm's config (group_size, max_new_tokens, temperature, top_p). `seeds`: one sampling
+    cfg: the algorithm's config (group_size, max_new_tokens, temperature, top_p, rollout). `seeds`: one sampling
     seed per row (prompt-seeded sampling, parallel.distributed.ShardedSampler), else None and `generator`
     draws. Returns (rollout, RewardOutput) with the N = len(rows) * group_size samples group-contiguous.
     """
     with timer("generate"):
         rollout = generate_rollout(policy, tokenizer, rows, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                   cfg.top_p, generator, prompt_seeds=seeds)
+                                   cfg.top_p, generator, prompt_seeds=seeds, rollout=cfg.rollout)
     with timer("score"):
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
     return rollout, scored

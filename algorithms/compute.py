@@ -87,3 +87,17 @@ def step_token_metrics(rollout: Rollout, epochs: int) -> dict[str, float]:
             "tokens/trained": epochs * float(rollout.completion_mask.sum())}
 
 
+
+
+def add_discarded_generation(metrics: dict[str, float], prompt_tokens: float, generated_tokens: float,
+                             actor_params: int) -> None:
+    """Add to a step's metrics the samples it generated but did not train on (dynamic sampling's dropped
+    groups): their generated tokens, and the prefill and decoding forwards of the actor, so that runs are
+    compared at the tokens they really generated."""
+    if not prompt_tokens and not generated_tokens:
+        return
+    metrics["tokens/generated"] = metrics.get("tokens/generated", 0.0) + generated_tokens
+    metrics["compute/actor_forward_tokens"] = (metrics.get("compute/actor_forward_tokens", 0.0)
+                                               + prompt_tokens + generated_tokens)
+    metrics["compute/flops"] = metrics.get("compute/flops", 0.0) + 2.0 * actor_params * (prompt_tokens
+                                                                                         + generated_tokens)

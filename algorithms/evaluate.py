@@ -1,14 +1,21 @@
-"""Held-out evaluation of a policy: one seeded sample per row, scored by the run's rewards (the RL
-algorithms' in-training eval and the eval stage share it)."""
+"""Held-out evaluation of a policy: k seeded samples per row, scored by the run's rewards (the RL
+algorithms' in-training eval and the eval stage share it), with pass@1, pass@k, maj@k and the format rate."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
 
 from algorithms.common import rollout_metrics
 from algorithms.rollout import Rollout, generate_rollout
+from rewards.accuracy import extract_choice, gold_choice
 from rewards.combine import RewardOutput
+from rewards.format import is_think_format, with_prefill
+from rewards.text import extract_answer
+
+PASS_PART = "accuracy"  # the reward part that decides whether a sample passes (pass@k)
 
 
 def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total: int) -> float:
@@ -23,16 +30,90 @@ def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total
     return sum(n * metrics[key] for n, metrics in batches) / total
 
 
-def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
+def format_rate(prompts: list[str], completions: list[str]) -> float:
+    """Share of completions in the R1 format (`<think>` reasoning `</think>` answer), prefill counted."""
+    if not completions:
+        return 0.0
+    formatted = [is_think_format(with_prefill(p, c)) for p, c in zip(prompts, completions, strict=True)]
+    return sum(formatted) / len(formatted)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s unbiased pass@k from n samples of which c pass: 1 - C(n - c, k) / C(n, k),
+    as their numerically stable product. With n = k it is 1 when any sample passes."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def majority_choice(completions: list[str], options: dict | None) -> str | None:
+    """The letter most samples commit to (extract_choice on the answer after `</think>`); a tie goes to the
+    letter named first; None when no sample names one."""
+    letters = [extract_choice(extract_answer(c), options) for c in completions]
+    counts = Counter(letter for letter in letters if letter is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def prompt_results(batches: list[tuple[Rollout, RewardOutput]], k: int, pass_threshold: float = 1.0) -> list[dict]:
+    """One record per held-out prompt from its k group-contiguous samples: mean reward, format rate, and
+    when the rewards have an accuracy part, how many passed (part >= pass_threshold), pass@1 (their share)
+    and pass@k; for multiple-choice rows the majority letter and whether it is the gold one."""
+    records = []
+    for rollout, scored in batches:
+        passed = scored.parts[PASS_PART] >= pass_threshold if PASS_PART in scored.parts else None  # [N]
+        for start in range(0, len(rollout.completions), k):
+            group = slice(start, start + k)
+            row, prompts, completions = rollout.rows[start], rollout.prompts[group], rollout.completions[group]
+            record = {"id": row.get("id"), "question": row.get("question"), "answer": row.get("answer"),
+                      "samples": k, "reward_mean": float(scored.total[group].mean()),
+                      "format_rate": format_rate(prompts, completions)}
+            if passed is not None:
+                c = int(passed[group].sum())
+                record.update({"passed": c, "pass@1": c / k, f"pass@{k}": pass_at_k(k, c, k)})
+            if row.get("kind") == "mcq":
+                majority = majority_choice(completions, row.get("options"))
+                record.update({"majority": majority,
+                               "majority_correct": majority is not None
+                               and majority == gold_choice(row.get("answer"), row.get("options"))})
+            records.append(record)
+    return records
+
+
+def pass_metrics(records: list[dict], k: int) -> dict[str, float]:
+    """Means over prompts of `prompt_results`: format_rate; pass@1 (and pass@k, k > 1) when the rewards
+    have an accuracy part; maj@k over the multiple-choice prompts (k > 1)."""
+    if not records:
+        return {}
+    out = {"format_rate": sum(r["format_rate"] for r in records) / len(records)}
+    scored = [r for r in records if "passed" in r]
+    if scored:
+        out["pass@1"] = sum(r["pass@1"] for r in scored) / len(scored)
+        if k > 1:
+            out[f"pass@{k}"] = sum(r[f"pass@{k}"] for r in scored) / len(scored)
+    mcq = [r for r in records if "majority" in r]
+    if mcq and k > 1:
+        out[f"maj@{k}"] = sum(r["majority_correct"] for r in mcq) / len(mcq)
+    return out
+
+
+def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int,
+                    samples_per_prompt: int = 1, pass_threshold: float = 1.0,
                     ) -> tuple[dict[str, float], list[tuple[Rollout, RewardOutput]]]:
-    """One sample per row, in batches, seeded by `seed`: (rollout metrics over all rows, every batch's
-    (rollout, scores)). `sampling`: max_new_tokens, temperature, top_p. No rows: ({}, [])."""
+    """k = samples_per_prompt samples per row, in batches of batch_size rows, seeded by `seed`: (metrics,
+    every batch's (rollout, scores)). Metrics: the rollout metrics over all samples (means over the k),
+    and `pass_metrics`. `sampling`: max_new_tokens, temperature, top_p (and optionally rollout). No rows: ({}, [])."""
+    k = samples_per_prompt
     generator = torch.Generator().manual_seed(seed)
     batches: list[tuple[int, dict[str, float]]] = []  # (prompts, that batch's metrics)
     scored_batches = []
     for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, dynamic_ncols=True):
         batch_rows = rows[start : start + batch_size]
-        rollout = generate_rollout(policy, tokenizer, batch_rows, 1, generator=generator, **sampling)
+        rollout = generate_rollout(policy, tokenizer, batch_rows, k, generator=generator, **sampling)
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
         batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures,
                                                          scored.timeouts)))
@@ -40,4 +121,5 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: di
     if not batches:
         return {}, []
     metrics = {key: combine_batches(key, batches, len(rows)) for key in batches[0][1] if not key.endswith("_std")}
+    metrics.update(pass_metrics(prompt_results(scored_batches, k, pass_threshold), k))
     return metrics, scored_batches

@@ -1,14 +1,16 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): group-relative advantages, no critic, KL to the reference in the loss.
 
 One `step()` reads top to bottom: rollout -> score -> group advantages -> (reference log-probs) ->
-mu passes of clipped policy loss + beta * KL.
+mu passes of clipped policy loss + beta * KL. `kl_in=reward` moves the KL to PPO's place instead (a
+per-token penalty in the rewards, so the advantages become per token), one corner of the PPO-GRPO grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms.batch_stats import sharded_group_advantages
+from algorithms.advantages import group_baselined_returns, kl_penalised_token_rewards
+from algorithms.batch_stats import sharded_group_advantages, sharded_group_scale
 from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import check_choice, check_range
@@ -41,19 +43,32 @@ class GRPO(PolicyGradient):
         rewards = scored.total.to(rollout.completion_mask.device)  # [N]
 
         # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------
-        advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each; the penalty is 0 unless kl_in=reward
+        if cfg.kl_in == "reward" and self.reference is not None:
+            # the KL as PPO places it, -beta * KL_t in every token's reward: returns-to-go less the group mean of
+            # the sequence returns, over their group std (at the first token: GRPO on score - beta * sum_t KL_t)
+            mask = rollout.completion_mask  # [N, Tc]
+            token_rewards = kl_penalised_token_rewards(rewards, kl_penalty, mask, cfg.beta)  # [N, Tc]
+            centred, sequence = group_baselined_returns(token_rewards, mask, cfg.group_size, "group_mean")
+            scale = sharded_group_scale(sequence, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+            advantages = centred / scale[:, None]  # [N, Tc]
+        else:
+            advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards,
+                                                  cfg.advantage_eps)  # [N]
         tensors["advantages"] = advantages
 
-        # ---- UPDATE: mu passes over minibatches, beta * KL in the loss -------------------------
-        stats = self.update_policy(tensors, timer, beta_in_loss=cfg.beta if self.reference is not None else 0.0)
+        # ---- UPDATE: mu passes over minibatches, beta * KL in the loss (kl_in=loss) --------------
+        stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
+        real = advantages if advantages.dim() == 1 else advantages[rollout.completion_mask.bool()]  # no padding
         stats.update({
-            "advantages/mean": float(advantages.mean()),
-            "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
-            "advantages/abs_mean": float(advantages.abs().mean()),
+            "advantages/mean": float(real.mean()),
+            "advantages/std": float(real.std()) if real.numel() > 1 else 0.0,
+            "advantages/abs_mean": float(real.abs().mean()),
             "reward/zero_std_group_frac": zero_std_group_frac(rewards, cfg.group_size),
         })
-        return self.step_output(rollout, scored, rewards, stats, timer)
+        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, rollout.completion_mask, cfg.beta))
+        return self.step_output(rollout, scored, rewards, stats, timer, advantages)
 
 
 @register_stage("grpo", GRPOConfig, kind="rl", trains_policy=True, uses_rewards=True,

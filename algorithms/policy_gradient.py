@@ -11,19 +11,20 @@ enters; sampling, scoring, log-probs, the KL estimators, the loss aggregation an
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from algorithms.advantages import masked_mean
+from algorithms.advantages import masked_mean, overlong_penalty
 from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors, sample_and_score, sequence_mean
-from algorithms.compute import model_params, step_compute_metrics
+from algorithms.compute import add_discarded_generation, model_params, step_compute_metrics
+from algorithms.dynamic_sampling import DrawCost, refill_groups
 from algorithms.evaluate import evaluate_policy
 from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, accumulation_weight, kl_estimate
 from algorithms.objective import policy_objective
-from algorithms.rollout import Rollout
-from conf.checks import check_choice, check_range
+from algorithms.rollout import Rollout, RolloutConfig, check_rollout
+from conf.checks import ConfigError, check_choice, check_range
 from data.loading import Batch, PromptSampler
 from models.scale import autocast_dtype, compute_dtype, reference_model
 from parallel.fsdp import shard_models
@@ -33,6 +34,7 @@ from training.timers import PhaseTimer
 from training.tracking import sample_records
 from training.update import MicroBatch, OptimTarget, actor_target, minibatch_update
 
+KL_PLACEMENTS = ("loss", "reward")
 EVAL_SEED_OFFSET = 10_000  # held-out samples are drawn with seed + this at every eval: comparable across steps
 
 
@@ -61,6 +63,21 @@ class PolicyGradientConfig:
     recompute_old_logp: bool | None = None
     fused_loss: bool = True  # policy loss and its gradient inside the lm_head pass (models.fused_loss); not gspo
     default_max_steps: int | None = None  # trainer.max_steps when not given (conf/trainer/default.yaml)
+    # where beta * KL enters: loss (GRPO's: a term of the policy loss) | reward (PPO's: -beta * KL_t in every
+    # token's reward, so the advantages carry it)
+    kl_in: str = "loss"
+    # DAPO's dynamic sampling (Yu et al. 2025): groups whose scores are all equal give a group baseline no signal;
+    # they are dropped and more prompts drawn until prompts_per_step groups remain (needs group_size >= 2)
+    dynamic_sampling: bool = False
+    # extra draws of prompts_per_step prompts a step may make; still short then, dropped groups fill the batch
+    dynamic_sampling_max_draws: int = 4
+    # DAPO's soft overlong penalty: completions longer than max_new_tokens - overlong_buffer tokens get a linear
+    # penalty, reaching -overlong_penalty at max_new_tokens, added to the sequence reward (0 = off)
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0  # the penalty's factor
+    eval_samples: int = 1  # k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k
+    pass_threshold: float = 1.0  # a held-out sample passes when its accuracy reward part is >= this
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # how completions are decoded (algo.rollout.*)
 
     def __post_init__(self) -> None:
         check_choice("algo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -70,8 +87,16 @@ class PolicyGradientConfig:
             check_range(f"algo.{key}", getattr(self, key), 1)
         check_range("algo.temperature", self.temperature, 1e-3)
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
-        for key in ("beta", "clip_low", "clip_high", "ent_coef"):
+        for key in ("beta", "clip_low", "clip_high", "ent_coef", "overlong_penalty"):
             check_range(f"algo.{key}", getattr(self, key), 0.0)
+        check_choice("algo.kl_in", self.kl_in, KL_PLACEMENTS)
+        check_range("algo.dynamic_sampling_max_draws", self.dynamic_sampling_max_draws, 0)
+        check_range("algo.overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
+        check_range("algo.eval_samples", self.eval_samples, 1)
+        check_rollout(self.rollout)
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ConfigError(f"algo.dynamic_sampling=true with algo.group_size={self.group_size}: it drops groups "
+                              "whose samples all score the same, which needs algo.group_size >= 2")
 
 
 class PolicyGradient:
@@ -97,6 +122,7 @@ class PolicyGradient:
         self.eval_batch_size = ctx.cfg.trainer.eval_batch_size
         self.eval_seed = ctx.cfg.seed + EVAL_SEED_OFFSET
         self.params = model_params(self.policy, reference, critic, self.reward_fn)
+        self.draw_cost = DrawCost()  # this step's draws beyond its batch (dynamic sampling), set by `sample`
 
     # ---- what the loop uses (training.loop.Algorithm) -------------------------------------------
     def checkpoint_models(self) -> dict[str, torch.nn.Module]:
@@ -109,20 +135,39 @@ class PolicyGradient:
         self.micro_batch.load_state_dict(state.get("micro_batch"))  # absent from older checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        """One sample per held-out prompt with a fixed seed, so evals at different steps are comparable."""
+        """algo.eval_samples samples per held-out prompt with a fixed seed, so evals at different steps are
+        comparable: the reward parts, format rate, pass@1 (and pass@k, maj@k with k > 1)."""
         sampling = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
-                    "top_p": self.cfg.top_p}
+                    "top_p": self.cfg.top_p, "rollout": self.cfg.rollout}
         metrics, _ = evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.reward_fn, sampling,
-                                     self.eval_batch_size, self.eval_seed)
+                                     self.eval_batch_size, self.eval_seed, self.cfg.eval_samples,
+                                     self.cfg.pass_threshold)
         return {f"eval/{key}": value for key, value in metrics.items()}
 
     # ---- the shared pieces of a step ---------------------------------------------------------------
-    def sample(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput, dict[str, Tensor]]:
-        """G samples per prompt (group-contiguous), their rewards, and the rollout as [N, ...] tensors
-        with old_logp (sampling-time, or recomputed) and ref_logp (when there is a reference)."""
+    def sample_and_score(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
+        """G samples per prompt of `batch` and their rewards, the overlong penalty (when on) included."""
         cfg = self.cfg
         rollout, scored = sample_and_score(self.policy, self.tokenizer, self.reward_fn, batch.rows, batch.seeds,
                                            cfg, self.generator, timer)
+        if cfg.overlong_buffer:
+            penalty = overlong_penalty(rollout.completion_lengths, cfg.max_new_tokens, cfg.overlong_buffer,
+                                       cfg.overlong_penalty).to(scored.total.device)  # [N]
+            scored = dataclasses.replace(scored, total=scored.total + penalty,
+                                         parts={**scored.parts, "overlong": penalty})
+        return rollout, scored
+
+    def sample(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput, dict[str, Tensor]]:
+        """G samples per prompt (group-contiguous), their rewards, and the rollout as [N, ...] tensors
+        with old_logp (sampling-time, or recomputed) and ref_logp (when there is a reference). With dynamic
+        sampling, the informative groups of as many draws as it took (algorithms.dynamic_sampling)."""
+        cfg = self.cfg
+        rollout, scored = self.sample_and_score(batch, timer)
+        self.draw_cost = DrawCost()
+        if cfg.dynamic_sampling:
+            refilled = refill_groups(batch, (rollout, scored), lambda more: self.sample_and_score(more, timer),
+                                     cfg.group_size, cfg.dynamic_sampling_max_draws, self.tokenizer.pad_token_id)
+            rollout, scored, self.draw_cost = refilled.rollout, refilled.scored, refilled.cost
         tensors = rollout_tensors(rollout)
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
             with timer("old_logp"):
@@ -134,19 +179,27 @@ class PolicyGradient:
         return rollout, scored, tensors
 
     def kl_penalty(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(k1 [N, Tc], the configured estimator [N, Tc]) of the sampling policy against the reference,
-        0 on padding and without a reference: the per-token KL that algorithms with the KL in the reward
-        subtract (times beta), and the k1 they report."""
+        """(k1 [N, Tc], the per-token KL penalty of the rewards [N, Tc]) of the sampling policy against the
+        reference, 0 on padding: the penalty is the configured estimator with algo.kl_in=reward, 0 with
+        kl_in=loss (the KL is then a term of the loss, `loss_beta`) and without a reference."""
         mask, old = tensors["completion_mask"], tensors["old_logp"]
         if "ref_logp" not in tensors:
             return torch.zeros_like(old), torch.zeros_like(old)
         ref = tensors["ref_logp"]
+        if self.cfg.kl_in == "loss":
+            return (old - ref) * mask, torch.zeros_like(old)
         return (old - ref) * mask, kl_estimate(old, ref, self.cfg.kl_estimator) * mask
+
+    def loss_beta(self, beta: float) -> float:
+        """The KL coefficient of the loss: beta with algo.kl_in=loss and a reference, else 0 (the KL is in
+        the rewards, or there is no reference)."""
+        return beta if self.cfg.kl_in == "loss" and self.reference is not None else 0.0
 
     def kl_in_reward_metrics(self, kl_k1: Tensor, kl_penalty: Tensor, mask: Tensor, beta: float) -> dict[str, float]:
         """What an algorithm with the KL in the reward (PPO, RLOO, REINFORCE++) logs of it; {} without a
-        reference. kl_k1, kl_penalty: [N, Tc] from `kl_penalty`, 0 on padding."""
-        if self.reference is None:
+        reference or with algo.kl_in=loss (the loss logs its own `kl`). kl_k1, kl_penalty: [N, Tc] from
+        `kl_penalty`, 0 on padding."""
+        if self.reference is None or self.cfg.kl_in == "loss":
             return {}
         return {
             "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
@@ -176,16 +229,24 @@ class PolicyGradient:
         return stats
 
     def step_output(self, rollout: Rollout, scored: RewardOutput, rewards: Tensor, metrics: dict[str, float],
-                    timer: PhaseTimer) -> StepOutput:
+                    timer: PhaseTimer, advantages: Tensor | None = None) -> StepOutput:
         """The metrics every RL step logs (samples, rewards, cost, phase times) around the algorithm's own,
-        and the sample records."""
+        and the sample records (with each sample's advantage when given: [N], or [N, Tc] per token, recorded
+        as its mean over the completion's tokens)."""
         out = rollout_metrics(rollout, rewards, scored.parts, scored.failures, scored.timeouts)
         out.update(metrics)
         out.update(timer.metrics())
         out.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
                                         self.cfg.num_iterations, self.cfg.recompute_old_logp))
+        out.update(self.draw_cost.metrics)  # dynamic sampling: what was drawn, and the discarded samples' cost
+        add_discarded_generation(out, self.draw_cost.prompt_tokens, self.draw_cost.generated_tokens,
+                                 self.params["actor"])
         parts = {"total": rewards, **scored.parts}
-        return StepOutput(out, sample_records(rollout.prompts, rollout.completions, parts, len(rollout.completions)))
+        if advantages is not None and advantages.dim() == 2:  # per token: the sequence's mean
+            advantages = masked_mean(advantages, rollout.completion_mask, dim=-1)  # [N]
+        records = sample_records(rollout.prompts, rollout.completions, parts, len(rollout.completions),
+                                 advantages=advantages, lengths=rollout.completion_lengths)
+        return StepOutput(out, records)
 
 
 def build_actor_and_reference(ctx: StageContext, lr: float | None = None, critic: torch.nn.Module | None = None

@@ -5,6 +5,9 @@ per-token rewards (-beta * KL on every token, the sequence reward on the last on
 num_iterations x minibatches of clipped policy loss + vf_coef * clipped value loss.
 Rollout, scoring, log-probs, the policy loss and the minibatch loop are GRPO's; what differs is the
 advantage estimator (GAE on a learned critic) and where the KL enters (the reward, not the loss).
+Both are options, so that PPO and GRPO are corners of one grid: `baseline=group_mean|leave_one_out` (with
+group_size G >= 2) replaces the critic's V(s_t) by the mean of the prompt's G (or other G - 1) sequence
+returns, and no critic is built; `kl_in=loss` moves beta * KL from the rewards into the loss.
 """
 
 from __future__ import annotations
@@ -14,14 +17,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from algorithms.advantages import explained_variance, gae, kl_penalised_token_rewards, masked_mean, masked_var
+from algorithms.advantages import (
+    GROUP_BASELINES,
+    discounted_returns,
+    explained_variance,
+    gae,
+    group_baselined_returns,
+    kl_penalised_token_rewards,
+    masked_mean,
+    masked_var,
+)
 from algorithms.batch_stats import global_whiten
-from algorithms.common import batched_forward, micro_values, sequence_mean
+from algorithms.common import batched_forward, micro_values, sequence_mean, zero_std_group_frac
 from algorithms.kl_control import KLController
 from algorithms.losses import accumulation_weight, value_loss
 from algorithms.objective import policy_objective
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_actor_and_reference
-from conf.checks import check_choice, check_range
+from conf.checks import ConfigError, check_choice, check_range
 from conf.registry import register_stage
 from data.loading import Batch, PromptSampler
 from models.heads import ValueModel
@@ -50,6 +62,10 @@ class PPOConfig(PolicyGradientConfig):
     kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019: beta moves toward target_kl)
     target_kl: float = 6.0  # adaptive: target KL per sequence, in nats
     kl_horizon: int = 10000  # adaptive: horizon, in sequences (larger = slower beta changes)
+    kl_in: str = "reward"  # -beta * KL_t in every token's reward (loss: beta * KL a term of the loss, as GRPO)
+    # critic: a learned value per token, GAE | group_mean | leave_one_out: the mean of the prompt's G (or other
+    # G - 1) sequence returns in place of V(s_t), returns-to-go minus it as advantages; no critic is built
+    baseline: str = "critic"
     critic: str = "policy"  # critic initialisation: policy = a copy of the policy's backbone + a zero value head
     critic_lr: float | None = 2e-4  # the critic's AdamW learning rate (null = trainer.lr): a fresh head catches up
     actor_lr: float | None = 1e-4  # the actor's AdamW learning rate (null = trainer.lr)
@@ -59,6 +75,11 @@ class PPOConfig(PolicyGradientConfig):
         super().__post_init__()
         check_choice("algo.kl_control", self.kl_control, ("fixed", "adaptive"))
         check_choice("algo.critic", self.critic, ("policy",))
+        check_choice("algo.baseline", self.baseline, ("critic", *GROUP_BASELINES))
+        if self.baseline != "critic" and self.group_size < 2:
+            raise ConfigError(f"algo.baseline={self.baseline} with algo.group_size={self.group_size}: a group "
+                              "baseline needs algo.group_size >= 2 samples per prompt (e.g. algo.prompts_per_step=2 "
+                              "algo.group_size=4 keeps the 8 sequences per step)")
         check_range("algo.kl_horizon", self.kl_horizon, 1)
         check_range("algo.gamma", self.gamma, 0.0, 1.0)
         check_range("algo.lam", self.lam, 0.0, 1.0)
@@ -72,7 +93,7 @@ class PPOConfig(PolicyGradientConfig):
 class PPO(PolicyGradient):
     """The PPO update on a policy, its critic, an optional frozen reference and a reward function."""
 
-    def __init__(self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel,
+    def __init__(self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel | None,
                  kl_ctl: KLController):
         super().__init__(cfg, ctx, reference, targets, critic)
         self.kl_ctl = kl_ctl
@@ -94,27 +115,36 @@ class PPO(PolicyGradient):
         N = mask.shape[0]
         scores = scored.total.to(mask.device)  # [N]
 
-        # ---- OLD VALUES (no grad) -------------------------------------------------------------
-        with timer("critic"):
-            old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
-                                         self.micro_batch.size)  # [N, Tc]
+        # ---- OLD VALUES (no grad; with a critic) ----------------------------------------------
+        old_values = None
+        if self.critic is not None:
+            with timer("critic"):
+                old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
+                                             self.micro_batch.size)  # [N, Tc]
 
-        # ---- ALGO LOGIC: per-token rewards, GAE, whitening -----------------------------------
+        # ---- ALGO LOGIC: per-token rewards, GAE (or a group baseline), whitening ----------------
         beta = self.kl_ctl.value
-        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each
+        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each; the penalty is 0 with kl_in=loss
         token_rewards = kl_penalised_token_rewards(scores, kl_penalty, mask, beta)  # [N, Tc]
-        raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
+        if old_values is not None:
+            raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
+        else:  # G_t - the group baseline of the sequence returns: GAE with lam = 1 and V(s_t) = b per prompt
+            raw_advantages, _ = group_baselined_returns(token_rewards, mask, cfg.group_size, cfg.baseline,
+                                                        cfg.gamma)  # [N, Tc]
+            returns = discounted_returns(token_rewards, mask, cfg.gamma)  # [N, Tc]
         # whitened with the statistics of the whole batch, over all ranks
         advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
-        tensors.update(advantages=advantages, returns=returns, old_values=old_values)
+        tensors.update(advantages=advantages, returns=returns)
+        if old_values is not None:
+            tensors["old_values"] = old_values
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
             micro_mask = micro["completion_mask"]
-            # no KL term here: PPO's KL is already in the rewards; dapo's policy loss is already divided by
-            # the minibatch's tokens, the token means are not
+            # a KL term only with kl_in=loss (by default the KL is in the rewards); dapo's policy loss is already
+            # divided by the minibatch's tokens, the token means are not
             objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
                                          weight=accumulation_weight(cfg.loss_type, share),
-                                         entropy_weight=cfg.ent_coef * share)
+                                         beta=self.loss_beta(beta), entropy_weight=cfg.ent_coef * share)
             values = micro_values(self.critic, micro)  # [n, Tc]
             v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
             entropy_bonus = masked_mean(objective.entropy, micro_mask)
@@ -127,48 +157,65 @@ class PPO(PolicyGradient):
             return objective.loss + cfg.vf_coef * v_loss * share, stats
 
         # ---- UPDATE: num_iterations passes over minibatches, actor and critic together ----------
-        with timer("train"):
-            self.policy.train()
-            self.critic.train()
-            stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
-                                     self.micro_batch, self.generator)
-            self.policy.eval()
-            self.critic.eval()
+        if self.critic is None:  # a group baseline: the policy loss alone, as the critic-free algorithms
+            stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(beta))
+        else:
+            with timer("train"):
+                self.policy.train()
+                self.critic.train()
+                stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
+                                         self.micro_batch, self.generator)
+                self.policy.eval()
+                self.critic.eval()
 
         kl_per_sequence = float(kl_k1.sum(-1).mean())  # nats per sequence, Ziegler's KL (logged as kl/sequence)
         # every rank updates the coefficient with the whole batch's KL, so they stay equal
         self.kl_ctl.update(all_mean(kl_per_sequence), N * world_size())
 
-        # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
-        # logged as 0, "no better than a constant", so that no NaN reaches the logs
-        explained = explained_variance(old_values, returns, mask)
         stats.update({
             "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
             "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
             "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
             "returns/mean": float(masked_mean(returns, mask)),
-            "values/mean": float(masked_mean(old_values, mask)),
-            "explained_var": float(explained) if torch.isfinite(explained) else 0.0,
-            "kl_coef": beta,  # the beta this step's rewards used
+            "kl_coef": beta,  # the beta this step's rewards (or loss) used
         })
+        if old_values is not None:
+            # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
+            # logged as 0, "no better than a constant", so that no NaN reaches the logs
+            explained = explained_variance(old_values, returns, mask)
+            stats["values/mean"] = float(masked_mean(old_values, mask))
+            stats["explained_var"] = float(explained) if torch.isfinite(explained) else 0.0
+        if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
+            stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, beta))
-        return self.step_output(rollout, scored, scores, stats, timer)
+        return self.step_output(rollout, scored, scores, stats, timer, advantages)
+
+
+def ppo_models(cfg: PPOConfig) -> tuple[str, ...]:
+    """The models PPO keeps besides the actor: the reference, and the critic unless a group baseline replaces it."""
+    return ("reference", "critic") if cfg.baseline == "critic" else ("reference",)
 
 
 @register_stage("ppo", PPOConfig, kind="rl", trains_policy=True, uses_rewards=True,
-                objective="reward/total_mean", models=("reference", "critic"))
+                objective="reward/total_mean", models=ppo_models)
 def build_ppo(ctx: StageContext) -> Built:
-    """PPO's four models: the policy (actor), a critic from the policy's weights, a frozen reference
-    (none when beta = 0) and the reward function; the actor and the critic get their own AdamW."""
+    """PPO's four models: the policy (actor), a critic from the policy's weights (none with a group
+    baseline), a frozen reference (none when beta = 0) and the reward function; the actor and the critic
+    get their own AdamW."""
     cfg, algo = ctx.cfg, ctx.cfg.algo
-    if is_lora(ctx.policy):  # a second adapter on the same frozen base, a zero head
-        critic = ValueModel(add_critic_adapter(ctx.policy))
-    else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
-        critic = ValueModel.from_causal_lm(ctx.policy)
+    critic = None
+    if "critic" in ppo_models(algo):
+        if is_lora(ctx.policy):  # a second adapter on the same frozen base, a zero head
+            critic = ValueModel(add_critic_adapter(ctx.policy))
+        else:  # algo.critic == "policy": a copy of the policy's backbone, a zero head
+            critic = ValueModel.from_causal_lm(ctx.policy)
     reference, actor, actor_optimizer = build_actor_and_reference(ctx, lr=algo.actor_lr, critic=critic)
-    critic_target, critic_optimizer = optim_target([p for p in critic.parameters() if p.requires_grad],
-                                                   cfg.trainer, "critic", lr=algo.critic_lr)
+    targets, optimizers = [actor], {"actor": actor_optimizer}
+    if critic is not None:
+        critic_target, optimizers["critic"] = optim_target([p for p in critic.parameters() if p.requires_grad],
+                                                           cfg.trainer, "critic", lr=algo.critic_lr)
+        targets.append(critic_target)
+        critic = critic.eval()
     kl_ctl = KLController(algo.beta, algo.kl_control == "adaptive", algo.target_kl, algo.kl_horizon)
-    ppo = PPO(algo, ctx, reference, [actor, critic_target], critic.eval(), kl_ctl)
-    return Built(ppo, {"actor": actor_optimizer, "critic": critic_optimizer},
-                 PromptSampler(ctx.train_rows, algo.prompts_per_step, cfg.seed))
+    ppo = PPO(algo, ctx, reference, targets, critic, kl_ctl)
+    return Built(ppo, optimizers, PromptSampler(ctx.train_rows, algo.prompts_per_step, cfg.seed))

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-from algorithms.advantages import gae, group_advantages, kl_penalised_token_rewards, masked_mean, masked_var
+from algorithms.advantages import (
+    discounted_returns,
+    group_advantages,
+    kl_penalised_token_rewards,
+    masked_mean,
+    masked_var,
+)
 from algorithms.batch_stats import global_whiten
 from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
@@ -31,19 +34,6 @@ from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
 
 BASELINES = ("none", "group_mean")
-
-
-# ---- ALGO LOGIC: the estimator, pure functions of tensors ---------------------------------------
-def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """Returns-to-go G_t = sum_{s >= t} gamma^(s - t) r_s over the real tokens of each row.
-
-    token_rewards, mask: [N, T]. Masked positions are skipped as if absent (the sum carries over them)
-    and get 0; gamma = 1 is a reverse cumulative sum.
-    Returns [N, T] fp32.
-    """
-    rewards = token_rewards.float()
-    # GAE's backward recursion with a zero critic and lam = 1: its returns are exactly these
-    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[1]
 
 
 @dataclass
@@ -58,6 +48,7 @@ class ReinforcePPConfig(PolicyGradientConfig):
     # KL coefficient: reward_t = -beta * KL_t, + the score at the last token; 0 = no reference. PPO's rewards
     # and PPO's value: at 0.05 the penalty's noise was as large as the rewards' spread on the embedded model
     beta: float = 0.02
+    kl_in: str = "reward"  # PPO's place: -beta * KL_t in the rewards (loss: a term of the loss, as GRPO)
     kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as in PPO and the paper)
     gamma: float = 1.0  # per-token discount of the returns
     # the returns normalised to mean 0, std 1 over the global batch's real tokens (all ranks): REINFORCE++'s
@@ -95,8 +86,8 @@ class ReinforcePP(PolicyGradient):
         advantages = global_whiten(returns, mask) if cfg.whiten_advantages else returns  # [N, Tc]
         tensors["advantages"] = advantages
 
-        # ---- UPDATE: num_iterations passes over minibatches; no KL term (it is in the rewards) ---
-        stats = self.update_policy(tensors, timer, beta_in_loss=0.0)
+        # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
+        stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
         stats.update({
             "advantages/mean": float(masked_mean(returns, mask)),  # before whitening
@@ -107,7 +98,7 @@ class ReinforcePP(PolicyGradient):
         if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
             stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
-        return self.step_output(rollout, scored, scores, stats, timer)
+        return self.step_output(rollout, scored, scores, stats, timer, advantages)
 
 
 @register_stage("reinforce_pp", ReinforcePPConfig, kind="rl", trains_policy=True, uses_rewards=True,

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
+from algorithms.advantages import group_baseline
 from algorithms.batch_stats import global_whiten
 from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
@@ -46,13 +46,7 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
     rewards: [N] with N = P * G, group-contiguous (the G samples of one prompt adjacent). Returns [N]
     fp32; equal to G / (G - 1) * (r_i - group mean), so each group's advantages sum to 0.
     """
-    if group_size < 2:
-        raise ValueError(f"group_size={group_size}: a leave-one-out baseline needs at least 2 samples per prompt")
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rearrange(rewards.float(), "(p g) -> p g", g=group_size)  # [P, G]
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [P, G] mean of the others
-    return rearrange(grouped - baseline, "p g -> (p g)")
+    return rewards.float() - group_baseline(rewards, group_size, "leave_one_out")
 
 
 @dataclass
@@ -68,6 +62,7 @@ class RLOOConfig(PolicyGradientConfig):
     # its noise was as large as the rewards' spread on the embedded model; the leave-one-out baseline removes
     # the group's shared KL, not each sample's own noise (a sum of ~40 noisy k1 terms)
     beta: float = 0.02
+    kl_in: str = "reward"  # PPO's place: -beta * KL_t in the rewards (loss: a term of the loss, as GRPO)
     kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as TRL's RLOOTrainer)
     # advantages normalised to mean 0, std 1 over the whole batch's sequences (all ranks): TRL's
     # normalize_advantages, off by default there too; on, the step size no longer scales with the rewards
@@ -102,8 +97,8 @@ class RLOO(PolicyGradient):
             advantages = global_whiten(raw_advantages, torch.ones_like(raw_advantages))
         tensors["advantages"] = advantages  # [N]: the same advantage on every token of a sequence
 
-        # ---- UPDATE: num_iterations passes over minibatches; no KL term (it is in the rewards) ---
-        stats = self.update_policy(tensors, timer, beta_in_loss=0.0)
+        # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
+        stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
         stats.update({
             "advantages/mean": float(raw_advantages.mean()),  # before whitening; 0 up to rounding
@@ -113,7 +108,7 @@ class RLOO(PolicyGradient):
             "reward/zero_std_group_frac": zero_std_group_frac(scores, cfg.group_size),
         })
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
-        return self.step_output(rollout, scored, scores, stats, timer)
+        return self.step_output(rollout, scored, scores, stats, timer, advantages)
 
 
 @register_stage("rloo", RLOOConfig, kind="rl", trains_policy=True, uses_rewards=True,

@@ -7,6 +7,7 @@ log-probs of the PPO ratio, and with one optimisation pass per rollout no second
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from parallel.fsdp import sampling_weights
+from conf.checks import check_choice, check_range
+from models.decode import StaticDecoder, sample_token, supports_static_cache, top_p_filter
+from parallel.fsdp import is_sharded, sampling_weights
+
+__all__ = ["Rollout", "RolloutConfig", "generate_rollout", "stop_token_ids", "top_p_filter"]
 
 
 @dataclass
@@ -44,15 +49,30 @@ class Rollout:
         return self.completion_mask.sum(-1)
 
 
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Set logits outside the nucleus of mass `top_p` to -inf (the top token is always kept)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+@dataclass
+class RolloutConfig:
+    """How completions are decoded (`algo.rollout.*`); none of it changes what is drawn."""
+
+    cache: str = "static"  # static: preallocated KV cache, fixed-shape steps (models.decode) | dynamic: growing
+    # torch.compile the static decode step: auto = on CUDA (mode reduce-overhead: CUDA graphs), off on a CPU
+    # (where compiling costs more than it saves at these sizes: experiments/bench_rollout.py) | true | false
+    compile: str = "auto"
+    max_batch: int = 0  # sequences decoded at once; larger batches are decoded in chunks of this (0 = all at once)
+    # drop finished rows from the decode batch once no more than this share of it is still running (0 = never);
+    # it shrinks to the next power of two, so a compiled step sees at most log2(batch) shapes
+    compact_below: float = 0.5
+
+
+CACHES = ("static", "dynamic")
+COMPILE = ("auto", "true", "false")
+
+
+def check_rollout(cfg: RolloutConfig) -> None:
+    """Errors that name the valid choices, for `algo.rollout.*`."""
+    check_choice("algo.rollout.cache", cfg.cache, CACHES)
+    check_choice("algo.rollout.compile", str(cfg.compile).lower(), COMPILE)
+    check_range("algo.rollout.max_batch", cfg.max_batch, low=0)
+    check_range("algo.rollout.compact_below", cfg.compact_below, low=0.0, high=1.0)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
@@ -62,71 +82,164 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
     return sorted(i for i in ids if i is not None)
 
 
-def draw_tokens(probs: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
-    """One token per row of probs [N, V] -> [N].
+def draw_uniforms(prompts: int, group_size: int, steps: int,
+                  generator: torch.Generator | list[torch.Generator] | None, device: torch.device) -> Tensor:
+    """The sampling noise of a whole rollout, [P * G, steps]: one uniform per sample and step.
 
-    With one generator per prompt (a list of P, rows group-contiguous) each group draws its own noise,
-    so a sample does not depend on which other prompts share its batch or rank. The draw is the
-    exponential race argmax(p / E), E ~ Exp(1), an exact sample from p (what torch.multinomial
-    itself does for one sample).
+    With one generator per prompt (a list of P) each group's noise comes from its own generator, so a
+    sample does not depend on which other prompts share its batch, rank or decode chunk. Drawn before
+    decoding, so neither chunking nor compaction (which change who is decoded together) can change it.
     """
-    if not isinstance(generator, list):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    groups = probs.chunk(len(generator))
-    noise = torch.cat([torch.empty_like(g).exponential_(generator=gen) for g, gen in zip(groups, generator)])
-    return (probs / noise).argmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(group_size, steps, generator=g, device=device) for g in generator])
+    return torch.rand(prompts * group_size, steps, generator=generator, device=device)
+
+
+def compile_mode(cfg: RolloutConfig, model: torch.nn.Module) -> str | None:
+    """The torch.compile mode of the static decode step, None for eager."""
+    choice = str(cfg.compile).lower()
+    device = next(model.parameters()).device.type
+    if choice == "false" or (choice == "auto" and (device != "cuda" or is_sharded(model))):
+        # a sharded model's gathered weights are new tensors every rollout: a compiled step would recompile
+        return None
+    return "reduce-overhead" if device == "cuda" else "default"
+
+
+# compiled decoders, one per model and mode, kept for the model's lifetime (compiling is the expensive part)
+_compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]] = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model: torch.nn.Module, mode: str | None) -> StaticDecoder:
+    if mode is None:
+        return StaticDecoder(model)
+    per_mode = _compiled.setdefault(model, {})
+    if mode not in per_mode:
+        per_mode[mode] = StaticDecoder(model, mode)
+    return per_mode[mode]
+
+
+def _bucket(alive: int) -> int:
+    return 1 << max(alive - 1, 0).bit_length()  # the next power of two >= alive
 
 
 @torch.inference_mode()
-def _sample(
-    model: torch.nn.Module,
-    prompt_ids: Tensor,  # [P, Tp] each distinct prompt once
-    prompt_mask: Tensor,  # [P, Tp]
-    group_size: int,  # G: samples per prompt; N = P * G
+def _decode_static(
+    decoder: StaticDecoder,
+    prompt_ids: Tensor,  # [U, Tp] the distinct prompts of this chunk, left-padded
+    prompt_mask: Tensor,  # [U, Tp]
+    rows: Tensor,  # [n] the prompt (index into U) of each sequence
+    uniform: Tensor,  # [n, max_new_tokens]
     stop_ids: Tensor,  # [S]
     pad_id: int,
-    max_new_tokens: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator | list[torch.Generator] | None,  # a list: one per prompt
+    compact_below: float,
     progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
+    n, max_new = uniform.shape
+    tp = prompt_ids.shape[1]
+    cache = decoder.new_cache(n, tp + max_new)
+    logits = decoder.prefill(cache, prompt_ids, prompt_mask, rows)  # [n, V]
+    token, logp = sample_token(logits, uniform[:, 0], temperature, top_p)
+    position = prompt_mask.sum(-1)[rows]  # [n]: left padding shifts positions
+    tokens = torch.full((n, max_new), pad_id, dtype=torch.long, device=uniform.device)
+    logps = torch.zeros(n, max_new, dtype=torch.float32, device=uniform.device)
+    live = torch.arange(n, device=uniform.device)  # the sequence of each row of the decode batch
+    finished = torch.zeros(n, dtype=torch.bool, device=uniform.device)
+    steps = 0
+    for t in tqdm(range(max_new), desc="generate", leave=False, disable=not progress):
+        token = torch.where(finished, pad_id, token)
+        tokens[live, t] = token
+        logps[live, t] = torch.where(finished, 0.0, logp.float())
+        finished = finished | torch.isin(token, stop_ids)
+        steps = t + 1
+        if t == max_new - 1 or bool(finished.all()):
+            break
+        running = int((~finished).sum())
+        if running <= compact_below * len(live) and _bucket(running) < len(live):
+            # keep the running rows, topped up with finished ones to a power of two; the extra rows decode
+            # on unseen (their outputs are not written: they stay finished)
+            order = torch.argsort(finished.to(torch.int8), stable=True)[: _bucket(running)]
+            cache, live, finished = cache.select(order), live[order], finished[order]
+            token, position = token[order], position[order]
+        slot = torch.tensor(tp + t, device=uniform.device)
+        token, logp = decoder.step(cache, token, position, slot, uniform[live, t + 1], temperature, top_p)
+        position = position + 1
+    return tokens[:, :steps], logps[:, :steps]
+
+
+@torch.inference_mode()
+def _decode_dynamic(
+    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor, uniform: Tensor,
+    stop_ids: Tensor, pad_id: int, temperature: float, top_p: float, progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """The model's own forward over a growing DynamicCache: any architecture, and the static path's reference."""
     cache = DynamicCache()
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     # the prefill runs once per distinct prompt, and only the last position becomes logits
-    out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-        cache=cache, use_cache=True, logits_to_keep=1,
-    )
-    if group_size > 1:  # then the prompt's cache is copied to its G samples
-        cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)  # [N, V]
-    mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, Tp]
-    next_pos = position_ids[:, -1:].repeat_interleave(group_size, dim=0) + 1  # [N, 1]
-    N = mask.shape[0]
-    finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_select_indices(rows)  # the prompt's cache copied to each of its samples
+    logits = out.logits[rows, -1]  # [n, V]
+    mask = prompt_mask[rows]  # [n, Tp]
+    next_pos = position_ids[rows, -1:] + 1  # [n, 1]
+    n, max_new = uniform.shape
+    finished = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps = [], []
-    for _ in tqdm(range(max_new_tokens), desc="generate", leave=False, disable=not progress):
-        z = logits.float() / temperature  # [N, V]
-        logp_all = torch.log_softmax(z, dim=-1)
-        probs = torch.softmax(top_p_filter(z, top_p), dim=-1)
-        token = draw_tokens(probs, generator)  # [N]
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        # the ratio's denominator is the untruncated policy, matching what training recomputes
-        logps.append(torch.where(finished, 0.0, logp_all.gather(-1, token[:, None]).squeeze(-1)))
+    for t in tqdm(range(max_new), desc="generate", leave=False, disable=not progress):
+        token, logp = sample_token(logits, uniform[:, t], temperature, top_p)
+        token = torch.where(finished, pad_id, token)
+        logps.append(torch.where(finished, 0.0, logp))
         tokens.append(token)
         finished = finished | torch.isin(token, stop_ids)
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-            cache=cache, use_cache=True,
-        )
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    completion_ids = torch.stack(tokens, dim=1)  # [N, Tc]
-    logp = torch.stack(logps, dim=1)  # [N, Tc]
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def _chunks(n: int, max_batch: int) -> list[slice]:
+    size = n if max_batch <= 0 else max_batch
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _pad_to(x: Tensor, width: int, value: float) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def sample_completions(
+    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, uniform: Tensor,
+    stop_ids: Tensor, pad_id: int, temperature: float, top_p: float, cfg: RolloutConfig, progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """G completions of each distinct prompt [P, Tp]: (ids [N, Tc], mask [N, Tc], logp [N, Tc]), N = P * G.
+
+    Decoded in chunks of at most cfg.max_batch sequences; uniform [N, max_new_tokens] is the noise of every
+    sample and step, so the draws do not depend on the chunking.
+    """
+    n = prompt_ids.shape[0] * group_size
+    static = cfg.cache == "static" and supports_static_cache(model)
+    decoder = static_decoder(model, compile_mode(cfg, model)) if static else None
+    ids, logps = [], []
+    for chunk in _chunks(n, cfg.max_batch):
+        first, last = chunk.start // group_size, (chunk.stop - 1) // group_size
+        rows = torch.arange(chunk.start, chunk.stop, device=prompt_ids.device) // group_size - first
+        chunk_ids, chunk_mask = prompt_ids[first : last + 1], prompt_mask[first : last + 1]
+        keep = chunk_mask.any(0)  # drop the left-padding columns no prompt of this chunk needs
+        chunk_ids, chunk_mask = chunk_ids[:, keep], chunk_mask[:, keep]
+        if static:
+            out = _decode_static(decoder, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
+                                 temperature, top_p, cfg.compact_below, progress)
+        else:
+            out = _decode_dynamic(model, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
+                                  temperature, top_p, progress)
+        ids.append(out[0])
+        logps.append(out[1])
+    width = max(x.shape[1] for x in ids)
+    completion_ids = torch.cat([_pad_to(x, width, pad_id) for x in ids])  # [N, Tc]
+    logp = torch.cat([_pad_to(x, width, 0.0) for x in logps])  # [N, Tc]
     # a position is real if no stop token came strictly before it
     is_stop = torch.isin(completion_ids, stop_ids).long()
     completion_mask = (is_stop.cumsum(-1) - is_stop) == 0
@@ -144,12 +257,14 @@ def generate_rollout(
     generator: torch.Generator | None = None,
     progress: bool = False,
     prompt_seeds: list[int] | None = None,
+    rollout: RolloutConfig | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each row's "prompt"; returns a group-contiguous Rollout.
 
     prompt_seeds: one seed per row; each prompt's samples then come from its own generator (and
     `generator` is not used), independent of the batch they are drawn in. A model sharded over ranks
     samples on its gathered weights (parallel.fsdp.sampling_weights), with no collective per token.
+    rollout: how to decode (RolloutConfig's defaults when None); it does not change what is drawn.
     """
     device = next(model.parameters()).device
     if prompt_seeds is not None:
@@ -168,10 +283,11 @@ def generate_rollout(
     was_training = model.training
     model.eval()
     # a sharded model samples on gathered weights: ranks stop at different steps (parallel.fsdp)
+    uniform = draw_uniforms(len(rows), group_size, max_new_tokens, generator, device)  # [N, max_new_tokens]
     with sampling_weights(model):
-        completion_ids, completion_mask, logp = _sample(
-            model, unique_ids, unique_mask, group_size, stop_ids, tokenizer.pad_token_id,
-            max_new_tokens, temperature, top_p, generator, progress,
+        completion_ids, completion_mask, logp = sample_completions(
+            model, unique_ids, unique_mask, group_size, uniform, stop_ids, tokenizer.pad_token_id,
+            temperature, top_p, rollout or RolloutConfig(), progress,
         )
     prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)  # [N, Tp]
     prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)

@@ -13,9 +13,12 @@ config schema, the pipeline and the memory projection read it here instead of li
   `driver` (the pipeline) runs other stages and loads no model itself;
 - `trains_policy`: it writes checkpoints/final, a policy the next pipeline stage starts from;
 - `uses_rewards`: it scores samples with the configured reward functions;
-- `objective`: the metric run.py returns to a sweeper (Optuna, ...);
+- `objective`: the metric run.py returns to a sweeper (Optuna, ...): its held-out value (`eval/<objective>`)
+  at the end of the run when the run measured one, else the last step's;
 - `models`: the models an RL algorithm keeps besides the actor (`reference`, `critic`): the memory
-  projection (models.memory) counts them.
+  projection (models.memory) counts them. When they depend on the config (PPO with a group baseline
+  builds no critic), `models` is a function of `algo.*` and `Stage.kept_models(cfg)` evaluates it
+  (`Stage.models` holds its value at the defaults).
 
 Modules register on import; `discover()` imports every module of STAGE_PACKAGES (run.py calls it), so
 a new algorithm needs no line anywhere else. This module imports none of them: it stays at the bottom
@@ -51,7 +54,14 @@ class Stage:
     trains_policy: bool = False
     uses_rewards: bool = False
     objective: str | None = None
-    models: tuple[str, ...] = ()  # models kept besides the actor: reference, critic
+    models: tuple[str, ...] = ()  # models kept besides the actor at the default config: reference, critic
+    models_fn: Callable[[Any], tuple[str, ...]] | None = None  # the same for a given algo config
+
+    def kept_models(self, algo_cfg: Any = None) -> tuple[str, ...]:
+        """The models kept besides the actor under `algo_cfg` (the stage's config dataclass; None: defaults)."""
+        if self.models_fn is None or algo_cfg is None:
+            return self.models
+        return tuple(self.models_fn(algo_cfg))
 
     @property
     def looped(self) -> bool:
@@ -65,8 +75,10 @@ _discovered: dict[str, bool] = {"done": False}
 
 
 def register_stage(name: str, config: type, *, kind: str, trains_policy: bool = False, uses_rewards: bool = False,
-                   objective: str | None = None, models: tuple[str, ...] = ()) -> Callable:
+                   objective: str | None = None,
+                   models: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()) -> Callable:
     """Decorator on a stage's builder (kind rl / supervised) or runner (pass / driver); returns it unchanged.
+    `models`: a tuple, or a function of the stage's config that returns one.
 
     Also stores `config` in Hydra's ConfigStore as `schema/algo/<name>`, which conf/algo/<name>.yaml
     extends (`defaults: [/schema/algo/<name>@_here_, _self_]`), so the dataclass holds the only defaults.
@@ -79,9 +91,11 @@ def register_stage(name: str, config: type, *, kind: str, trains_policy: bool = 
         if old is not None and (old.build or old.run).__qualname__ != fn.__qualname__:
             raise ValueError(f"stage {name!r} is already registered by {(old.build or old.run).__module__}")
         looped = kind in ("rl", "supervised")
+        models_fn = models if callable(models) else None
+        kept = tuple(models_fn(config())) if models_fn is not None else tuple(models)
         STAGES[name] = Stage(name, config, kind, build=fn if looped else None, run=None if looped else fn,
                              trains_policy=trains_policy, uses_rewards=uses_rewards, objective=objective,
-                             models=tuple(models))
+                             models=kept, models_fn=models_fn)
         ConfigStore.instance().store(group=SCHEMA_GROUP, name=name, node=config)
         return fn
 

@@ -162,8 +162,13 @@ class TrainerConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # gradient clipping; a non-finite loss or norm skips the update (counted, logged)
     eval_every: int = 0  # held-out eval every N steps (0 = only at the end)
+    # held-out eval before the first step too (always when eval_every > 0): the summary's "before -> after"
+    eval_before: bool = True
     eval_batch_size: int = 8  # prompts per eval generation batch
     log_samples: int = 4  # completions per step written to samples.jsonl
+    # steps between wandb tables of those samples (prompt, completion, reward parts, advantage, length); the
+    # last step always logs one; 0 = none (samples.jsonl has them either way)
+    log_samples_every: int = 10
     save_every: int = 0  # checkpoint every N steps into checkpoints/step_N (0 = only the final one)
     keep_last: int = 3  # step_N checkpoints kept (the newest ones; final is always kept); 0 = all
     save_final: bool = True  # write checkpoints/final (loadable with model.source=local model.path=...)
@@ -205,8 +210,8 @@ class TrainerConfig:
         check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
         check_range("trainer.dist_timeout_min", self.dist_timeout_min, 1.0)
         check_range("trainer.weight_decay", self.weight_decay, 0.0)
-        for key in ("warmup_steps", "eval_every", "log_samples", "save_every", "keep_last", "threads",
-                    "max_oom_retries"):
+        for key in ("warmup_steps", "eval_every", "log_samples", "log_samples_every", "save_every", "keep_last",
+                    "threads", "max_oom_retries"):
             check_range(f"trainer.{key}", getattr(self, key), 0)
         for key in ("eval_batch_size", "max_consecutive_skips"):
             check_range(f"trainer.{key}", getattr(self, key), 1)

@@ -20,7 +20,8 @@ import socket
 import ssl
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -287,6 +288,9 @@ class Batch:
 
     rows: list
     seeds: list[int] | None = None
+    # the next batch from the same sampler, for a step that needs more rows than it was given (dynamic
+    # sampling): drawing from it advances the sampler's checkpointed position, so a resume stays exact
+    refill: Callable[[], Batch] | None = field(default=None, compare=False, repr=False)
 
 
 class PromptSampler:
@@ -322,7 +326,7 @@ class PromptSampler:
     def draw(self, seeded: bool = False) -> Batch:
         """The next batch; `seeded`: with each row's sampling seed (`prompt_seed`)."""
         seeds = [prompt_seed(self.seed, e, p) for e, p in self.upcoming()] if seeded else None
-        return Batch(self.next_batch(), seeds)
+        return Batch(self.next_batch(), seeds, refill=lambda: self.draw(seeded))
 
     def upcoming(self) -> list[tuple[int, int]]:
         """The (epoch, position) each row of the next batch is drawn at."""

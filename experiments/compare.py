@@ -5,9 +5,11 @@
     python experiments/compare.py RUNS... --out report/ --title "PPO vs GRPO"
 
 Runs are grouped into methods by their Hydra overrides (`.hydra/overrides.yaml`) minus the seed and
-the overrides every run shares; each method's numbers are the mean +- std over its seeds. Runs of
+the overrides every run shares; the first table gives each method's mean +- std over its seeds. Runs of
 different lengths and runs that lack a metric (GRPO logs no critic, beta=0 no KL) are fine: a missing
-value is shown as "-", and a plot skips the runs without its metric.
+value is shown as "-", and a plot skips the runs without its metric. Then the conclusions
+(experiments/verdicts.py): 95 % Student t intervals over seeds per method, rewards at equal generated
+tokens, a Welch's t verdict per pair of methods, and for a grid sweep the main effect of each swept option.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,11 @@ import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from experiments.stats import LEVEL, mean_over, value_at
+from experiments.verdicts import Metric, common_budget, factor_table, interval_table, pair_verdicts, token_curve
 
 REWARD = "reward/total_mean"
 
@@ -125,6 +133,9 @@ COLUMNS = [
     Column("final reward", lambda r: last_quarter_mean(r, REWARD)),
     Column("mean reward", lambda r: mean_of(r, REWARD)),
     Column("eval reward", lambda r: last_of(r.evals, f"eval/{REWARD}")),
+    Column("pass@1", lambda r: last_of(r.evals, "eval/pass@1")),
+    Column("pass@k", lambda r: last_at_k(r, "eval/pass@")),
+    Column("maj@k", lambda r: last_at_k(r, "eval/maj@")),
     Column("KL", lambda r: last_quarter_mean(r, "kl"), 4),
     Column("entropy", lambda r: last_quarter_mean(r, "entropy")),
     Column("length", lambda r: mean_of(r, "completion/length_mean"), 1),
@@ -136,6 +147,12 @@ COLUMNS = [
     Column("trained tokens", lambda r: last_of(r.train, "tokens/trained_total"), 0),
     Column("TFLOPs", lambda r: _scaled(last_of(r.train, "compute/flops_total"), 1e-12), 2),
 ]
+
+
+def last_at_k(run: Run, prefix: str) -> float | None:
+    """The last eval's `<prefix>k` for the run's k > 1 (algo.eval_samples), e.g. eval/pass@4."""
+    keys = [k for k in (run.evals[-1] if run.evals else {}) if k.startswith(prefix) and k != f"{prefix}1"]
+    return last_of(run.evals, keys[0]) if keys else None
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
@@ -184,6 +201,42 @@ def markdown_table(runs: list[Run]) -> str:
         cells = [format_cell(row[c.title], c) for c in cols]
         lines.append(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def conclusion_metrics(runs: list[Run]) -> tuple[dict[str, Metric], dict[str, Metric], dict[str, Metric]]:
+    """(per-method intervals, pair verdicts, factor effects): the metrics each section reports. Rewards at
+    equal generated tokens are read at the largest token count all runs reach."""
+    by_title = {c.title: c.fn for c in COLUMNS}
+    rewards: dict[str, Metric] = {}
+    budget = common_budget(runs, REWARD)
+    if budget is not None:
+        start, end = budget
+        rewards[f"reward at {end:.0f} tokens"] = lambda r: value_at(*token_curve(r, REWARD), end)
+        rewards[f"mean reward over {start:.0f}-{end:.0f} tokens (AUC)"] = (
+            lambda r: mean_over(*token_curve(r, REWARD), start, end))
+    quality = {**rewards, **{t: by_title[t] for t in ("eval reward", "pass@1", "pass@k", "maj@k")}}
+    cost = {t: by_title[t] for t in ("s/step", "TFLOPs", "peak RSS (MB)", "peak CUDA (MB)")}
+    intervals = {"final reward": by_title["final reward"], **quality, **cost}
+    factors = {"final reward": by_title["final reward"], **quality, "KL": by_title["KL"], **cost}
+    return intervals, quality, factors
+
+
+def conclusions(runs: list[Run]) -> list[str]:
+    """The report's markdown after the table: intervals, pair verdicts, factor effects."""
+    intervals, pairs, factors = conclusion_metrics(runs)
+    digits = {c.title: c.digits for c in COLUMNS}
+    groups = group_runs(runs)
+    lines = [f"## {LEVEL:.0%} confidence intervals over seeds", "", interval_table(groups, intervals, digits), "",
+             "mean [low, high]: Student t interval over the seeds of each method (a single seed has none).", ""]
+    verdicts = pair_verdicts(groups, pairs)
+    if verdicts:
+        lines += ["## Pairs of methods", "",
+                  "Welch's t on the per-seed values; rewards at equal generated tokens "
+                  "(each run's reward-vs-tokens curve linearly interpolated).", "", *verdicts, ""]
+    table = factor_table(runs, factors, digits)
+    if table:
+        lines += ["## Factors (main effects, the other factors pooled)", "", *table, ""]
+    return lines
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -257,7 +310,9 @@ def write_report(runs: list[Run], out: Path, title: str, window: int | None = No
     window = window if window is not None else max(1, longest // 10)
     lines = [f"# {title}", "", markdown_table(runs), "",
              "final reward: mean of the last quarter of the training steps' mean rewards; eval reward: the "
-             "last held-out eval; KL, entropy: last-quarter means; mean ± sample std over seeds.", ""]
+             "last held-out eval (pass@k, maj@k: k = algo.eval_samples); KL, entropy: last-quarter means; "
+             "mean ± sample std over seeds.", "",
+             *conclusions(runs)]
     for spec in PLOTS:
         path = plot(runs, spec, out, window)
         lines.append(f"![{spec.title}]({path.name})" if path else f"_{spec.title}: no run logged `{spec.y}`._")
@@ -281,7 +336,8 @@ def main(argv: list[str] | None = None) -> Path:
     label_runs(runs)
     report = write_report(runs, args.out or args.paths[0] / "report", args.title, args.smooth)
     print(markdown_table(runs))
-    print(f"\nreport: {report}")
+    print("\n".join(["", *conclusions(runs)]))
+    print(f"report: {report}")
     return report
 
 

@@ -16,7 +16,10 @@ Writes DIR/gpu_check.md and DIR/gpu_check.json: the environment (GPU, driver, CU
    trainer=h100 (LoRA, bf16, checkpointing): one GRPO and one PPO step (P=8, G=8, 512 new tokens): s/step by
    phase, generated tokens/s, peak CUDA memory against models.memory's projection, decode bandwidth fraction;
 5. `fsdp`: trainer.strategy=fsdp (bf16 full fine-tuning) under `torchrun --nproc_per_node=1` on NCCL for
-   2 steps, and a resume from its step-1 checkpoint.
+   2 steps, and a resume from its step-1 checkpoint;
+6. `rollout`: experiments/bench_rollout.py on the 8B shape at batch 64 (16 prompts x G=4, 64 new tokens): the
+   dynamic-cache, static-cache and compiled (CUDA graph) samplers against model.generate, tokens/s, and the
+   share of peak memory bandwidth the decode reaches; the samplers must draw the same tokens.
 Each section records its own failure (with the traceback's tail) and the others still run; the exit code
 is 1 when any section failed. `--tiny` runs every section on the CPU (Triton under its interpreter, gloo,
 model=tiny_llama, a few tokens), so that the script cannot rot while no GPU is at hand.
@@ -54,6 +57,7 @@ class Sizes:
     big_run: tuple[str, ...]  # run.py overrides of the 8B runs
     fsdp_steps: int
     timeout_s: int  # per run.py process
+    rollout: tuple[str, ...]  # bench_rollout.py arguments
 
 
 GPU = Sizes(
@@ -70,6 +74,9 @@ GPU = Sizes(
              "algo.micro_batch_size=8"),
     fsdp_steps=2,
     timeout_s=300,
+    # decode of the 8B shape at batch 64: our samplers (CUDA graphs included) against model.generate
+    rollout=("--device", "cuda", "--shape", "8b", "--prompts", "16", "--group-size", "4", "--max-new-tokens", "64",
+             "--repeats", "2"),
 )
 TINY = Sizes(
     device="cpu",
@@ -87,6 +94,8 @@ TINY = Sizes(
              "algo.micro_batch_size=2", "trainer.device=cpu", "trainer.threads=1"),
     fsdp_steps=2,
     timeout_s=300,
+    rollout=("--device", "cpu", "--shape", "tiny", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
+             "--repeats", "1", "--no-compile"),
 )
 # every run.py process: offline, no wandb, the shipped data, no periodic eval
 COMMON = ("logger.mode=disabled", "data.source=local", "trainer.eval_every=0", "trainer.log_samples=0")
@@ -289,8 +298,20 @@ def override_value(args: tuple[str, ...], key: str) -> int:
     return int(next(a.split("=", 1)[1] for a in args if a.startswith(key + "=")))
 
 
+def section_rollout(sizes: Sizes, out: Path) -> dict:
+    """experiments/bench_rollout.py: our samplers (dynamic, static, compiled) against model.generate and the floors;
+    on a GPU the 8B shape at batch 64, with tokens/s and the share of peak memory bandwidth the decode reaches."""
+    from experiments.bench_rollout import main as bench_rollout
+
+    report = bench_rollout([*sizes.rollout, "--out", str(out / "bench_rollout.md")])
+    text = report.read_text()
+    if "same tokens: yes" not in text:
+        raise CheckFailed("our samplers (dynamic, static, compiled) drew different tokens\n" + text)
+    return {"markdown": text}
+
+
 SECTIONS = {"probe": section_probe, "kernels": section_kernels, "embedded": section_embedded, "8b": section_8b,
-            "fsdp": section_fsdp}
+            "fsdp": section_fsdp, "rollout": section_rollout}
 
 
 def run_section(name: str, sizes: Sizes, out: Path) -> dict:
@@ -364,6 +385,8 @@ def markdown(report: dict) -> str:
                           f"bit-exact {resume['bit_exact']}, weight diff / last update "
                           f"{_fmt(resume['weight_diff_over_last_step_update'])}, metric diffs "
                           + ", ".join(f"{k} {_fmt(v)}" for k, v in resume["metric_abs_diff"].items())]
+        elif name == "rollout":
+            lines += [r["markdown"]]
         elif name == "8b":
             for algo, run in r.items():
                 bw = run["assumed_peak_bandwidth"]

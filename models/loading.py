@@ -8,6 +8,7 @@ it once into a safetensors directory under the cache; later loads read that in u
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -61,8 +62,23 @@ def embedded_model_dir() -> Path:
     conversion never leaves a half-written cache that later loads would trust.
     """
     target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # concurrent jobs (a parallel sweep, test workers) convert once: the others wait for the lock, then
+    # find the directory in place instead of replacing it under a job that is already reading it
+    with open(target.parent / ".smollm2-135m-instruct.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _converted(target):
+            _convert_embedded(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert_embedded(target: Path) -> None:
     gguf = embedded_gguf_path()
     print(f"Converting the embedded model {gguf.name} to safetensors in {target} (once)...", flush=True)
     # transformers shows a tqdm bar while it de-quantises the GGUF tensors
@@ -74,7 +90,6 @@ def embedded_model_dir() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         plain.save_pretrained(tmp)
@@ -84,7 +99,6 @@ def embedded_model_dir() -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _pretrained_source(cfg: ModelConfig) -> tuple[str, dict]:

@@ -16,8 +16,9 @@ on the tiny model); activations are given per token of a training micro-batch:
 - the final norm keeps its input and output (2 H values per token, + an fp32 copy in bf16); every completion
   token also keeps its token id and fp32 log-sum-exp statistics for the fused lm_head + log-prob backward
   (never a [V] logits row: the backward recomputes it chunk by chunk).
-The KV cache of generation is reported per sampled sequence token. Peak memory of a step is roughly
-weights + gradients + optimiser + max(training activations, KV cache) + allocator slack.
+The KV cache of generation is reported per sampled sequence token, and for the chosen algorithm's rollout
+(algo.rollout.max_batch sequences at once, each up to data.max_prompt_tokens + algo.max_new_tokens). Peak
+memory of a step is roughly weights + gradients + optimiser + max(training activations, KV cache) + allocator slack.
 """
 
 from __future__ import annotations
@@ -224,7 +225,24 @@ def report(cfg: Config, arch: Architecture, algos: dict[str, tuple[str, ...]], g
         lines += [(f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
                    f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
                    f"KV cache per sampled token: {kv / 2**20:.3f} MiB"), ""]
+    rollout = getattr(cfg.algo, "rollout", None)
+    if rollout is not None:  # the chosen RL algorithm's sampling batch
+        lines += [rollout_kv_line(cfg, kv), ""]
     return "\n".join(lines)
+
+
+def rollout_kv_line(cfg: Config, kv_bytes_per_token: float) -> str:
+    """The static KV cache the rollout allocates: sequences decoded at once x (longest prompt + completion)."""
+    algo = cfg.algo
+    sequences = algo.prompts_per_step * algo.group_size
+    batch = min(sequences, algo.rollout.max_batch) if algo.rollout.max_batch > 0 else sequences
+    length = cfg.data.max_prompt_tokens + algo.max_new_tokens
+    total = batch * length * kv_bytes_per_token
+    chunks = -(-sequences // batch)
+    return (f"KV cache of the rollout ({algo.name}): {batch} sequences decoded at once x {length} tokens "
+            f"(data.max_prompt_tokens {cfg.data.max_prompt_tokens} + algo.max_new_tokens {algo.max_new_tokens}) = "
+            f"{total / GiB:.2f} GiB at most; {sequences} sequences per step in {chunks} chunk(s) "
+            f"(algo.rollout.max_batch={algo.rollout.max_batch})")
 
 
 def main(argv: list[str]) -> None:
@@ -240,7 +258,10 @@ def main(argv: list[str]) -> None:
     discover()  # the stages register their config schemas, which conf/algo/*.yaml extend, and their models
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = validate(compose(config_name="config", overrides=argv))
-    algos = {name: get_stage(name).models for name in stage_names(kind="rl")}
+    # the chosen algorithm's models under its options (PPO with a group baseline keeps no critic), the others'
+    # at their defaults
+    algos = {name: get_stage(name).kept_models(cfg.algo if name == cfg.algo.name else None)
+             for name in stage_names(kind="rl")}
     print(report(cfg, architecture(cfg.model), algos, gpus))
 
 

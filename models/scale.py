@@ -101,3 +101,10 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def reference_model(policy: nn.Module) -> nn.Module:
     """The reference policy: under LoRA the shared base with adapters off, else a frozen copy."""
     return reference_view(policy) if is_lora(policy) else frozen_copy(policy)
+
+
+def forward_autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `autocast_forward` runs `module`'s forward in; None when it has no such hook. Code that
+    calls the module's submodules directly (the static-cache decoder) enters the same autocast."""
+    hooks = getattr(module, "_forward_pre_hooks", {})
+    return next((hook.dtype for hook in hooks.values() if isinstance(hook, _AutocastEnter)), None)

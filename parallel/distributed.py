@@ -54,6 +54,18 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def adopt_slurm_tasks() -> None:
+    """Under hydra/launcher=slurm (submitit) with several tasks per job, each task is one rank: export the
+    variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the slurm job,
+    so that trainer.strategy=ddp|fsdp joins them as it joins torchrun's (and strategy=single says to choose)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or launched_by_torchrun():
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment  # here: only a slurm job needs submitit
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(strategy: str, device: str, timeout_min: float = 60.0) -> DistContext:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); single: one process, no group.
 
@@ -61,6 +73,7 @@ def init_distributed(strategy: str, device: str, timeout_min: float = 60.0) -> D
     timeout_min: trainer.dist_timeout_min, how long a collective waits (the other ranks wait in one while
     rank 0 writes a checkpoint) before the group aborts; torch's own default is 10 minutes under NCCL.
     """
+    adopt_slurm_tasks()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
@@ -127,7 +140,7 @@ class ShardedSampler:
         full = self.sampler.draw(seeded=True)
         start = self.rank * self.batch_size
         end = start + self.batch_size
-        return Batch(full.rows[start:end], full.seeds[start:end])
+        return Batch(full.rows[start:end], full.seeds[start:end], refill=lambda: self.draw(seeded))
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()
@@ -237,10 +250,19 @@ def sync_hooks(strategy: str) -> dict[str, Callable]:
 class NullLogger:
     """What a rank other than 0 logs to: nothing."""
 
+    run_id: str | None = None  # no wandb run of its own (rank 0's id goes into the checkpoints)
+    offline_dir: str | None = None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def log_samples(self, step: int, records: list[dict]) -> None:
+        pass
+
+    def log_samples_table(self, step: int, records: list[dict], key: str = "samples") -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         pass
 
     def truncate_after(self, step: int) -> None:

@@ -4,7 +4,8 @@ One seeded sample per held-out prompt from the model under test (`model`, e.g. `
 model.path=<run>/checkpoints/final`) is scored with the configured rewards; besides every reward
 component the stage reports the R1 format rate and the accuracy against the ground-truth answer on
 their own (whatever the reward weights are). A few fixed questions are answered by the model and,
-when `algo.before_path` names another model, by that one too, side by side in `answers.md`.
+when `algo.before_path` names another model, by that one too, side by side in `answers.md`; so are the
+free-text questions of `algo.questions` (stages/questions.py), which need no dataset row.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from algorithms.evaluate import evaluate_policy
+from algorithms.evaluate import evaluate_policy, prompt_results
 from algorithms.policy_gradient import EVAL_SEED_OFFSET
 from conf.checks import check_choice, check_range
 from conf.registry import register_stage
 from conf.schema import ModelConfig
 from models.loading import load_causal_lm
 from rewards.accuracy import accuracy
-from rewards.format import is_think_format, with_prefill
+from stages.questions import SHOWCASE_QUESTION, answer_free_questions, answers_table, free_questions_markdown
 from training.loop import StageContext
 from training.tracking import sample_records
 
@@ -38,6 +39,10 @@ class EvalConfig:
     num_answers: int = 3  # held-out questions whose answers are written to answers.md
     # questions (case-insensitive substrings) always written to answers.md when some row contains them
     fixed_questions: list[str] = field(default_factory=lambda: ["61-year-old woman", "cystometry"])
+    eval_samples: int = 1  # k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k
+    pass_threshold: float = 1.0  # a sample passes when its accuracy reward part is >= this
+    # free-text questions answered as written (no dataset row needed), beside before_path's answers in answers.md
+    questions: list[str] = field(default_factory=lambda: [SHOWCASE_QUESTION])
 
     def __post_init__(self) -> None:
         check_choice("algo.accuracy_metric", self.accuracy_metric, ("f1", "exact", "contains"))
@@ -45,18 +50,12 @@ class EvalConfig:
         check_range("algo.temperature", self.temperature, 1e-3)
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
         check_range("algo.num_answers", self.num_answers, 0)
+        check_range("algo.eval_samples", self.eval_samples, 1)
 
 
 ANSWERS_FILE = "answers.md"
 EVAL_FILE = "eval.json"
-
-
-def format_rate(prompts: list[str], completions: list[str]) -> float:
-    """Share of completions in the R1 format (`<think>` reasoning `</think>` answer), prefill counted."""
-    if not completions:
-        return 0.0
-    formatted = [is_think_format(with_prefill(p, c)) for p, c in zip(prompts, completions, strict=True)]
-    return sum(formatted) / len(formatted)
+PER_PROMPT_FILE = "per_prompt.jsonl"  # one line per held-out prompt: paired comparisons of checkpoints
 
 
 def pick_questions(eval_rows: list[dict], train_rows: list[dict], patterns: list[str], count: int) -> list[dict]:
@@ -128,11 +127,13 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
         raise ValueError("algo=eval needs held-out rows: set data.eval_size to at least 1")
     sampling = {"max_new_tokens": algo.max_new_tokens, "temperature": algo.temperature, "top_p": algo.top_p}
     seed = cfg.seed + EVAL_SEED_OFFSET  # the RL algorithms' eval seed: the same prompts, the same random stream
-    metrics, batches = evaluate_policy(policy, tokenizer, eval_rows, reward_fn, sampling, tcfg.eval_batch_size, seed)
+    metrics, batches = evaluate_policy(policy, tokenizer, eval_rows, reward_fn, sampling, tcfg.eval_batch_size, seed,
+                                       algo.eval_samples, algo.pass_threshold)
+    records = prompt_results(batches, algo.eval_samples, algo.pass_threshold)
+    (Path(run_dir) / PER_PROMPT_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     prompts = [p for rollout, _ in batches for p in rollout.prompts]
     completions = [c for rollout, _ in batches for c in rollout.completions]
     sample_rows = [r for rollout, _ in batches for r in rollout.rows]
-    metrics["format_rate"] = format_rate(prompts, completions)
     correct = accuracy(prompts, completions, answer=[r["answer"] for r in sample_rows],
                        kind=[r["kind"] for r in sample_rows], options=[r["options"] for r in sample_rows],
                        metric=algo.accuracy_metric)
@@ -146,13 +147,17 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     rows = pick_questions(eval_rows, train_rows, list(algo.fixed_questions), algo.num_answers)
     after_name = cfg.model.path or cfg.model.name
     after, after_scores = answer_questions(policy, tokenizer, rows, reward_fn, sampling, tcfg.eval_batch_size, seed)
-    before = before_scores = None
-    if algo.before_path is not None and rows:
+    before = before_scores = before_model = None
+    if algo.before_path is not None and (rows or algo.questions):
         before_model = load_before_model(algo.before_path, tokenizer, next(policy.parameters()).device)
-        before, before_scores = answer_questions(before_model, tokenizer, rows, reward_fn, sampling,
-                                                 tcfg.eval_batch_size, seed)
-        del before_model
+        if rows:
+            before, before_scores = answer_questions(before_model, tokenizer, rows, reward_fn, sampling,
+                                                     tcfg.eval_batch_size, seed)
+    free = answer_free_questions(policy, before_model, tokenizer, list(algo.questions), cfg.data, sampling, seed)
+    del before_model
     text = answers_markdown(rows, after, after_scores, before, before_scores, after_name, algo.before_path)
+    text += free_questions_markdown(free, after_name, algo.before_path)
+    logger.log_table("eval/answers", *answers_table(rows, after, after_scores, before, before_scores, free), step=0)
     (Path(run_dir) / ANSWERS_FILE).write_text(text)
     (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
     summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()

@@ -26,10 +26,10 @@ from conf.checks import ConfigError, check_choice
 from conf.registry import get_stage, register_stage, stage_names
 from conf.schema import ModelConfig
 from training.loop import StageContext
+from training.summary import SUMMARY_FILE
 
 # a pipeline's own command-line overrides that are not passed on to its stages
 PRIVATE_PREFIXES = ("algo", "+algo", "~algo", "experiment", "+experiment", "hydra", "+hydra")
-SUMMARY_FILE = "summary.md"
 
 
 @dataclass
@@ -126,6 +126,17 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stage_summaries(records: list[dict]) -> str:
+    """Each stage's own summary.md (written by run.py at its end), its headings a level down, in stage order."""
+    parts = []
+    for r in records:
+        path = Path(r["dir"]) / SUMMARY_FILE
+        if path.exists():
+            text = "\n".join("##" + line if line.startswith("#") else line for line in path.read_text().splitlines())
+            parts.append(text.replace(f"### {r['algo']} run summary", f"### {r['stage']} ({r['algo']})", 1))
+    return "\n## Stages\n\n" + "\n".join(parts) if parts else ""
+
+
 def stage_metric(algo: str, metrics: dict[str, float]) -> str:
     """The one number that says how a stage went besides the eval: its registered objective."""
     key = get_stage(algo).objective
@@ -146,7 +157,7 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
     records: list[dict] = []
     if pipe.evaluate_start:
         seconds = run_stage(run_py, eval_args, run_dir / "00_start", "start (eval)")
-        records.append({"stage": "start", "algo": "eval", "seconds": seconds,
+        records.append({"stage": "start", "algo": "eval", "seconds": seconds, "dir": run_dir / "00_start",
                         "eval": read_metrics(run_dir / "00_start")})
     for i, name in enumerate(pipe.order, start=1):
         stage = pipe.stages[name]
@@ -159,7 +170,8 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
         seconds = run_stage(run_py, args, stage_dir, f"{i}/{len(pipe.order)} {name}")
         outputs[name] = stage_dir
         metrics = read_metrics(stage_dir)
-        record = {"stage": name, "algo": stage.algo, "seconds": seconds, "metric": stage_metric(stage.algo, metrics),
+        record = {"stage": name, "algo": stage.algo, "seconds": seconds, "dir": stage_dir,
+                  "metric": stage_metric(stage.algo, metrics),
                   "steps": OmegaConf.load(stage_dir / ".hydra" / "config.yaml").trainer.max_steps
                   if stage.algo in model_stages else ""}
         if stage.algo in model_stages:
@@ -174,7 +186,7 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
     table = summary_table(records)
     total = sum(r["seconds"] for r in records)
     (run_dir / SUMMARY_FILE).write_text(f"# {cfg.experiment_name}\n\n{table}\n\nTotal wall time: {total:.0f} s. "
-                                        f"Final model: `{model}`.\n")
+                                        f"Final model: `{model}`.\n" + stage_summaries(records))
     print(f"\n{table}\n\ntotal wall time {total:.0f} s; final model {model}; summary in {run_dir / SUMMARY_FILE}")
     last_eval = next((r["eval"] for r in reversed(records) if r.get("eval")), {})
     return {**last_eval, "pipeline/seconds": total}

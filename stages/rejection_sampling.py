@@ -109,11 +109,13 @@ def rejection_sample(ctx: StageContext) -> dict[str, float]:
     kept: list[dict] = []
     rejected = {"below_threshold": 0, "not_think_format": 0}
     best_totals, all_totals = [], []
+    generated = 0.0  # tokens sampled, for the run's summary
     for start in tqdm(range(0, len(prompts_rows), algo.batch_size), desc="rejection sampling", dynamic_ncols=True):
         rows = prompts_rows[start : start + algo.batch_size]
         rollout = generate_rollout(policy, tokenizer, rows, algo.samples_per_prompt, algo.max_new_tokens,
                                    algo.temperature, algo.top_p, generator)
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
+        generated += float(rollout.completion_lengths.sum())
         batch_kept, batch_rejected = select(rollout.prompts, rollout.completions, rollout.rows, scored.total,
                                             algo.samples_per_prompt, algo.threshold)
         kept += batch_kept
@@ -139,6 +141,7 @@ def rejection_sample(ctx: StageContext) -> dict[str, float]:
         "rs/reward_mean": float(totals.mean()),
         "rs/best_reward_mean": sum(best_totals) / len(best_totals),
         "rs/accepted_reward_mean": sum(r["reward"] for r in kept) / len(kept) if kept else 0.0,
+        "tokens/generated": generated,
     }
     logger.log(metrics, step=0)
     print(f"rejection sampling: kept {len(kept)} of {len(prompts_rows)} prompts "

@@ -31,6 +31,10 @@ ALGOS = {
     # adaptive KL: its beta is part of the state a resume must restore
     "ppo": ["algo=ppo", *RL, "algo.group_size=2", "algo.minibatch_size=2", "algo.kl_control=adaptive",
             "algo.target_kl=0.01", "algo.kl_horizon=10"],
+    # dynamic sampling: the extra prompts a step draws move the sampler, whose position a resume restores; the
+    # R1 reward on a random model scores most groups alike, so steps do draw more
+    "grpo_dynamic": ["algo=grpo", *RL, "algo.group_size=2", "algo.minibatch_size=2", "algo.dynamic_sampling=true",
+                     "algo.dynamic_sampling_max_draws=2", "reward=format_accuracy"],
     # micro-batches of 1: gradient accumulation is part of what must replay exactly
     "sft": ["algo=sft", "data=medical_o1", "algo.batch_size=2", "algo.micro_batch_size=1"],
     # other_response: the pair rng (the algorithm's own state) picks each step's rejected responses from the
@@ -83,7 +87,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert state_a["algo"] == state_b["algo"] and state_a["sampler"] == state_b["sampler"]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo_dynamic"])
 def test_resume_is_exact(tmp_path, algo):
     full, split = tmp_path / "full", tmp_path / "split"
     assert train(full, [*ALGOS[algo], f"trainer.max_steps={2 * K}"]) == 0
@@ -94,6 +98,8 @@ def test_resume_is_exact(tmp_path, algo):
     expected, resumed = train_metrics(full), train_metrics(split)
     assert sorted(resumed) == list(range(1, 2 * K + 1))
     assert resumed == expected
+    if algo == "grpo_dynamic":  # steps drew more prompts than the batch holds
+        assert sum(m["dynamic_sampling/extra_draws"] for m in expected.values()) > 0
     if algo == "ppo":  # the adaptive beta moved, and moved identically
         assert expected[2 * K]["kl_coef"] != expected[1]["kl_coef"]
     assert_same_checkpoint(full / "checkpoints" / "final", split / "checkpoints" / "final")

@@ -38,7 +38,23 @@ def check_run_dir(run_dir: Path, steps: int) -> list[dict]:
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
+    rewards = [k for k in train[-1] if k.startswith("reward/") and k.endswith("_mean")]
+    check_summary(run_dir, steps, [k for k in rewards if k != "reward/kl_penalty_mean"])  # a penalty, not a part
     return metrics
+
+
+def check_summary(run_dir: Path, steps: int, rewards: list[str]) -> str:
+    """The end-of-run summary of an RL run: summary.md with every part (a row per logged reward), and the
+    curves it points to."""
+    summary = (run_dir / "summary.md").read_text()
+    assert "reward/total_mean" in rewards and len(rewards) > 1, rewards
+    for part in (f"- run dir: `{run_dir}`", f"- steps: {steps}", "s/step)", "- peak memory:", "- tokens generated:",
+                 *(f"| {key} |" for key in rewards), "| held-out eval | before | after |",
+                 f"Curves: `{run_dir / 'curves.png'}`", f"`wandb sync {run_dir / 'wandb'}/offline-run-"):
+        assert part in summary, part
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
+    return summary
 
 
 @pytest.mark.slow
@@ -58,6 +74,9 @@ def test_grpo_multirun_two_seeds(tmp_path):
     assert [p.name for p in run_dirs] == ["0_grpo_seed0", "1_grpo_seed1"]
     for run_dir in run_dirs:
         check_run_dir(run_dir, steps=2)
+    sweep_summary = (sweep / "summary.md").read_text()  # one line per job, then the command that compares them
+    assert "- 0_grpo_seed0 | grpo | reward/total_mean " in sweep_summary and "- 1_grpo_seed1 | grpo |" in sweep_summary
+    assert f"`python experiments/compare.py {sweep}`" in sweep_summary and sweep_summary in proc.stdout
     samples = [(d / "samples.jsonl").read_text() for d in run_dirs]
     assert samples[0] != samples[1], "different seeds sampled identical completions"
 

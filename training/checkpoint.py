@@ -347,3 +347,13 @@ def load_checkpoint(
     except ValueError as e:  # shapes or keys that do not fit this run's model
         raise CheckpointError(f"checkpoint {directory} does not fit this run: {e}") from None
     return json.loads((directory / "trainer_state.json").read_text())
+
+
+def saved_wandb_run_id(directory: Path) -> str | None:
+    """The wandb run id the checkpoint's run logged to (None for a run without wandb, or an older checkpoint),
+    read before any model loads so that the resumed run's logger continues that run."""
+    path = Path(directory) / "trainer_state.json"
+    try:
+        return json.loads(path.read_text()).get("wandb_run_id")
+    except (OSError, json.JSONDecodeError):
+        return None  # load_checkpoint reports a damaged checkpoint in its own words

@@ -140,7 +140,8 @@ class Trainer:
         if not is_main_process():  # ddp: every rank holds the same weights (parallel.distributed)
             return None
         state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
-                 "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict()}
+                 "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict(),
+                 "wandb_run_id": self.logger.run_id}  # a resumed run continues this wandb run
         try:
             path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,
                                    state, self.algo.checkpoint_models(), self.schedulers, self.generators,
@@ -231,9 +232,11 @@ class Trainer:
             print(f"the checkpoint is at step {self.start_step - 1} >= trainer.max_steps={cfg.max_steps}: "
                   "nothing to train (raise trainer.max_steps to continue)")
             return last
-        if cfg.eval_every and self.start_step == 1:
+        if (cfg.eval_before or cfg.eval_every) and self.start_step == 1:
             with self.out_of_memory_stops(0):
-                self.logger.log(self.algo.evaluate(), step=0)
+                before = self.algo.evaluate()
+            if before:  # {}: no held-out rows
+                self.logger.log(before, step=0)
         bar = tqdm(range(self.start_step, cfg.max_steps + 1), desc="train", dynamic_ncols=True,
                    initial=self.start_step - 1, total=cfg.max_steps)
         with GracefulStop() as stop:
@@ -259,6 +262,8 @@ class Trainer:
                         metrics.update(self.algo.evaluate())
                 self.logger.log(metrics, step)
                 self.logger.log_samples(step, out.samples[: cfg.log_samples])
+                if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.max_steps):
+                    self.logger.log_samples_table(step, out.samples[: cfg.log_samples])
                 bar.set_postfix({label: f"{metrics[key]:.3g}" for label, key in self.algo.progress.items()
                                  if key in metrics})
                 if diverged:  # no checkpoint of this state: the last good one stays the newest

@@ -1,5 +1,12 @@
 """Run outputs: metrics.jsonl, samples.jsonl and a wandb run (offline by default) in the run dir.
 
+The wandb run carries what a dashboard needs beyond the metrics: reward, KL and entropy plotted against
+generated tokens by default (`define_metric`; compute/flops_total is logged in the same rows, so any panel
+can switch its x-axis to it), tables of samples (prompt, completion, every reward part, advantage, length)
+every trainer.log_samples_every steps, the eval stage's answers as a table, the group (the experiment) and
+the job type (the algorithm). Its id is saved in every checkpoint, so that a resumed run continues the same
+wandb run instead of starting a second one.
+
 An online wandb run that cannot start (server unreachable within logger.init_timeout_s, no API key)
 logs offline in the run dir instead: one warning line, and the `wandb sync` command when the run ends.
 Nothing is lost and the run goes on; metrics.jsonl is written either way.
@@ -23,17 +30,25 @@ class RunLogger:
     """Writes every metric to metrics.jsonl and to wandb; samples (prompt, completion, reward parts) to
     samples.jsonl."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_name: str, group: str):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_name: str, group: str,
+                 job_type: str | None = None, resume_id: str | None = None):
+        """`group`: the experiment (wandb's group) unless logger.group names one; `job_type`: the algorithm;
+        `resume_id`: the wandb run id a resumed checkpoint saved, continued with resume="allow"."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = _open_append(self.run_dir / "metrics.jsonl")
         self.samples_file = _open_append(self.run_dir / "samples.jsonl")
         self.wandb_run = None
+        self.run_id: str | None = None  # the wandb run's id (saved in checkpoints); None without wandb
+        self.offline_dir: str | None = None  # an offline run's directory, for `wandb sync`
         self.sync_later: str | None = None  # the offline run dir of an online run that fell back to offline
         if cfg.mode != "disabled":
-            self.wandb_run = self.start_wandb(cfg, config, run_name, group)
+            self.wandb_run = self.start_wandb(cfg, config, run_name, group, job_type, resume_id)
+            self.run_id = self.wandb_run.id
+            define_plot_axes(self.wandb_run)
 
-    def start_wandb(self, cfg: LoggerConfig, config: dict[str, Any], run_name: str, group: str):
+    def start_wandb(self, cfg: LoggerConfig, config: dict[str, Any], run_name: str, group: str,
+                    job_type: str | None = None, resume_id: str | None = None):
         """wandb.init in cfg.mode; an online run that cannot start falls back to an offline one."""
         import wandb
 
@@ -41,19 +56,22 @@ class RunLogger:
 
         def init(mode: str):
             return wandb.init(
-                project=cfg.project, entity=cfg.entity, group=cfg.group or group, name=run_name,
+                project=cfg.project, entity=cfg.entity, group=cfg.group or group, job_type=job_type, name=run_name,
                 tags=list(cfg.tags), config=config, dir=str(self.run_dir), mode=mode,
+                id=resume_id, resume="allow" if resume_id else None,
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=cfg.init_timeout_s),
             )
 
         if cfg.mode != "online":
-            return init(cfg.mode)
+            run = init(cfg.mode)
+            self.offline_dir = run.settings.sync_dir if cfg.mode == "offline" else None
+            return run
         try:
             return init("online")
         except (wandb.errors.Error, TimeoutError) as err:
             reason = wandb_failure(err, cfg.init_timeout_s)
         run = init("offline")
-        self.sync_later = run.settings.sync_dir
+        self.sync_later = self.offline_dir = run.settings.sync_dir
         log.warning("wandb: no online run (%s); logging offline to %s instead, upload it later with `wandb sync %s`",
                     reason, self.sync_later, self.sync_later)
         return run
@@ -67,6 +85,19 @@ class RunLogger:
     def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
         for record in records:
             self.samples_file.write(json.dumps({"step": step, **record}) + "\n")
+
+    def log_samples_table(self, step: int, records: list[dict[str, Any]], key: str = "samples") -> None:
+        """Sample records (sample_records) as a wandb table under `key` at `step`."""
+        if records:
+            columns, rows = samples_table(step, records)
+            self.log_table(key, columns, rows, step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A wandb.Table under `key` at `step` (nothing without wandb: the jsonl files hold the same records)."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` from metrics.jsonl and samples.jsonl: a run resumed from
@@ -115,13 +146,46 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def sample_records(prompts: list[str], completions: list[str], rewards: dict[str, Any], limit: int) -> list[dict]:
-    """The first `limit` samples with every reward part, ready for samples.jsonl."""
+def sample_records(prompts: list[str], completions: list[str], rewards: dict[str, Any], limit: int,
+                   advantages: Any = None, lengths: Any = None) -> list[dict]:
+    """The first `limit` samples with every reward part (and, when given, each one's advantage and completion
+    length in tokens: [N] sequences), ready for samples.jsonl and the wandb samples table."""
     out = []
     for i in range(min(limit, len(completions))):
-        out.append({
+        record = {
             "prompt": prompts[i],
             "completion": completions[i],
             "rewards": {name: float(values[i]) for name, values in rewards.items()},
-        })
+        }
+        if advantages is not None:
+            record["advantage"] = float(advantages[i])
+        if lengths is not None:
+            record["length"] = int(lengths[i])
+        out.append(record)
     return out
+
+
+def samples_table(step: int, records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of a samples table: step, prompt, completion, reward/<part> for every part, then
+    advantage and length when the records carry them."""
+    parts = list(dict.fromkeys(name for r in records for name in r.get("rewards", {})))
+    extras = [key for key in ("advantage", "length") if any(key in r for r in records)]
+    columns = ["step", "prompt", "completion", *(f"reward/{p}" for p in parts), *extras]
+    rows = [[step, r["prompt"], r["completion"], *(r.get("rewards", {}).get(p) for p in parts),
+             *(r.get(key) for key in extras)] for r in records]
+    return columns, rows
+
+
+# x-axes of a run's charts: the cost of getting there, so that runs of different algorithms line up
+TOKEN_AXIS = "tokens/generated_total"
+COMPUTE_AXES = (TOKEN_AXIS, "compute/flops_total")
+AGAINST_TOKENS = ("reward/*", "kl", "kl/*", "entropy")  # plotted against generated tokens by default
+
+
+def define_plot_axes(run) -> None:
+    """Reward, KL and entropy against generated tokens in wandb's default panels; tokens and FLOPs declared as
+    metrics in their own right (logged in every step's row, so a panel's x-axis can switch to FLOPs)."""
+    for axis in COMPUTE_AXES:
+        run.define_metric(axis, summary="max")
+    for pattern in AGAINST_TOKENS:
+        run.define_metric(pattern, step_metric=TOKEN_AXIS)

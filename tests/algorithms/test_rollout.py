@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from algorithms.common import batched_logprobs
-from algorithms.rollout import generate_rollout, stop_token_ids, top_p_filter
+from algorithms.policy_gradient import PolicyGradientConfig
+from algorithms.rollout import RolloutConfig, generate_rollout, stop_token_ids, top_p_filter
+from conf.checks import ConfigError
+from models.decode import sample_token
 
 
 def chat_rows(tokenizer, questions):
@@ -29,14 +33,20 @@ def test_rollout_layout_masks_and_logprobs(tiny_model, tokenizer):
     assert (rollout.logp[~real] == 0).all()
 
 
-def test_completion_mask_stops_after_eos(tiny_model, tokenizer):
-    eos = stop_token_ids(tokenizer, tiny_model)[0]
-    # an EOS logit bias of +12 (about a 3/4 chance per token): most samples stop early, a few never do
-    tiny_model.lm_head = torch.nn.Linear(64, tiny_model.lm_head.out_features, bias=True)
+def eos_biased(model, tokenizer, bias: float) -> int:
+    """Give `model` an lm_head with a bias of `bias` on EOS; returns the EOS id."""
+    eos = stop_token_ids(tokenizer, model)[0]
+    model.lm_head = torch.nn.Linear(64, model.lm_head.out_features, bias=True)
     with torch.no_grad():
-        tiny_model.lm_head.weight.copy_(tiny_model.model.embed_tokens.weight)
-        tiny_model.lm_head.bias.zero_()
-        tiny_model.lm_head.bias[eos] = 12.0
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[eos] = bias
+    return eos
+
+
+def test_completion_mask_stops_after_eos(tiny_model, tokenizer):
+    # an EOS logit bias of +10 (about a 1/3 chance per token): some samples stop early, some never do
+    eos = eos_biased(tiny_model, tokenizer, 10.0)
     rollout = generate_rollout(tiny_model, tokenizer, chat_rows(tokenizer, ["Hi."]), group_size=16,
                                max_new_tokens=3, generator=torch.Generator().manual_seed(1))
     assert rollout.truncated.any(), "every sample stopped: the no-EOS branch below would be vacuous"
@@ -64,3 +74,58 @@ def test_top_p_filter_keeps_the_nucleus():
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
     assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [[True, False, False, False]]
     assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def decode(model, tokenizer, cfg: RolloutConfig, max_new_tokens: int = 16):
+    rows = chat_rows(tokenizer, ["Hi.", "A much longer question, so that left padding is needed here.", "Why?"])
+    return generate_rollout(model, tokenizer, rows, 4, max_new_tokens, prompt_seeds=[5, 6, 7], rollout=cfg)
+
+
+def assert_same_draws(got, reference):
+    assert torch.equal(got.completion_ids, reference.completion_ids)
+    assert torch.equal(got.completion_mask, reference.completion_mask)
+    torch.testing.assert_close(got.logp, reference.logp, atol=1e-5, rtol=0)
+
+
+def test_static_cache_chunks_and_compaction_draw_what_the_dynamic_cache_draws(tiny_model, tokenizer):
+    eos_biased(tiny_model, tokenizer, 9.0)  # about 1 in 7 per token: samples stop at many different steps
+    reference = decode(tiny_model, tokenizer, RolloutConfig(cache="dynamic"))
+    lengths = reference.completion_lengths
+    assert lengths.min() < 8 and reference.truncated.any(), "no long tail: compaction would not be exercised"
+    for cfg in (RolloutConfig(compile="false", compact_below=0.0),  # static cache alone
+                RolloutConfig(compile="false"),  # + compaction at half the batch
+                RolloutConfig(compile="false", compact_below=0.99),  # compaction as soon as one row stops
+                RolloutConfig(compile="false", max_batch=5),  # chunks that split a group
+                RolloutConfig(compile="false", max_batch=2, compact_below=0.99)):
+        assert_same_draws(decode(tiny_model, tokenizer, cfg), reference)
+
+
+def test_compiled_step_draws_what_the_eager_step_draws(tiny_model, tokenizer):
+    eos_biased(tiny_model, tokenizer, 9.0)
+    eager = decode(tiny_model, tokenizer, RolloutConfig(compile="false"), max_new_tokens=8)
+    assert_same_draws(decode(tiny_model, tokenizer, RolloutConfig(compile="true"), max_new_tokens=8), eager)
+
+
+def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(6000, 1)
+    uniform = torch.rand(6000, generator=torch.Generator().manual_seed(0))
+    token, logp = sample_token(logits, uniform, temperature=1.0, top_p=0.7)  # nucleus: tokens 0 and 1
+    torch.testing.assert_close(torch.bincount(token, minlength=4) / 6000.0, torch.tensor([0.625, 0.375, 0, 0]),
+                               atol=0.02, rtol=0)
+    torch.testing.assert_close(logp, probs.log()[token])  # not the renormalised nucleus
+    hot, hot_logp = sample_token(logits, uniform, temperature=2.0, top_p=1.0)
+    tempered = torch.softmax(probs.log() / 2.0, -1)
+    torch.testing.assert_close(torch.bincount(hot, minlength=4) / 6000.0, tempered, atol=0.02, rtol=0)
+    torch.testing.assert_close(hot_logp, tempered.log()[hot])
+
+
+@pytest.mark.parametrize("rollout, message", [
+    (RolloutConfig(cache="paged"), "choose one of: static, dynamic"),
+    (RolloutConfig(compile="maybe"), "choose one of: auto, true, false"),
+    (RolloutConfig(max_batch=-1), "algo.rollout.max_batch"),
+    (RolloutConfig(compact_below=1.5), "algo.rollout.compact_below"),
+])
+def test_bad_rollout_options_name_the_valid_values(rollout, message):
+    with pytest.raises(ConfigError, match=message):
+        PolicyGradientConfig(rollout=rollout)

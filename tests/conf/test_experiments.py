@@ -16,6 +16,8 @@ PRESETS = {
     "kl_ablation": {"algo.beta": "0,0.04,0.1", "algo.kl_estimator": "k1,k3"},
     "loss_type": {"algo.loss_type": "grpo,dr_grpo,dapo,gspo"},
     "clip_higher": {"algo.clip_high": "0.2,0.28"},
+    "ppo_grpo_factors": {"algo.baseline": "critic,group_mean,leave_one_out", "algo.kl_in": "reward,loss"},
+    "mcq_compare": {"algo": "ppo,grpo,rloo,reinforce_pp", "seed": "0,1,2"},
 }
 
 
@@ -40,7 +42,7 @@ def test_preset_sweeps_what_it_says(name):
 def test_every_point_of_the_sweep_validates(name):
     import itertools
 
-    params = PRESETS[name]
+    params = {k: v for k, v in PRESETS[name].items() if k != "seed"}  # a seed cannot break validation
     for values in itertools.product(*(v.split(",") for v in params.values())):
         overrides = [f"experiment={name}", *(f"{k}={v}" for k, v in zip(params, values))]
         validate(composed(overrides))
@@ -81,3 +83,26 @@ def test_estimators_sweep_compares_four_estimators_at_one_budget():
     for c in runs.values():  # only the algorithm differs
         assert (c.model, c.data, c.reward, c.trainer, c.experiment_name) == (
             first.model, first.data, first.reward, first.trainer, "estimators")
+
+
+def test_ppo_grpo_factors_is_one_grid_at_one_budget():
+    corners = [validate(composed(["experiment=ppo_grpo_factors", f"algo.baseline={b}", f"algo.kl_in={k}"]))
+               for b, k in (("critic", "reward"), ("group_mean", "loss"))]  # PPO's corner and GRPO's
+    assert {(c.algo.name, sequences_per_step(c.algo), c.algo.group_size) for c in corners} == {("ppo", 8, 4)}
+    assert [(c.algo.baseline, c.algo.kl_in) for c in corners] == [("critic", "reward"), ("group_mean", "loss")]
+
+
+def test_mcq_compare_holds_out_40_questions_and_one_budget():
+    from data.loading import load_examples
+
+    runs = {algo: validate(composed(["experiment=mcq_compare", f"algo={algo}"]))
+            for algo in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    assert {(sequences_per_step(c.algo), c.algo.prompts_per_step, c.algo.max_new_tokens) for c in runs.values()} == {
+        (8, 2, 12)}
+    first = runs["ppo"]
+    assert (first.data.name, first.data.kind, first.reward.name) == ("medical_mcq", "mcq", "format_accuracy")
+    assert "letter" in first.data.system_prompt
+    for c in runs.values():
+        assert (c.model, c.data, c.reward, c.trainer) == (first.model, first.data, first.reward, first.trainer)
+    _, held_out, skipped = load_examples(first.data, Path(CONF).parent)
+    assert len(held_out) >= 40 and all(r["kind"] == "mcq" and r["options"] for r in held_out) and not skipped

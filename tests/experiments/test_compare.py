@@ -67,6 +67,83 @@ def test_report_writes_table_and_plots(sweep, tmp_path):
         assert f"no run logged `{key}`" in text and not (tmp_path / "report" / f"{name}.png").exists()
 
 
+def test_intervals_and_welch_against_scipy():
+    from scipy import stats as sp
+
+    from experiments.stats import mean_ci, t_quantile, welch
+
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764451)
+    ci = mean_ci([1.0, 2.0, 3.0, 6.0])  # mean 3, s = sqrt(14/3), t(0.975, 3) = 3.182446
+    half = 3.182446 * (14 / 3) ** 0.5 / 2
+    assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((3.0, 3.0 - half, 3.0 + half, 4))
+    assert mean_ci([0.5]).low is None  # one seed: no interval
+    a, b = [0.9, 1.1, 1.3, 0.8, 1.0], [0.2, 0.5, 0.1]
+    d = welch(a, b)
+    reference = sp.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((reference.low, reference.high)) and d.detected
+    assert welch([1.0], b).low is None
+
+
+def test_curves_at_equal_tokens_by_hand():
+    from experiments.stats import mean_over, value_at
+
+    xs, ys = [10.0, 20.0, 40.0], [0.0, 1.0, 0.0]
+    assert value_at(xs, ys, 15) == 0.5 and value_at(xs, ys, 30) == 0.5 and value_at(xs, ys, 5) == 0.0
+    assert value_at(xs, ys, 50) == 0.0
+    # area from 10 to 40: triangle of height 1 over 30 tokens = 15 -> mean 0.5; from 15 to 20: (0.5 + 1) / 2
+    assert mean_over(xs, ys, 10, 40) == pytest.approx(0.5) and mean_over(xs, ys, 15, 20) == pytest.approx(0.75)
+    assert mean_over(xs, ys, 20, 20) == 1.0
+
+
+@pytest.fixture()
+def three_methods(tmp_path: Path) -> Path:
+    """grpo and rloo share a curve (up to seed noise); ppo sits 0.5 below them: 4 seeds each. ppo's runs
+    generate more tokens per step, so the methods meet at equal tokens only on grpo's budget."""
+    noise = [0.01, -0.02, 0.015, -0.005]
+    for seed, e in enumerate(noise):
+        curve = [0.5 + 0.1 * i + e for i in range(4)]
+        write_run(tmp_path / f"g{seed}", ["algo=grpo", f"seed={seed}"], seed, curve)
+        same = [v - e + noise[::-1][seed] for v in curve]  # the same seed noise, in another order
+        write_run(tmp_path / f"r{seed}", ["algo=rloo", f"seed={seed}"], seed, same)
+        lower = [0.05 * (i - 1) + e for i in range(8)]  # half the tokens per step: 0.1 per 10 tokens, 0.5 lower
+        write_run(tmp_path / f"p{seed}", ["algo=ppo", f"seed={seed}"], seed, lower,
+                  **{"tokens/generated_total": [5.0 * (i + 1) for i in range(8)]})
+    return tmp_path
+
+
+def test_a_large_difference_is_detected_and_an_equal_pair_is_not(three_methods):
+    from experiments.compare import conclusions
+
+    runs = find_runs([three_methods])
+    label_runs(runs)
+    text = "\n".join(conclusions(runs))
+    # ppo's tokens/generated_total is 5 per step: it reaches 40 tokens, the others 40 too
+    assert "reward at 40 tokens: algo=grpo above algo=ppo (+0.5" in text
+    assert "reward at 40 tokens: algo=rloo above algo=ppo (+0.5" in text
+    assert "reward at 40 tokens: algo=grpo vs algo=rloo: no difference detected with 4 vs 4 seeds" in text
+    assert "(AUC): algo=grpo vs algo=rloo: no difference detected" in text
+    assert "| algo=ppo | 4 |" in text  # the interval table
+    assert "## Factors" not in text  # one swept option: the pairs say it all
+
+
+def test_factor_table_names_what_each_factor_moves(tmp_path):
+    from experiments.compare import conclusions
+
+    for seed in range(3):  # baseline moves the reward by 0.4; kl_in moves nothing but noise
+        for baseline, level in (("critic", 0.0), ("group_mean", 0.4)):
+            for kl_in, e in (("reward", 0.01), ("loss", -0.01)):
+                rewards = [level + 0.02 * seed + e] * 4
+                write_run(tmp_path / f"{baseline}_{kl_in}_{seed}", [f"algo.baseline={baseline}", f"algo.kl_in={kl_in}",
+                          f"seed={seed}"], seed, rewards, kl=[0.1 + 0.01 * seed] * 4)
+    runs = find_runs([tmp_path])
+    label_runs(runs)
+    assert len({r.label for r in runs}) == 4  # one row per combination
+    text = "\n".join(conclusions(runs))
+    assert "- `algo.baseline` moves final reward (group_mean - critic: +0.400" in text
+    assert "- `algo.kl_in`: no effect detected on any metric with at least 6 runs per level" in text
+    assert "| algo.kl_in | KL |" in text
+
+
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
@@ -85,3 +162,24 @@ def test_ppo_vs_grpo_tiny_sweep_report(tmp_path):
     for line in ("| algo=ppo | 2 | 2 |", "| algo=grpo | 2 | 2 |"):
         assert line in text, text
     assert (sweep / "report" / "reward_vs_tokens.png").exists()
+
+
+@pytest.mark.slow
+def test_ppo_grpo_factors_tiny_sweep_has_a_row_per_combination(tmp_path):
+    from tests.test_run import TINY, run_py
+
+    sweep = tmp_path / "sweep"
+    fast = ["logger.mode=disabled", "trainer.save_final=false", "trainer.log_samples=0"]
+    proc = run_py(["-m", "experiment=ppo_grpo_factors", *TINY, *fast, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = main([str(sweep)]).read_text()
+    table = text.split("\n\n")[1]
+    combos = [f"| algo.baseline={b} algo.kl_in={k} | 1 | 2 |" for b in ("critic", "group_mean", "leave_one_out")
+              for k in ("reward", "loss")]
+    assert sum(line.startswith("| algo.") for line in table.splitlines()) == 6 and all(c in table for c in combos)
+    assert "## Factors" in text and "| algo.baseline | s/step |" in text and "| algo.kl_in | KL |" in text
+    for run_dir in sweep.iterdir():  # a group baseline runs no critic; the critic one does
+        if (run_dir / "metrics.jsonl").exists():
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            critic_tokens = [r["compute/critic_forward_tokens_total"] for r in rows if "compute/flops" in r][-1]
+            assert (critic_tokens > 0) == ("_critic_" in run_dir.name), run_dir.name

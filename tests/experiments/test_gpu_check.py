@@ -33,6 +33,7 @@ def test_tiny_gpu_check_passes_and_writes_the_report(tmp_path):
         assert sections["embedded"]["result"][algo]["resume"]["bit_exact"]  # a CPU repeats itself exactly
         assert sections["8b"]["result"][algo]["tokens_generated"] > 0
     assert sections["fsdp"]["result"]["resume"]["bit_exact"]
+    assert "| ours static |" in sections["rollout"]["result"]["markdown"]
     text = (tmp_path / "gpu_check.md").read_text()
     assert all(f"## {name}: pass" in text for name in gpu_check.SECTIONS)
 

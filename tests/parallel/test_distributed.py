@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from algorithms.advantages import group_advantages, whiten
 from algorithms.batch_stats import global_masked_mean, global_whiten, sharded_group_advantages
-from algorithms.rollout import draw_tokens, generate_rollout
+from algorithms.rollout import draw_uniforms, generate_rollout
 from conf.schema import ConfigError, LoraOptions, ModelConfig, TrainerConfig
 from data.loading import PromptSampler
+from models.decode import sample_token
 from models.loading import load_causal_lm, load_tokenizer
 from models.logprobs import completion_logprobs
 from parallel.distributed import ShardedSampler, average_gradients, reduce_metrics, sync_hooks
@@ -132,21 +133,21 @@ def test_sharded_sampler_splits_the_global_batch_and_seeds_do_not_depend_on_the_
     assert shards[0].state_dict() == single.state_dict()
 
 
-def test_per_prompt_draws_do_not_depend_on_the_batch():
-    probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), -1)  # 3 prompts x G=2
+def test_per_prompt_noise_does_not_depend_on_the_batch():
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    together = draw_tokens(probs, gens([1, 2, 3]))
-    apart = torch.cat([draw_tokens(probs[:2], gens([1])), draw_tokens(probs[2:], gens([2, 3]))])
-    assert torch.equal(together, apart)
+    together = draw_uniforms(3, 2, 5, gens([1, 2, 3]), torch.device("cpu"))  # 3 prompts x G=2, 5 steps
+    apart = torch.cat([draw_uniforms(1, 2, 5, gens([1]), torch.device("cpu")),
+                       draw_uniforms(2, 2, 5, gens([2, 3]), torch.device("cpu"))])
+    assert together.shape == (6, 5) and torch.equal(together, apart)
 
 
-def test_per_prompt_draws_follow_the_distribution():
-    probs = torch.tensor([[0.1, 0.6, 0.3]]).repeat(2, 1)
-    gen = [torch.Generator().manual_seed(0)]
-    counts = torch.zeros(3)
-    for _ in range(4000):
-        counts += torch.bincount(draw_tokens(probs, gen), minlength=3)
-    torch.testing.assert_close(counts / counts.sum(), probs[0], atol=0.02, rtol=0)
+def test_draws_follow_the_distribution():
+    logits = torch.tensor([[0.1, 0.6, 0.3]]).log().repeat(8000, 1)
+    uniform = draw_uniforms(1, 8000, 1, [torch.Generator().manual_seed(0)], torch.device("cpu"))[:, 0]
+    token, logp = sample_token(logits, uniform, temperature=1.0, top_p=1.0)
+    torch.testing.assert_close(torch.bincount(token, minlength=3) / 8000.0, torch.tensor([0.1, 0.6, 0.3]),
+                               atol=0.02, rtol=0)
+    torch.testing.assert_close(logp, torch.tensor([0.1, 0.6, 0.3]).log()[token])
 
 
 def _sharded_passes(rank: int, init_file: str, results: dict) -> None:

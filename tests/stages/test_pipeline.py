@@ -9,6 +9,7 @@ import pytest
 from conf.schema import ConfigError
 from stages.pipeline import PipelineConfig, StageConfig, shared_overrides, summary_table
 from tests.test_run import read_metrics, run_py
+from tests.wandb_records import history, offline_run
 
 TINY_COMMON = ["model=tiny_llama", "trainer.max_steps=1", "data.eval_size=2", "trainer.eval_batch_size=2",
                "logger.mode=disabled"]
@@ -52,19 +53,34 @@ def test_sft_then_eval_with_before_after_answers(tmp_path):
     assert [m["step"] for m in metrics if "sft/loss" in m] == [1, 2]
     assert "eval/sft/loss" in metrics[-1] and metrics[0]["data/train_prompts"] == 156
     assert (sft / "checkpoints" / "final" / "model.safetensors").exists()
+    summary = (sft / "summary.md").read_text()
+    for part in ("# sft run summary", "- steps: 2", "| sft/loss |", "| held-out eval | before | after |",
+                 "| sft/loss |", f"Curves: `{sft / 'curves.png'}`"):
+        assert part in summary, part
 
     ev = tmp_path / "eval"
     checkpoint = sft / "checkpoints" / "final"
     proc = run_py(["algo=eval", *TINY_COMMON, "model.source=local", f"model.path={checkpoint}",
                    f"algo.before_path={checkpoint}", "algo.max_new_tokens=8", "algo.num_answers=2",
-                   f"hydra.run.dir={ev}"], tmp_path)
+                   "algo.questions=['Is water wet?']", "logger.mode=offline", f"hydra.run.dir={ev}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ev / "eval.json").read_text())
     for key in ("eval/reward/total_mean", "eval/reward/format_mean", "eval/reward/accuracy_mean", "eval/format_rate",
                 "eval/accuracy", "eval/completion/length_mean"):
         assert key in result, key
     answers = (ev / "answers.md").read_text()
-    assert answers.count("| before | after |") == 2 and "**Ground truth:**" in answers
+    assert answers.count("| before | after |") == 3 and "**Ground truth:**" in answers
+    assert "# Your questions" in answers and "## Q1. Is water wet?" in answers  # a question of the user's own
+    summary = (ev / "summary.md").read_text()
+    for part in ("# eval run summary", "| held-out eval | value |", "| reward/total_mean |", "| format_rate |",
+                 "- tokens generated:", str(ev / "answers.md"), f"`wandb sync {ev / 'wandb'}/offline-run-"):
+        assert part in summary, part
+    # the answers as a wandb table: the held-out questions, then the user's
+    run_dir, records = offline_run(ev)
+    row = next(r for r in history(records) if "eval/answers/path" in r)
+    table = json.loads((run_dir / "files" / row["eval/answers/path"]).read_text())
+    assert table["columns"][:4] == ["question", "ground_truth", "before", "after"]
+    assert len(table["data"]) == 3 and table["data"][-1][0] == "Is water wet?"
 
 
 @pytest.mark.slow
@@ -98,6 +114,7 @@ def test_r1_pipeline_end_to_end(tmp_path):
     for name in ("start", "sft", "grpo", "rejection_sampling", "sft_rs", "grpo_final"):
         assert f"| {name} |" in summary, name
     assert "acceptance" in summary and "Total wall time" in summary
+    assert "## Stages" in summary and "### grpo_final (grpo)" in summary and "### sft (sft)" in summary
 
 
 def read_config(run_dir):
