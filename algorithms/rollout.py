@@ -15,8 +15,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from conf.checks import check_choice, check_range
+from conf.checks import ConfigError, check_choice, check_range
 from models.decode import StaticDecoder, sample_token, supports_static_cache, top_p_filter
+from models.forward import position_ids
+from models.packed import packable
 from parallel.fsdp import is_sharded, sampling_weights
 
 __all__ = ["Rollout", "RolloutConfig", "generate_rollout", "stop_token_ids", "top_p_filter"]
@@ -61,18 +63,31 @@ class RolloutConfig:
     # drop finished rows from the decode batch once no more than this share of it is still running (0 = never);
     # it shrinks to the next power of two, so a compiled step sees at most log2(batch) shapes
     compact_below: float = 0.5
+    # the eager static step on weights prepacked for oneDNN, q/k/v and gate/up fused (models.packed): auto = on a
+    # CPU when the projections are plain nn.Linear and the step is not compiled | true (an error where it cannot)
+    # | false (the model's modules, MKL's GEMM)
+    pack: str = "auto"
+    # decode steps between looks at which rows have finished (to stop, or to compact): each look is a host-device
+    # sync on a GPU, which stalls the queue of launched steps; 0 = auto: 1 on a CPU, 8 on a GPU. The draws are
+    # the same whatever it is; steps after the last row stopped are decoded and discarded
+    stop_check_every: int = 0
 
 
 CACHES = ("static", "dynamic")
 COMPILE = ("auto", "true", "false")
+PACK = ("auto", "true", "false")
 
 
 def check_rollout(cfg: RolloutConfig) -> None:
     """Errors that name the valid choices, for `algo.rollout.*`."""
     check_choice("algo.rollout.cache", cfg.cache, CACHES)
     check_choice("algo.rollout.compile", str(cfg.compile).lower(), COMPILE)
+    check_choice("algo.rollout.pack", str(cfg.pack).lower(), PACK)
+    if str(cfg.pack).lower() == "true" and str(cfg.compile).lower() == "true":
+        raise ConfigError("algo.rollout.pack=true runs the decode step eager: set algo.rollout.compile=false or auto")
     check_range("algo.rollout.max_batch", cfg.max_batch, low=0)
     check_range("algo.rollout.compact_below", cfg.compact_below, low=0.0, high=1.0)
+    check_range("algo.rollout.stop_check_every", cfg.stop_check_every, low=0)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
@@ -109,9 +124,27 @@ def compile_mode(cfg: RolloutConfig, model: torch.nn.Module) -> str | None:
 _compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, StaticDecoder]] = weakref.WeakKeyDictionary()
 
 
-def static_decoder(model: torch.nn.Module, mode: str | None) -> StaticDecoder:
+def stop_check_every(cfg: RolloutConfig, model: torch.nn.Module) -> int:
+    if cfg.stop_check_every > 0:
+        return cfg.stop_check_every
+    return 1 if next(model.parameters()).device.type == "cpu" else 8
+
+
+def pack_weights(cfg: RolloutConfig, model: torch.nn.Module, mode: str | None) -> bool:
+    """Whether the eager static step runs on packed weights (models.packed)."""
+    choice = str(cfg.pack).lower()
+    if choice == "false":
+        return False
+    why_not = ("the decode step is compiled" if mode is not None else
+               "the model is sharded" if is_sharded(model) else packable(model))
+    if why_not and choice == "true":
+        raise ConfigError(f"algo.rollout.pack=true, but {why_not}: set algo.rollout.pack=auto or false")
+    return why_not is None
+
+
+def static_decoder(model: torch.nn.Module, mode: str | None, pack_rows: int = 0) -> StaticDecoder:
     if mode is None:
-        return StaticDecoder(model)
+        return StaticDecoder(model, pack_rows=pack_rows)
     per_mode = _compiled.setdefault(model, {})
     if mode not in per_mode:
         per_mode[mode] = StaticDecoder(model, mode)
@@ -134,6 +167,7 @@ def _decode_static(
     temperature: float,
     top_p: float,
     compact_below: float,
+    stop_check_every: int,
     progress: bool,
 ) -> tuple[Tensor, Tensor]:
     n, max_new = uniform.shape
@@ -146,25 +180,29 @@ def _decode_static(
     logps = torch.zeros(n, max_new, dtype=torch.float32, device=uniform.device)
     live = torch.arange(n, device=uniform.device)  # the sequence of each row of the decode batch
     finished = torch.zeros(n, dtype=torch.bool, device=uniform.device)
-    steps = 0
+    used = torch.zeros(max_new, dtype=torch.bool, device=uniform.device)  # [max_new]: a row still ran at step t
+    slots = torch.arange(tp, tp + max_new, device=uniform.device)  # step t's cache slot, already on the device
     for t in tqdm(range(max_new), desc="generate", leave=False, disable=not progress):
+        used[t] = ~finished.all()
         token = torch.where(finished, pad_id, token)
         tokens[live, t] = token
         logps[live, t] = torch.where(finished, 0.0, logp.float())
         finished = finished | torch.isin(token, stop_ids)
-        steps = t + 1
-        if t == max_new - 1 or bool(finished.all()):
+        if t == max_new - 1:
             break
-        running = int((~finished).sum())
-        if running <= compact_below * len(live) and _bucket(running) < len(live):
-            # keep the running rows, topped up with finished ones to a power of two; the extra rows decode
-            # on unseen (their outputs are not written: they stay finished)
-            order = torch.argsort(finished.to(torch.int8), stable=True)[: _bucket(running)]
-            cache, live, finished = cache.select(order), live[order], finished[order]
-            token, position = token[order], position[order]
-        slot = torch.tensor(tp + t, device=uniform.device)
-        token, logp = decoder.step(cache, token, position, slot, uniform[live, t + 1], temperature, top_p)
+        if (t + 1) % stop_check_every == 0:  # the host reads the device: on a GPU, a sync
+            running = int((~finished).sum())
+            if running == 0:
+                break
+            if running <= compact_below * len(live) and _bucket(running) < len(live):
+                # keep the running rows, topped up with finished ones to a power of two; the extra rows decode
+                # on unseen (their outputs are not written: they stay finished)
+                order = torch.argsort(finished.to(torch.int8), stable=True)[: _bucket(running)]
+                cache, live, finished = cache.compact(order), live[order], finished[order]
+                token, position = token[order], position[order]
+        token, logp = decoder.step(cache, token, position, slots[t], uniform[live, t + 1], temperature, top_p)
         position = position + 1
+    steps = int(used.sum())  # steps after the last row stopped (between two checks) wrote nothing
     return tokens[:, :steps], logps[:, :steps]
 
 
@@ -175,14 +213,14 @@ def _decode_dynamic(
 ) -> tuple[Tensor, Tensor]:
     """The model's own forward over a growing DynamicCache: any architecture, and the static path's reference."""
     cache = DynamicCache()
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(prompt_mask)
     # the prefill runs once per distinct prompt, and only the last position becomes logits
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 cache=cache, use_cache=True, logits_to_keep=1)
     cache.batch_select_indices(rows)  # the prompt's cache copied to each of its samples
     logits = out.logits[rows, -1]  # [n, V]
     mask = prompt_mask[rows]  # [n, Tp]
-    next_pos = position_ids[rows, -1:] + 1  # [n, 1]
+    next_pos = positions[rows, -1:] + 1  # [n, 1]
     n, max_new = uniform.shape
     finished = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps = [], []
@@ -221,7 +259,11 @@ def sample_completions(
     """
     n = prompt_ids.shape[0] * group_size
     static = cfg.cache == "static" and supports_static_cache(model)
-    decoder = static_decoder(model, compile_mode(cfg, model)) if static else None
+    decoder = None
+    if static:
+        mode = compile_mode(cfg, model)
+        pack_rows = n if cfg.max_batch <= 0 else min(n, cfg.max_batch)  # the decode batch the pack is laid out for
+        decoder = static_decoder(model, mode, pack_rows if pack_weights(cfg, model, mode) else 0)
     ids, logps = [], []
     for chunk in _chunks(n, cfg.max_batch):
         first, last = chunk.start // group_size, (chunk.stop - 1) // group_size
@@ -231,7 +273,7 @@ def sample_completions(
         chunk_ids, chunk_mask = chunk_ids[:, keep], chunk_mask[:, keep]
         if static:
             out = _decode_static(decoder, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
-                                 temperature, top_p, cfg.compact_below, progress)
+                                 temperature, top_p, cfg.compact_below, stop_check_every(cfg, model), progress)
         else:
             out = _decode_dynamic(model, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
                                   temperature, top_p, progress)

@@ -385,10 +385,14 @@ def validate(cfg: DictConfig) -> Config:
     )
 
 
-def load_choice(group: str, choice: str, overrides: list[str] | tuple = ()) -> Any:
-    """One group's dataclass as `python run.py <group>=<choice> [overrides]` composes it (for tests and tools)."""
+def compose_config(overrides: list[str] | tuple = ()) -> Config:
+    """The validated Config that `python run.py [overrides]` runs with (for tests and tools)."""
     from hydra import compose, initialize_config_dir  # here: composing is what tools do, not what runs import
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"{group}={choice}", *overrides])
-    return getattr(validate(cfg), group)
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+def load_choice(group: str, choice: str, overrides: list[str] | tuple = ()) -> Any:
+    """One group's dataclass as `python run.py <group>=<choice> [overrides]` composes it (for tests and tools)."""
+    return getattr(compose_config([f"{group}={choice}", *overrides]), group)

@@ -6,7 +6,10 @@ forward and the floors of the hardware, all measured in one run.
 
 Rows (median of --repeats after one warm-up; the compiled step's compile time is reported apart):
 - ours dynamic: the eager loop over a growing DynamicCache (algo.rollout.cache=dynamic, the reference);
-- ours static: the preallocated cache and fixed-shape step, eager (algo.rollout.cache=static compile=false);
+- ours static: the preallocated cache and fixed-shape step, eager, through the model's modules
+  (algo.rollout.cache=static compile=false pack=false);
+- ours static packed (CPU): the same step on oneDNN-packed weights, q/k/v and gate/up fused (pack=true, the
+  CPU default; models.packed), the pack included in the time;
 - ours compiled: the same step under torch.compile (reduce-overhead = CUDA graphs on a GPU);
 - model.generate: transformers' sampler with the same temperature / top_p, forced to the same number of
   new tokens (min_new_tokens = max_new_tokens = our decode steps);
@@ -67,10 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace):
     """(model, tokenizer, rows): the model of --shape on --device and the first prompts of the default data."""
-    from hydra import compose, initialize_config_dir
-
     from conf.registry import discover
-    from conf.schema import validate
+    from conf.schema import compose_config
     from models.loading import load_causal_lm, load_tokenizer
     from run import load_data
 
@@ -78,8 +79,7 @@ def load(args: argparse.Namespace):
     model_overrides = {"embedded": ["model=smollm2_135m", f"model.dtype={embedded_dtype}"],
                        "8b": eight_b_overrides(), "tiny": ["model=tiny_llama"]}[args.shape]
     discover()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = validate(compose("config", overrides=["algo=grpo", *model_overrides, "logger.mode=disabled"]))
+    cfg = compose_config(["algo=grpo", *model_overrides, "logger.mode=disabled"])
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer, device=torch.device(args.device)).eval()
     train_rows, _, _ = load_data(cfg, tokenizer)
@@ -134,6 +134,22 @@ def gemm_seconds(weights: list[torch.Tensor], rows: int, device: str, repeats: i
     return timed(run, device, max(repeats, 5))[1]
 
 
+def packed_gemm_seconds(model: torch.nn.Module, rows: int, repeats: int) -> tuple[float, float]:
+    """(one decode step's matmuls alone on the packed, fused weights of models.packed, the pack itself): the
+    matmul floor of `rollout.pack=true`."""
+    from models.packed import PackedProjections
+
+    dtype = model.get_output_embeddings().weight.dtype
+    _, pack, projections = timed(lambda: PackedProjections(model, rows, dtype), "cpu", 1)
+    linears = [*projections.qkv, *projections.o, *projections.gate_up, *projections.down, projections.lm_head]
+    inputs = {lin.weight.shape[1]: torch.randn(rows, lin.weight.shape[1], dtype=dtype) for lin in linears}
+
+    def run():
+        with torch.inference_mode():
+            return [lin(inputs[lin.weight.shape[1]]) for lin in linears]
+    return timed(run, "cpu", max(repeats, 5))[1], pack
+
+
 def matmul_flops_per_second(dtype: torch.dtype, device: str) -> float:
     """This device's dense matmul throughput in `dtype` (a 2048^3 product on a CPU, 8192^3 on a GPU)."""
     n = 8192 if device == "cuda" else 2048
@@ -157,7 +173,9 @@ def generate_seconds(model, tokenizer, rows, args, new_tokens: int) -> tuple[flo
 
 
 def forward_seconds(model, rollout, args) -> float:
-    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    from models.forward import position_ids
+
+    positions = position_ids(rollout.attention_mask)
 
     def run():
         with torch.inference_mode():
@@ -166,11 +184,30 @@ def forward_seconds(model, rollout, args) -> float:
     return timed(run, args.device, args.repeats)[1]
 
 
+def agreement(model, rollout, reference, temperature: float) -> dict[str, float]:
+    """How a sampler's draws compare: the share of its tokens equal to the reference sampler's (in bf16 kernels
+    that round differently can flip a near-tie, and the samples part from there), and the mean |difference|
+    between the log-probs it recorded and a teacher-forced forward's over its own samples (what training
+    assumes: small whatever the dtype, unless the sampler is wrong)."""
+    from models.logprobs import completion_logprobs
+
+    width = min(rollout.completion_ids.shape[1], reference.completion_ids.shape[1])
+    same = (rollout.completion_ids[:, :width] == reference.completion_ids[:, :width]).float().mean()
+    with torch.inference_mode():
+        logp, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                      rollout.completion_ids.shape[1], temperature=temperature)
+    real = rollout.completion_mask.bool()
+    return {"same_token_share": float(same), "forward_logp_gap": float((logp - rollout.logp)[real].abs().mean())}
+
+
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer, rows = load(args)
     seeds = list(range(1, len(rows) + 1))
-    samplers = {"ours dynamic": RolloutConfig(cache="dynamic"), "ours static": RolloutConfig(compile="false")}
+    samplers = {"ours dynamic": RolloutConfig(cache="dynamic"),
+                "ours static": RolloutConfig(compile="false", pack="false")}
+    if args.device == "cpu":
+        samplers["ours static packed"] = RolloutConfig(compile="false", pack="true")
     if not args.no_compile:
         samplers["ours compiled"] = RolloutConfig(compile="true")
     results, rollouts = {}, {}
@@ -183,7 +220,9 @@ def measure(args: argparse.Namespace) -> dict:
         print(f"{name}: {median:.3f} s (first call {first:.3f} s)", file=sys.stderr, flush=True)
     reference = rollouts["ours dynamic"]
     same = all(torch.equal(r.completion_ids, reference.completion_ids) for r in rollouts.values())
-    logp_gap = max(float((r.logp - reference.logp).abs().max()) for r in rollouts.values())
+    logp_gap = max(float((r.logp - reference.logp).abs().max()) for r in rollouts.values()) if same else None
+    for name, rollout in rollouts.items():
+        results[name] |= agreement(model, rollout, reference, args.temperature)
     steps = reference.completion_ids.shape[1]  # decode steps: the longest completion
     if not args.no_generate:
         first, median = generate_seconds(model, tokenizer, rows, args, steps)
@@ -196,6 +235,9 @@ def measure(args: argparse.Namespace) -> dict:
     peak_flops = matmul_flops_per_second(weights[0].dtype, args.device)
     floors = {"stream": steps * stream, "roofline": steps * max(stream, flops_step / peak_flops),
               "matmuls": steps * gemm_seconds(weights, len(reference.completions), args.device, args.repeats)}
+    if "ours static packed" in results:
+        packed, pack = packed_gemm_seconds(model, len(reference.completions), args.repeats)
+        floors["packed matmuls"] = steps * packed + pack
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "same_tokens": same,
               "logp_gap": logp_gap, "decode_steps": steps, "sequences": len(reference.completions),
               "weight_bytes": weight_bytes, "stream_seconds": stream, "matmul_tflops": peak_flops / 1e12,
@@ -217,11 +259,17 @@ def markdown(report: dict) -> str:
              f"{report['stream_seconds'] * 1e3:.1f} ms; matmul throughput {report['matmul_tflops']:.3f} TFLOP/s. "
              f"Floors for the whole decode: weight streaming {floors['stream']:.3f} s, roofline "
              f"{floors['roofline']:.3f} s; the decode's matmuls alone (this build's GEMM at this batch) "
-             f"{floors['matmuls']:.3f} s.", "",
-             f"Our samplers drew the same tokens: {'yes' if report['same_tokens'] else 'NO'} "
-             f"(largest log-prob gap to the dynamic cache {report['logp_gap']:.1e}).", ""]
+             f"{floors['matmuls']:.3f} s" + (f", on the packed weights {floors['packed matmuls']:.3f} s (the pack "
+                                               "included)" if "packed matmuls" in floors else "") + ".", "",
+             f"Our samplers drew the same tokens: {'yes' if report['same_tokens'] else 'NO'}"
+             + (f" (largest log-prob gap to the dynamic cache {report['logp_gap']:.1e})" if report["same_tokens"]
+                else " (see the share of equal tokens per sampler)") + ".", ""]
     gen = results.get("model.generate", {}).get("seconds")
-    header = "| sampler | s | first call s | x stream floor | x roofline | x matmuls alone | x model.generate |"
+    header = ("| sampler | s | first call s | same tokens as dynamic | mean abs logp - forward's | x stream floor | "
+              "x roofline | x matmuls alone | x model.generate |")
+    packed = floors.get("packed matmuls")
+    if packed:
+        header += " x packed matmuls alone |"
     extra = report.get("peak_bandwidth") is not None
     if extra:
         header += " tokens/s | share of peak bandwidth |"
@@ -229,8 +277,12 @@ def markdown(report: dict) -> str:
     for name, r in results.items():
         s = r["seconds"]
         row = (f"| {name} | {s:.3f} | {r['first']:.3f} |" if "first" in r else f"| {name} | {s:.3f} | - |")
+        row += (f" {r['same_token_share']:.1%} | {r['forward_logp_gap']:.1e} |" if "same_token_share" in r
+                else " - | - |")
         row += f" {s / floors['stream']:.2f} | {s / floors['roofline']:.2f} | {s / floors['matmuls']:.2f} | "
         row += f"{s / gen:.2f} |" if gen else "- |"
+        if packed:
+            row += f" {s / packed:.2f} |"
         if extra:
             tokens = report["decode_steps"] * report["sequences"] / s
             share = report["weight_bytes"] * report["decode_steps"] / s / report["peak_bandwidth"]

@@ -1,13 +1,18 @@
-"""Time of one GRPO step on the embedded SmolLM2-135M-Instruct: this project's GRPO against TRL's GRPOTrainer.
+"""Time of one RL step on the embedded SmolLM2-135M-Instruct: this project's GRPO against TRL's GRPOTrainer,
+and this project's PPO against its GRPO at equal sequences.
 
     OMP_NUM_THREADS=1 python experiments/bench_step.py            # 1 warm-up + 3 measured steps each
     OMP_NUM_THREADS=1 python experiments/bench_step.py --impl ours --steps 5
+    OMP_NUM_THREADS=1 python experiments/bench_step.py --impl ours ours-ppo   # PPO / GRPO
 
 Same settings for both: P=2 prompts x G=4 generations, 64 new tokens, temperature 1, top_p 1, beta 0.04
 (k3 KL in the loss), mu=1, one optimiser step per RL step (minibatch = micro-batch = 8), lr 5e-5,
 loss_type grpo, group-scaled rewards, fp32 on the CPU, no gradient checkpointing, the `medical` reward,
 the same prompts in the same order (this project's seeded sampler, fed to TRL unshuffled). Each
 implementation runs in its own process. TRL runs only when `trl` is importable (requirements-bench.txt).
+`ours-ppo` is this project's PPO on the same prompts, P x G, tokens, beta, mu and minibatch, with its own
+estimator (critic + GAE, the KL in the reward: its defaults); its `ref` phase also holds the critic's
+forward for the old values.
 
 Phases: ours from its own PhaseTimer; TRL's by timing its methods on the trainer instance
 (`_generate`, `_calculate_rewards`, `_generate_and_score_completions`), the step from a callback:
@@ -33,32 +38,31 @@ sys.path.insert(0, str(ROOT))
 PHASES = ("generate", "score", "ref", "train")
 
 
-def settings_overrides(args) -> list[str]:
+def settings_overrides(args, algo: str = "grpo") -> list[str]:
+    grpo = ["algo.loss_type=grpo", "algo.scale_rewards=group", "algo.kl_estimator=k3"] if algo == "grpo" else []
     return [
-        "algo=grpo", f"algo.prompts_per_step={args.prompts}", f"algo.group_size={args.generations}",
+        f"algo={algo}", f"algo.prompts_per_step={args.prompts}", f"algo.group_size={args.generations}",
         f"algo.max_new_tokens={args.max_new_tokens}", f"algo.beta={args.beta}", "algo.num_iterations=1",
         f"algo.minibatch_size={args.prompts * args.generations}",
         f"algo.micro_batch_size={args.prompts * args.generations}", "algo.temperature=1.0", "algo.top_p=1.0",
-        "algo.loss_type=grpo", "algo.scale_rewards=group", "algo.kl_estimator=k3", "model=smollm2_135m",
+        *grpo, "model=smollm2_135m",
         "model.dtype=float32", f"trainer.threads={args.threads}", "trainer.device=cpu", "trainer.lr=5e-5",
         "logger.mode=disabled", f"seed={args.seed}", *args.ours_override,
     ]
 
 
-def build_common(args):
-    """(cfg, tokenizer, policy, reward_fn, batches): the pieces both implementations share."""
+def build_common(args, algo: str = "grpo"):
+    """(cfg, tokenizer, policy, reward_fn, batches): the pieces every implementation shares."""
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from conf.schema import validate
+    from conf.schema import compose_config
     from data.loading import PromptSampler
     from models.loading import load_causal_lm, load_tokenizer
     from rewards import build_reward
     from rewards.reward_model import reward_extras
     from run import load_data, seed_everything
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = validate(compose("config", overrides=settings_overrides(args)))
+    cfg = compose_config(settings_overrides(args, algo))
     torch.set_num_threads(args.threads)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -70,13 +74,13 @@ def build_common(args):
     return cfg, tokenizer, policy, reward_fn, batches
 
 
-def run_ours(args) -> list[dict[str, float]]:
+def run_ours(args, algo: str = "grpo") -> list[dict[str, float]]:
     from conf.registry import get_stage
     from data.loading import Batch
     from run import seed_everything
     from training.loop import StageContext
 
-    cfg, tokenizer, policy, reward_fn, batches = build_common(args)
+    cfg, tokenizer, policy, reward_fn, batches = build_common(args, algo)
     ctx = StageContext(cfg, ROOT, policy=policy, tokenizer=tokenizer, reward_fn=reward_fn,
                        train_rows=batches[0], generator=seed_everything(cfg.seed))
     algo = get_stage(cfg.algo.name).build(ctx).algorithm  # what run.py builds: reference, AdamW
@@ -88,11 +92,11 @@ def run_ours(args) -> list[dict[str, float]]:
         for prefix, out in (("time/", ""), ("cpu_time/", "cpu_")):
             step |= {f"{out}generate": metrics.get(f"{prefix}generate", 0.0),
                      f"{out}score": metrics.get(f"{prefix}score", 0.0),
-                     f"{out}ref": metrics.get(f"{prefix}reference", 0.0) + metrics.get(f"{prefix}old_logp", 0.0),
+                     f"{out}ref": sum(metrics.get(f"{prefix}{k}", 0.0) for k in ("reference", "old_logp", "critic")),
                      f"{out}train": metrics.get(f"{prefix}train", 0.0)}
         steps.append(step | {"reward": metrics["reward/total_mean"]})
-        print(f"[ours] step {len(steps)}: {step['total']:.2f} s wall, {step['cpu_total']:.2f} s CPU", file=sys.stderr,
-              flush=True)
+        print(f"[ours {algo}] step {len(steps)}: {step['total']:.2f} s wall, {step['cpu_total']:.2f} s CPU",
+              file=sys.stderr, flush=True)
     return steps
 
 
@@ -179,7 +183,7 @@ def trl_importable() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", nargs="*", choices=["ours", "trl"], default=["ours", "trl"])
+    parser.add_argument("--impl", nargs="*", choices=["ours", "trl", "ours-ppo"], default=["ours", "trl"])
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=2)
@@ -191,10 +195,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--ours-override", nargs="*", default=[],
                         help="extra Hydra overrides for this project's side, e.g. algo.fused_loss=false")
-    parser.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "trl", "ours-ppo"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        steps = run_ours(args) if args.worker == "ours" else run_trl(args)
+        steps = {"ours": run_ours, "ours-ppo": lambda a: run_ours(a, "ppo"), "trl": run_trl}[args.worker](args)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         print(json.dumps({"steps": steps, "summary": summarise(steps, args.warmup), "peak_rss_gib": peak_rss}))
         return
@@ -216,7 +220,7 @@ def main() -> None:
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
 
-    lines = [f"GRPO step, embedded SmolLM2-135M-Instruct, fp32 CPU ({os.cpu_count()} cores, "
+    lines = [f"RL step, embedded SmolLM2-135M-Instruct, fp32 CPU ({os.cpu_count()} cores, "
              f"torch threads {args.threads}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
              f"torch {torch.__version__}): {args.prompts} prompts x {args.generations} generations, "
              f"{args.max_new_tokens} new tokens, beta {args.beta}, mu=1; median of {args.steps} steps after "
@@ -233,6 +237,10 @@ def main() -> None:
         ours, trl = results["ours"]["summary"], results["trl"]["summary"]
         lines += ["", f"ours / TRL step time: {ours['total'] / trl['total']:.2f} wall, "
                       f"{ours['cpu_total'] / trl['cpu_total']:.2f} CPU"]
+    if "ours" in results and "ours-ppo" in results:
+        grpo, ppo = results["ours"]["summary"], results["ours-ppo"]["summary"]
+        lines += ["", f"our PPO / our GRPO step time (equal sequences): {ppo['total'] / grpo['total']:.2f} wall, "
+                      f"{ppo['cpu_total'] / grpo['cpu_total']:.2f} CPU"]
     lines += [""] + notes if notes else []
     text = "\n".join(lines)
     print(text)

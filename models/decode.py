@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from models.forward import position_ids
+from models.packed import PackedProjections
 from models.scale import forward_autocast_dtype
 
 # model_type of the configs whose layers are pre-norm attention (q/k/v/o projections, rotary) + MLP
@@ -86,52 +88,114 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: floa
 
 
 class StaticKVCache(nn.Module):
-    """Keys and values of every layer for `batch` rows and `length` positions, and which slots are valid.
+    """Keys and values of every layer, [n, Hkv, T, D] each, for n rows and T positions, and which slots are
+    valid, [n, T].
 
-    Buffers of a module, so that a compiled step sees them as static inputs it mutates in place (CUDA graphs
-    keep their addresses).
+    One buffer per layer and kind, each a buffer of this module: a compiled step sees them as static inputs
+    (CUDA graphs keep their addresses) and writes one slot of each in place. With all layers in one buffer,
+    functionalization turned each layer's slot write into a copy of the whole cache (inductor's code
+    allocated and filled [L, n, Hkv, T, D] twice per layer per step).
     """
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, keys: list[Tensor], values: list[Tensor], valid: Tensor):
         super().__init__()
-        self.register_buffer("k", torch.zeros(layers, batch, kv_heads, length, head_dim, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros_like(self.k))
-        self.register_buffer("valid", torch.zeros(batch, length, dtype=torch.bool, device=device))
+        self.layers = len(keys)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.register_buffer(f"k{i}", k)
+            self.register_buffer(f"v{i}", v)
+        self.register_buffer("valid", valid)
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> StaticKVCache:
+        def zeros() -> Tensor:
+            return torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
+        return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
+                   torch.zeros(batch, length, dtype=torch.bool, device=device))
+
+    def keys(self, layer: int) -> Tensor:  # [n, Hkv, T, D]
+        return getattr(self, f"k{layer}")
+
+    def values(self, layer: int) -> Tensor:  # [n, Hkv, T, D]
+        return getattr(self, f"v{layer}")
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
-    def select(self, rows: Tensor) -> StaticKVCache:
-        """A cache of the given rows only (batch compaction)."""
-        out = StaticKVCache.__new__(StaticKVCache)
-        nn.Module.__init__(out)
-        out.register_buffer("k", self.k[:, rows])
-        out.register_buffer("v", self.v[:, rows])
-        out.register_buffer("valid", self.valid[rows])
-        return out
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def rows(self, count: int) -> StaticKVCache:
+        """The first `count` rows, as views: the same memory, so a CUDA graph recorded on them replays."""
+        return StaticKVCache([self.keys(i)[:count] for i in range(self.layers)],
+                             [self.values(i)[:count] for i in range(self.layers)], self.valid[:count])
+
+    def compact(self, keep: Tensor) -> StaticKVCache:
+        """Batch compaction: rows `keep` [m] gathered, in place, into the first m rows, which are returned."""
+        m = keep.shape[0]
+        for buffer in [*(self.keys(i) for i in range(self.layers)), *(self.values(i) for i in range(self.layers)),
+                       self.valid]:
+            buffer[:m] = buffer[keep]
+        return self.rows(m)
+
+
+class ModuleProjections:
+    """A decode step's projections through the model's own modules, so that LoRA adapters, FSDP's gathered
+    weights and autocast apply as in its forward (models.packed.PackedProjections is the CPU alternative)."""
+
+    def __init__(self, model: nn.Module):
+        self.lm_head = model.get_output_embeddings()
+
+    def attention_in(self, i: int, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = layer.self_attn
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+    def attention_out(self, i: int, layer: nn.Module, o: Tensor) -> Tensor:
+        return layer.self_attn.o_proj(o)
+
+    def mlp(self, i: int, layer: nn.Module, x: Tensor) -> Tensor:
+        return layer.mlp(x)
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.lm_head(x)
 
 
 class StaticDecoder:
     """A causal LM's prefill and fixed-shape decode step over a StaticKVCache; `compile_mode` None = eager.
 
-    The step reads the model's parameters at call time, so it follows training updates without recompiling.
+    The step reads the model's parameters at call time, so it follows training updates without recompiling;
+    with `pack_rows` > 0 (eager only) it reads a packed copy of them made here instead (models.packed), laid
+    out for that many decode rows: such a decoder serves one rollout.
+
+    A compiled decoder lives as long as its model and keeps one cache for all its rollouts, grown when a rollout
+    needs more rows or positions (positions in steps of LENGTH_STEP): its step then sees few shapes (one per
+    compaction size and cache length: few recompiles) and, under CUDA graphs, the same cache memory every
+    rollout (a graph is recorded once per shape, not once per rollout). It attends over all the cache's
+    positions, the unused ones masked.
     """
 
-    def __init__(self, model: nn.Module, compile_mode: str | None = None):
+    LENGTH_STEP = 128
+    RECOMPILE_LIMIT = 64  # compaction sizes x cache lengths: dynamo's default of 8 would fall back to eager
+
+    def __init__(self, model: nn.Module, compile_mode: str | None = None, pack_rows: int = 0):
         # weakly: a decoder kept for a model (the compiled ones) must not keep the model alive
         self._model = weakref.ref(model)
         self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
         config = model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         # fp32 master weights under bf16 autocast (models.scale) compute, and cache, in bf16
         self.autocast = forward_autocast_dtype(model)
         self.compile_mode = compile_mode
+        if pack_rows and compile_mode is not None:
+            raise ValueError("a packed decode step runs eager: packing and compiling are exclusive")
+        self.projections = (PackedProjections(model, pack_rows, self.cache_dtype) if pack_rows
+                            else ModuleProjections(model))
         self._step = self.step_eager if compile_mode is None else torch.compile(
             self.step_eager, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        self._storage: StaticKVCache | None = None  # a compiled decoder's cache, kept between rollouts
 
     @property
     def model(self) -> nn.Module:
@@ -142,9 +206,20 @@ class StaticDecoder:
         return self.autocast or self.decoder.embed_tokens.weight.dtype
 
     def new_cache(self, batch: int, length: int) -> StaticKVCache:
+        """A cache for `batch` rows of at least `length` positions: a new one when eager, the kept one (grown if
+        needed) when compiled."""
         device = self.decoder.embed_tokens.weight.device
-        return StaticKVCache(len(self.decoder.layers), batch, self.kv_heads, length, self.head_dim,
-                             self.cache_dtype, device)
+        if self.compile_mode is None:
+            return StaticKVCache.empty(len(self.decoder.layers), batch, self.kv_heads, length, self.head_dim,
+                                       self.cache_dtype, device)
+        kept = self._storage
+        if kept is None or kept.batch < batch or kept.length < length:
+            rows = max(batch, kept.batch if kept else 0)
+            length = -(-max(length, kept.length if kept else 0) // self.LENGTH_STEP) * self.LENGTH_STEP
+            self._storage = kept = None  # the old one freed before the new one is allocated
+            self._storage = StaticKVCache.empty(len(self.decoder.layers), rows, self.kv_heads, length,
+                                                self.head_dim, self.cache_dtype, device)
+        return self._storage.rows(batch)
 
     def _autocast(self):
         device = self.decoder.embed_tokens.weight.device.type
@@ -155,12 +230,11 @@ class StaticDecoder:
         prompt's keys/values; rows: [n] index of each cache row's prompt. Returns the last logits [n, V]."""
         tp = prompt_ids.shape[1]
         dynamic = DynamicCache()
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                          cache=dynamic, use_cache=True, logits_to_keep=1)
         for i, layer in enumerate(dynamic.layers):
-            cache.k[i, :, :, :tp] = layer.keys[rows]
-            cache.v[i, :, :, :tp] = layer.values[rows]
+            cache.keys(i)[:, :, :tp] = layer.keys[rows]
+            cache.values(i)[:, :, :tp] = layer.values[rows]
         cache.valid.zero_()
         cache.valid[:, :tp] = prompt_mask[rows].bool()
         return out.logits[rows, -1]
@@ -174,7 +248,8 @@ class StaticDecoder:
         # a CUDA graph replay writes its outputs into the same memory every time: a new step begins, and what
         # the loop keeps of this one is copied out
         torch.compiler.cudagraph_mark_step_begin()
-        token, logp = self._step(cache, token, position, slot, uniform, temperature, top_p)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            token, logp = self._step(cache, token, position, slot, uniform, temperature, top_p)
         return token.clone(), logp.clone()
 
     def step_eager(self, cache: StaticKVCache, token: Tensor, position: Tensor, slot: Tensor, uniform: Tensor,
@@ -186,16 +261,16 @@ class StaticDecoder:
             x = self.decoder.embed_tokens(token[:, None])  # [n, 1, H]
             cos, sin = self.decoder.rotary_emb(x, position[:, None])
             for i, layer in enumerate(self.decoder.layers):
-                attn = layer.self_attn
-                h = layer.input_layernorm(x)
-                q = attn.q_proj(h).view(n, 1, -1, self.head_dim).transpose(1, 2)  # [n, Hq, 1, D]
-                k = attn.k_proj(h).view(n, 1, -1, self.head_dim).transpose(1, 2)  # [n, Hkv, 1, D]
-                v = attn.v_proj(h).view(n, 1, -1, self.head_dim).transpose(1, 2)
+                q, k, v = self.projections.attention_in(i, layer, layer.input_layernorm(x))
+                q = q.view(n, 1, -1, self.head_dim).transpose(1, 2)  # [n, Hq, 1, D]
+                k = k.view(n, 1, -1, self.head_dim).transpose(1, 2)  # [n, Hkv, 1, D]
+                v = v.view(n, 1, -1, self.head_dim).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                cache.k[i].index_copy_(2, slot, k.to(cache.k.dtype))
-                cache.v[i].index_copy_(2, slot, v.to(cache.v.dtype))
-                o = cached_attention(q, cache.k[i], cache.v[i], cache.valid, attn.scaling)  # [n, 1, Hq * D]
-                x = x + attn.o_proj(o)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-            logits = self.lm_head(self.decoder.norm(x))[:, -1]  # [n, V]
+                keys, values = cache.keys(i), cache.values(i)
+                keys.index_copy_(2, slot, k.to(keys.dtype))
+                values.index_copy_(2, slot, v.to(values.dtype))
+                o = cached_attention(q, keys, values, cache.valid, layer.self_attn.scaling)  # [n, 1, Hq * D]
+                x = x + self.projections.attention_out(i, layer, o)
+                x = x + self.projections.mlp(i, layer, layer.post_attention_layernorm(x))
+            logits = self.projections.head(self.decoder.norm(x))[:, -1]  # [n, V]
         return sample_token(logits, uniform, temperature, top_p)

@@ -37,7 +37,8 @@ def set_prefill_agreement(agree: PrefillAgreement | None) -> None:
     _prefill_agreement["agree"] = agree
 
 
-def _positions(attention_mask: Tensor) -> Tensor:
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """[B, T] position of each token under left padding (padding at 0): what the HF forwards are given."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
 
 
@@ -66,7 +67,7 @@ def completion_hidden(
         if share:
             return _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, unique[:, :tp],
                                          unique[:, tp:].to(attention_mask.dtype), inverse)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                      use_cache=False).last_hidden_state  # [B, Tp + Tc, H]
     return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
 
@@ -74,10 +75,10 @@ def completion_hidden(
 def _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, prompt_ids, prompt_mask, inverse):
     tp = prompt_ids.shape[1]
     cache = DynamicCache()
-    prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+    prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                       cache=cache, use_cache=True).last_hidden_state  # [U, Tp, H]
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]: an indexing op, so gradients flow back
-    positions = _positions(attention_mask)[:, tp:]  # [B, Tc]
+    positions = position_ids(attention_mask)[:, tp:]  # [B, Tc]
     completion = decoder(input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions,
                          cache=cache, use_cache=True).last_hidden_state  # [B, Tc, H]
     # the last prompt position predicts completion token 0; completion position t predicts token t + 1

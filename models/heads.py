@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
-from models.forward import completion_hidden
+from models.forward import completion_hidden, position_ids
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "head_config.json"
@@ -53,9 +53,9 @@ class ScalarHeadModel(nn.Module):
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last hidden states [B, T, H] (backbone dtype); positions count real tokens only (left padding)."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(attention_mask)
         return self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         ).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from conf.schema import Config, ModelConfig
+from models.decode import StaticDecoder
 
 # Architectures of hub models, so the projection needs neither the hub nor the weights.
 KNOWN_ARCHITECTURES = {
@@ -237,27 +237,27 @@ def rollout_kv_line(cfg: Config, kv_bytes_per_token: float) -> str:
     sequences = algo.prompts_per_step * algo.group_size
     batch = min(sequences, algo.rollout.max_batch) if algo.rollout.max_batch > 0 else sequences
     length = cfg.data.max_prompt_tokens + algo.max_new_tokens
-    total = batch * length * kv_bytes_per_token
+    step = StaticDecoder.LENGTH_STEP
+    compiled = -(-length // step) * step
+    total = batch * compiled * kv_bytes_per_token
     chunks = -(-sequences // batch)
     return (f"KV cache of the rollout ({algo.name}): {batch} sequences decoded at once x {length} tokens "
-            f"(data.max_prompt_tokens {cfg.data.max_prompt_tokens} + algo.max_new_tokens {algo.max_new_tokens}) = "
-            f"{total / GiB:.2f} GiB at most; {sequences} sequences per step in {chunks} chunk(s) "
-            f"(algo.rollout.max_batch={algo.rollout.max_batch})")
+            f"(data.max_prompt_tokens {cfg.data.max_prompt_tokens} + algo.max_new_tokens {algo.max_new_tokens}; "
+            f"{compiled} when the step is compiled, rounded up to {step}) = {total / GiB:.2f} GiB at most, held "
+            f"through training when compiled (kept between rollouts: algo.rollout.compile, auto = on a GPU); "
+            f"{sequences} sequences per step in {chunks} chunk(s) (algo.rollout.max_batch={algo.rollout.max_batch})")
 
 
 def main(argv: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
     from conf.registry import discover, get_stage, stage_names
-    from conf.schema import validate
+    from conf.schema import compose_config
 
     gpus = 1
     if "--gpus" in argv:  # the world size of an fsdp run: the rest are run.py's overrides
         at = argv.index("--gpus")
         gpus, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
     discover()  # the stages register their config schemas, which conf/algo/*.yaml extend, and their models
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=argv))
+    cfg = compose_config(argv)
     # the chosen algorithm's models under its options (PPO with a group baseline keeps no critic), the others'
     # at their defaults
     algos = {name: get_stage(name).kept_models(cfg.algo if name == cfg.algo.name else None)

@@ -7,9 +7,11 @@ import torch
 
 from algorithms.common import batched_logprobs
 from algorithms.policy_gradient import PolicyGradientConfig
-from algorithms.rollout import RolloutConfig, generate_rollout, stop_token_ids, top_p_filter
+from algorithms.rollout import RolloutConfig, _compiled, generate_rollout, stop_token_ids, top_p_filter
 from conf.checks import ConfigError
+from conf.schema import LoraOptions
 from models.decode import sample_token
+from models.lora import apply_lora
 
 
 def chat_rows(tokenizer, questions):
@@ -92,18 +94,49 @@ def test_static_cache_chunks_and_compaction_draw_what_the_dynamic_cache_draws(ti
     reference = decode(tiny_model, tokenizer, RolloutConfig(cache="dynamic"))
     lengths = reference.completion_lengths
     assert lengths.min() < 8 and reference.truncated.any(), "no long tail: compaction would not be exercised"
-    for cfg in (RolloutConfig(compile="false", compact_below=0.0),  # static cache alone
-                RolloutConfig(compile="false"),  # + compaction at half the batch
+    for cfg in (RolloutConfig(compile="false", compact_below=0.0, pack="false"),  # static cache, model's modules
+                RolloutConfig(compile="false", compact_below=0.0, pack="true"),  # on oneDNN-packed weights
+                RolloutConfig(compile="false", pack="false"),  # + compaction at half the batch
                 RolloutConfig(compile="false", compact_below=0.99),  # compaction as soon as one row stops
                 RolloutConfig(compile="false", max_batch=5),  # chunks that split a group
-                RolloutConfig(compile="false", max_batch=2, compact_below=0.99)):
+                RolloutConfig(compile="false", max_batch=2, compact_below=0.99),
+                RolloutConfig(compile="false", stop_check_every=3, compact_below=0.99),  # looks every 3rd step
+                RolloutConfig(compile="false", stop_check_every=5, max_batch=5)):
         assert_same_draws(decode(tiny_model, tokenizer, cfg), reference)
 
 
 def test_compiled_step_draws_what_the_eager_step_draws(tiny_model, tokenizer):
     eos_biased(tiny_model, tokenizer, 9.0)
-    eager = decode(tiny_model, tokenizer, RolloutConfig(compile="false"), max_new_tokens=8)
+    eager = decode(tiny_model, tokenizer, RolloutConfig(compile="false", pack="false"), max_new_tokens=8)
     assert_same_draws(decode(tiny_model, tokenizer, RolloutConfig(compile="true"), max_new_tokens=8), eager)
+    # a later rollout with other prompts (another prompt length, another draw) runs in the kept cache, on the graph
+    # already compiled for the full batch: no recompile, and the same memory (what a CUDA graph replays on)
+    decoder = _compiled[tiny_model]["default"]
+    memory = decoder._storage.keys(0).data_ptr()
+    rows = chat_rows(tokenizer, ["Yes?", "And a second, rather longer question than any of the others.", "No."])
+    no_compaction = RolloutConfig(compile="true", compact_below=0.0, stop_check_every=3)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10], rollout=no_compaction)
+    assert decoder._storage.keys(0).data_ptr() == memory
+    assert_same_draws(got, generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10],
+                                            rollout=RolloutConfig(compile="false", pack="false")))
+
+
+def test_packed_weights_follow_updates_and_refuse_adapters(tiny_model, tokenizer):
+    packed = RolloutConfig(compile="false", pack="true")
+    before = decode(tiny_model, tokenizer, packed)
+    with torch.no_grad():  # a training update between rollouts: the next pack must read the new weights
+        for layer in tiny_model.model.layers:
+            layer.mlp.down_proj.weight.mul_(3.0)
+    after = decode(tiny_model, tokenizer, packed)
+    assert not torch.equal(after.logp, before.logp)
+    assert_same_draws(after, decode(tiny_model, tokenizer, RolloutConfig(compile="false", pack="false")))
+    policy = apply_lora(tiny_model, LoraOptions(rank=4, alpha=8))
+    with pytest.raises(ConfigError, match=r"not a plain nn\.Linear"):
+        decode(policy, tokenizer, packed)
+    # auto falls back to the modules (the adapters are part of the policy)
+    assert_same_draws(decode(policy, tokenizer, RolloutConfig(compile="false")),
+                      decode(policy, tokenizer, RolloutConfig(cache="dynamic")))
 
 
 def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
@@ -125,6 +158,9 @@ def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
     (RolloutConfig(compile="maybe"), "choose one of: auto, true, false"),
     (RolloutConfig(max_batch=-1), "algo.rollout.max_batch"),
     (RolloutConfig(compact_below=1.5), "algo.rollout.compact_below"),
+    (RolloutConfig(pack="yes"), "choose one of: auto, true, false"),
+    (RolloutConfig(stop_check_every=-1), "algo.rollout.stop_check_every"),
+    (RolloutConfig(pack="true", compile="true"), "set algo.rollout.compile=false or auto"),
 ])
 def test_bad_rollout_options_name_the_valid_values(rollout, message):
     with pytest.raises(ConfigError, match=message):

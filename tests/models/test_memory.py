@@ -164,3 +164,14 @@ def test_memory_cli_divides_the_static_memory_over_fsdp_gpus():
         assert shard == pytest.approx(total / 8, abs=0.01)
     assert "fsdp over 1 GPUs" in outs[0]
     assert "+ 14.96 GiB of gathered actor weights" in outs[1]  # 8.03 B bf16 weights
+
+
+def test_rollout_kv_line_sizes_the_cache_a_compiled_step_keeps():
+    from conf.schema import compose_config
+    from models.memory import GiB, rollout_kv_line
+
+    cfg = compose_config(["algo=grpo", "algo.prompts_per_step=4", "algo.group_size=4", "algo.rollout.max_batch=8",
+                          "data.max_prompt_tokens=100", "algo.max_new_tokens=40"])
+    line = rollout_kv_line(cfg, kv_bytes_per_token=2**20)
+    assert "8 sequences decoded at once x 140 tokens" in line and "256 when the step is compiled" in line
+    assert f"= {8 * 256 * 2**20 / GiB:.2f} GiB" in line and "16 sequences per step in 2 chunk(s)" in line
