@@ -97,21 +97,27 @@ class StaticKVCache(nn.Module):
     allocated and filled [L, n, Hkv, T, D] twice per layer per step).
     """
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], valid: Tensor):
+    def __init__(self, keys: list[Tensor], values: list[Tensor], valid: Tensor, static: bool = False):
         super().__init__()
         self.layers = len(keys)
+        self.static = static
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
             self.register_buffer(f"k{i}", k)
             self.register_buffer(f"v{i}", v)
         self.register_buffer("valid", valid)
+        if static:
+            # a CUDA graph then reads and writes these buffers where they are, rather than copying every input into
+            # memory of its own on every replay (here, the whole cache each token); a new address re-records
+            for buffer in self.buffers():
+                torch._dynamo.mark_static_address(buffer, guard=False)
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device) -> StaticKVCache:
+              device: torch.device, static: bool = False) -> StaticKVCache:
         def zeros() -> Tensor:
             return torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
         return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
-                   torch.zeros(batch, length, dtype=torch.bool, device=device))
+                   torch.zeros(batch, length, dtype=torch.bool, device=device), static)
 
     def keys(self, layer: int) -> Tensor:  # [n, Hkv, T, D]
         return getattr(self, f"k{layer}")
@@ -130,7 +136,7 @@ class StaticKVCache(nn.Module):
     def rows(self, count: int) -> StaticKVCache:
         """The first `count` rows, as views: the same memory, so a CUDA graph recorded on them replays."""
         return StaticKVCache([self.keys(i)[:count] for i in range(self.layers)],
-                             [self.values(i)[:count] for i in range(self.layers)], self.valid[:count])
+                             [self.values(i)[:count] for i in range(self.layers)], self.valid[:count], self.static)
 
     def compact(self, keep: Tensor) -> StaticKVCache:
         """Batch compaction: rows `keep` [m] gathered, in place, into the first m rows, which are returned."""
@@ -218,7 +224,7 @@ class StaticDecoder:
             length = -(-max(length, kept.length if kept else 0) // self.LENGTH_STEP) * self.LENGTH_STEP
             self._storage = kept = None  # the old one freed before the new one is allocated
             self._storage = StaticKVCache.empty(len(self.decoder.layers), rows, self.kv_heads, length,
-                                                self.head_dim, self.cache_dtype, device)
+                                                self.head_dim, self.cache_dtype, device, static=True)
         return self._storage.rows(batch)
 
     def _autocast(self):

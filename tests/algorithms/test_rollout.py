@@ -118,6 +118,9 @@ def test_compiled_step_draws_what_the_eager_step_draws(tiny_model, tokenizer):
     with torch.compiler.set_stance("fail_on_recompile"):
         got = generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10], rollout=no_compaction)
     assert decoder._storage.keys(0).data_ptr() == memory
+    # and a CUDA graph would take the cache's views (compaction's included) as static: no copy of it per replay
+    assert all(getattr(b, "_dynamo_static_input_type", None) == "unguarded"
+               for b in decoder._storage.rows(2).buffers())
     assert_same_draws(got, generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10],
                                             rollout=RolloutConfig(compile="false", pack="false")))
 
@@ -137,6 +140,14 @@ def test_packed_weights_follow_updates_and_refuse_adapters(tiny_model, tokenizer
     # auto falls back to the modules (the adapters are part of the policy)
     assert_same_draws(decode(policy, tokenizer, RolloutConfig(compile="false")),
                       decode(policy, tokenizer, RolloutConfig(cache="dynamic")))
+
+
+def test_packed_bf16_weights_draw_what_the_modules_draw(tiny_model, tokenizer):
+    model = tiny_model.to(torch.bfloat16)
+    modules = decode(model, tokenizer, RolloutConfig(compile="false", pack="false"))
+    packed = decode(model, tokenizer, RolloutConfig(compile="false", pack="true"))
+    assert torch.equal(packed.completion_ids, modules.completion_ids)
+    torch.testing.assert_close(packed.logp, modules.logp, atol=1e-3, rtol=0)
 
 
 def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
