@@ -90,11 +90,20 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return [load_run(d) for d in dict.fromkeys(run_dirs)]
 
 
-def label_runs(runs: list[Run]) -> None:
-    """A run's method is what sets it apart: its overrides minus seeds, output dirs and shared ones."""
+# overrides that change what a run writes, not what it learns: never part of a method
+OUTPUT_ONLY = ("trainer.save_final", "trainer.save_every", "trainer.keep_last", "logger.")
+
+
+def label_runs(runs: list[Run], ignore: tuple[str, ...] = OUTPUT_ONLY) -> None:
+    """A run's method is what sets it apart: its overrides minus seeds, output dirs, shared ones and the keys
+    in `ignore` (a key, or a prefix ending in a dot)."""
+
+    def ignored(override: str) -> bool:
+        key = override.lstrip("+~").split("=", 1)[0]
+        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignore)
 
     def own(run: Run) -> list[str]:
-        return [o for o in run.overrides if not o.startswith(("seed=", "hydra.", "+hydra."))]
+        return [o for o in run.overrides if not o.startswith(("seed=", "hydra.", "+hydra.")) and not ignored(o)]
 
     shared = set.intersection(*(set(own(r)) for r in runs)) if runs else set()
     for run in runs:
@@ -329,11 +338,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="report dir (default: <first path>/report)")
     parser.add_argument("--title", default="Comparison")
     parser.add_argument("--smooth", type=int, default=None, help="moving-average window (default: steps / 10)")
+    parser.add_argument("--ignore", nargs="*", default=[], metavar="KEY",
+                        help="more override keys that do not set a method apart (always ignored: "
+                             + ", ".join(OUTPUT_ONLY) + ")")
     args = parser.parse_args(argv)
     runs = [r for r in find_runs(args.paths) if r.train]
     if not runs:
         parser.error(f"no run with training metrics (metrics.jsonl) under {', '.join(map(str, args.paths))}")
-    label_runs(runs)
+    label_runs(runs, OUTPUT_ONLY + tuple(args.ignore))
     report = write_report(runs, args.out or args.paths[0] / "report", args.title, args.smooth)
     print(markdown_table(runs))
     print("\n".join(["", *conclusions(runs)]))

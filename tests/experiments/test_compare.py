@@ -183,3 +183,17 @@ def test_ppo_grpo_factors_tiny_sweep_has_a_row_per_combination(tmp_path):
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             critic_tokens = [r["compute/critic_forward_tokens_total"] for r in rows if "compute/flops" in r][-1]
             assert (critic_tokens > 0) == ("_critic_" in run_dir.name), run_dir.name
+
+
+def test_output_only_and_ignored_overrides_do_not_split_a_method(tmp_path):
+    curve = [0.1, 0.2, 0.3, 0.4]
+    write_run(tmp_path / "a0", ["algo=grpo", "seed=0"], 0, curve)
+    write_run(tmp_path / "a1", ["algo=grpo", "seed=1", "trainer.save_final=false", "logger.mode=disabled"], 1, curve)
+    write_run(tmp_path / "a2", ["algo=grpo", "seed=2", "trainer.threads=1"], 2, curve)
+    write_run(tmp_path / "b0", ["algo=ppo", "seed=0", "trainer.save_final=false"], 0, curve)
+    runs = find_runs([tmp_path])
+    label_runs(runs, ignore=("trainer.save_final", "logger.", "trainer.threads"))
+    assert sorted({r.label for r in runs}) == ["algo=grpo", "algo=ppo"]
+    label_runs(runs)  # the default ignores only what changes the output, not trainer.threads
+    assert "algo=grpo trainer.threads=1" in {r.label for r in runs}
+    assert len({r.label for r in runs if r.label.startswith("algo=grpo")}) == 2
