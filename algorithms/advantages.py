@@ -15,20 +15,11 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     of the group (scale="group", the GRPO paper and TRL), of the whole batch (scale="batch"), or not
     divided at all (scale="none", Dr. GRPO). A group whose rewards are all equal gets 0, not NaN.
     """
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale={scale!r}; choose one of: group, batch, none")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rearrange(rewards.float(), "(p g) -> p g", g=group_size)  # [P, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        # a group of one has no spread: its std is taken as 0 instead of torch's NaN
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred)
-        centred = centred / (std + eps)
-    elif scale == "batch":
-        std = grouped.std() if grouped.numel() > 1 else torch.zeros(())
-        centred = centred / (std + eps)
-    return rearrange(centred, "p g -> (p g)")
+    centred = rearrange(grouped - grouped.mean(dim=1, keepdim=True), "p g -> (p g)")
+    return centred / group_scale(rewards, group_size, scale, eps)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -140,6 +131,7 @@ def group_scale(rewards: Tensor, group_size: int, scale: str = "group", eps: flo
     if scale == "none":
         return torch.ones_like(rewards, dtype=torch.float32)
     if scale == "group":
+        # a group of one has no spread: its std is taken as 0 instead of torch's NaN
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
     else:
         std = grouped.std().reshape(1, 1) if grouped.numel() > 1 else torch.zeros(1, 1)
@@ -173,12 +165,11 @@ def group_baselined_returns(token_rewards: Tensor, mask: Tensor, group_size: int
     token) every token of sequence i gets score_i - b_i, Dr. GRPO's (or G / (G - 1) times RLOO's) advantage.
 
     token_rewards, mask: [N, T], rows group-contiguous. Returns (advantages [N, T] 0 on padding, the
-    sequence returns [N]).
+    returns-to-go G_t [N, T]).
     """
     returns = discounted_returns(token_rewards, mask, gamma)  # [N, T]
-    sequence = sequence_returns(returns, mask)  # [N]
-    base = group_baseline(sequence, group_size, baseline)  # [N]
-    return (returns - base[:, None]) * mask.to(returns.dtype), sequence
+    base = group_baseline(sequence_returns(returns, mask), group_size, baseline)  # [N]
+    return (returns - base[:, None]) * mask.to(returns.dtype), returns
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:

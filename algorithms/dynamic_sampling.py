@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from algorithms.rollout import Rollout
+from algorithms.rollout import Rollout, pad_to
 from data.loading import Batch
 from parallel.distributed import all_ranks
 from rewards.combine import RewardOutput
@@ -28,12 +28,6 @@ def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     """[P] bool: the groups of scores [N] (group-contiguous) whose samples do not all score the same."""
     grouped = rearrange(scores, "(p g) -> p g", g=group_size)  # [P, G]
     return grouped.max(dim=1).values > grouped.min(dim=1).values
-
-
-def pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
-    """x [N, T] padded with `value` to [N, width], on the left (prompts) or the right (completions)."""
-    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
 
 
 def select_rollouts(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:

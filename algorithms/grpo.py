@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms.advantages import group_baselined_returns, kl_penalised_token_rewards
+from algorithms.advantages import group_baselined_returns, kl_penalised_token_rewards, sequence_returns
 from algorithms.batch_stats import sharded_group_advantages, sharded_group_scale
 from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
@@ -49,8 +49,9 @@ class GRPO(PolicyGradient):
             # the sequence returns, over their group std (at the first token: GRPO on score - beta * sum_t KL_t)
             mask = rollout.completion_mask  # [N, Tc]
             token_rewards = kl_penalised_token_rewards(rewards, kl_penalty, mask, cfg.beta)  # [N, Tc]
-            centred, sequence = group_baselined_returns(token_rewards, mask, cfg.group_size, "group_mean")
-            scale = sharded_group_scale(sequence, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
+            centred, returns = group_baselined_returns(token_rewards, mask, cfg.group_size, "group_mean")
+            scale = sharded_group_scale(sequence_returns(returns, mask), cfg.group_size, cfg.scale_rewards,
+                                        cfg.advantage_eps)  # [N]
             advantages = centred / scale[:, None]  # [N, Tc]
         else:
             advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards,

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from algorithms.advantages import (
     GROUP_BASELINES,
-    discounted_returns,
     explained_variance,
     gae,
     group_baselined_returns,
@@ -129,9 +128,8 @@ class PPO(PolicyGradient):
         if old_values is not None:
             raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
         else:  # G_t - the group baseline of the sequence returns: GAE with lam = 1 and V(s_t) = b per prompt
-            raw_advantages, _ = group_baselined_returns(token_rewards, mask, cfg.group_size, cfg.baseline,
-                                                        cfg.gamma)  # [N, Tc]
-            returns = discounted_returns(token_rewards, mask, cfg.gamma)  # [N, Tc]
+            raw_advantages, returns = group_baselined_returns(token_rewards, mask, cfg.group_size, cfg.baseline,
+                                                              cfg.gamma)  # [N, Tc] each
         # whitened with the statistics of the whole batch, over all ranks
         advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
         tensors.update(advantages=advantages, returns=returns)

@@ -72,6 +72,10 @@ class RolloutConfig:
     # the same whatever it is; steps after the last row stopped are decoded and discarded
     stop_check_every: int = 0
 
+    def __post_init__(self) -> None:
+        # YAML reads `true` / `false` as booleans, and a str field then holds "True": one spelling for every reader
+        self.compile, self.pack = str(self.compile).lower(), str(self.pack).lower()
+
 
 CACHES = ("static", "dynamic")
 COMPILE = ("auto", "true", "false")
@@ -81,9 +85,9 @@ PACK = ("auto", "true", "false")
 def check_rollout(cfg: RolloutConfig) -> None:
     """Errors that name the valid choices, for `algo.rollout.*`."""
     check_choice("algo.rollout.cache", cfg.cache, CACHES)
-    check_choice("algo.rollout.compile", str(cfg.compile).lower(), COMPILE)
-    check_choice("algo.rollout.pack", str(cfg.pack).lower(), PACK)
-    if str(cfg.pack).lower() == "true" and str(cfg.compile).lower() == "true":
+    check_choice("algo.rollout.compile", cfg.compile, COMPILE)
+    check_choice("algo.rollout.pack", cfg.pack, PACK)
+    if cfg.pack == "true" and cfg.compile == "true":
         raise ConfigError("algo.rollout.pack=true runs the decode step eager: set algo.rollout.compile=false or auto")
     check_range("algo.rollout.max_batch", cfg.max_batch, low=0)
     check_range("algo.rollout.compact_below", cfg.compact_below, low=0.0, high=1.0)
@@ -112,9 +116,8 @@ def draw_uniforms(prompts: int, group_size: int, steps: int,
 
 def compile_mode(cfg: RolloutConfig, model: torch.nn.Module) -> str | None:
     """The torch.compile mode of the static decode step, None for eager."""
-    choice = str(cfg.compile).lower()
     device = next(model.parameters()).device.type
-    if choice == "false" or (choice == "auto" and (device != "cuda" or is_sharded(model))):
+    if cfg.compile == "false" or (cfg.compile == "auto" and (device != "cuda" or is_sharded(model))):
         # a sharded model's gathered weights are new tensors every rollout: a compiled step would recompile
         return None
     return "reduce-overhead" if device == "cuda" else "default"
@@ -132,12 +135,11 @@ def stop_check_every(cfg: RolloutConfig, model: torch.nn.Module) -> int:
 
 def pack_weights(cfg: RolloutConfig, model: torch.nn.Module, mode: str | None) -> bool:
     """Whether the eager static step runs on packed weights (models.packed)."""
-    choice = str(cfg.pack).lower()
-    if choice == "false":
+    if cfg.pack == "false":
         return False
     why_not = ("the decode step is compiled" if mode is not None else
                "the model is sharded" if is_sharded(model) else packable(model))
-    if why_not and choice == "true":
+    if why_not and cfg.pack == "true":
         raise ConfigError(f"algo.rollout.pack=true, but {why_not}: set algo.rollout.pack=auto or false")
     return why_not is None
 
@@ -244,8 +246,10 @@ def _chunks(n: int, max_batch: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _pad_to(x: Tensor, width: int, value: float) -> Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+def pad_to(x: Tensor, width: int, value: float, left: bool = False) -> Tensor:
+    """x [N, T] padded with `value` to [N, width], on the right (completions) or the left (prompts)."""
+    extra = width - x.shape[1]
+    return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
 
 
 def sample_completions(
@@ -257,15 +261,15 @@ def sample_completions(
     Decoded in chunks of at most cfg.max_batch sequences; uniform [N, max_new_tokens] is the noise of every
     sample and step, so the draws do not depend on the chunking.
     """
-    n = prompt_ids.shape[0] * group_size
+    chunks = _chunks(prompt_ids.shape[0] * group_size, cfg.max_batch)
     static = cfg.cache == "static" and supports_static_cache(model)
-    decoder = None
+    decoder, check_every = None, stop_check_every(cfg, model)
     if static:
         mode = compile_mode(cfg, model)
-        pack_rows = n if cfg.max_batch <= 0 else min(n, cfg.max_batch)  # the decode batch the pack is laid out for
+        pack_rows = chunks[0].stop - chunks[0].start  # the decode batch the pack is laid out for
         decoder = static_decoder(model, mode, pack_rows if pack_weights(cfg, model, mode) else 0)
     ids, logps = [], []
-    for chunk in _chunks(n, cfg.max_batch):
+    for chunk in chunks:
         first, last = chunk.start // group_size, (chunk.stop - 1) // group_size
         rows = torch.arange(chunk.start, chunk.stop, device=prompt_ids.device) // group_size - first
         chunk_ids, chunk_mask = prompt_ids[first : last + 1], prompt_mask[first : last + 1]
@@ -273,15 +277,15 @@ def sample_completions(
         chunk_ids, chunk_mask = chunk_ids[:, keep], chunk_mask[:, keep]
         if static:
             out = _decode_static(decoder, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
-                                 temperature, top_p, cfg.compact_below, stop_check_every(cfg, model), progress)
+                                 temperature, top_p, cfg.compact_below, check_every, progress)
         else:
             out = _decode_dynamic(model, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
                                   temperature, top_p, progress)
         ids.append(out[0])
         logps.append(out[1])
     width = max(x.shape[1] for x in ids)
-    completion_ids = torch.cat([_pad_to(x, width, pad_id) for x in ids])  # [N, Tc]
-    logp = torch.cat([_pad_to(x, width, 0.0) for x in logps])  # [N, Tc]
+    completion_ids = torch.cat([pad_to(x, width, pad_id) for x in ids])  # [N, Tc]
+    logp = torch.cat([pad_to(x, width, 0.0) for x in logps])  # [N, Tc]
     # a position is real if no stop token came strictly before it
     is_stop = torch.isin(completion_ids, stop_ids).long()
     completion_mask = (is_stop.cumsum(-1) - is_stop) == 0

@@ -26,6 +26,7 @@ Our three samplers draw the same tokens (prompt-seeded sampling); the table says
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -123,15 +124,21 @@ def stream_seconds(weights: list[torch.Tensor], device: str, repeats: int) -> fl
     return timed(read, device, max(repeats, 5))[1]
 
 
-def gemm_seconds(weights: list[torch.Tensor], rows: int, device: str, repeats: int) -> float:
-    """Time of one decode step's matmuls alone, [rows, in] x every weight, in this build's GEMM library: what a
-    step costs with no attention, norms, sampling or Python around them."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+def products_seconds(products: list[tuple], rows: int, dtype: torch.dtype, device: str, repeats: int) -> float:
+    """Time of one call of each (product, input width) on a random [rows, width] input: a decode step's matmuls
+    alone, with no attention, norms, sampling or Python around them."""
+    inputs = {width: torch.randn(rows, width, device=device, dtype=dtype) for _, width in products}
 
     def run():
         with torch.inference_mode():
-            return [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]
+            return [product(inputs[width]) for product, width in products]
     return timed(run, device, max(repeats, 5))[1]
+
+
+def gemm_seconds(weights: list[torch.Tensor], rows: int, device: str, repeats: int) -> float:
+    """One decode step's matmuls, [rows, in] x every weight, in this build's GEMM library (what nn.Linear calls)."""
+    products = [(functools.partial(torch.nn.functional.linear, weight=w), w.shape[1]) for w in weights]
+    return products_seconds(products, rows, weights[0].dtype, device, repeats)
 
 
 def packed_gemm_seconds(model: torch.nn.Module, rows: int, repeats: int) -> tuple[float, float]:
@@ -142,12 +149,7 @@ def packed_gemm_seconds(model: torch.nn.Module, rows: int, repeats: int) -> tupl
     dtype = model.get_output_embeddings().weight.dtype
     _, pack, projections = timed(lambda: PackedProjections(model, rows, dtype), "cpu", 1)
     linears = [*projections.qkv, *projections.o, *projections.gate_up, *projections.down, projections.lm_head]
-    inputs = {lin.weight.shape[1]: torch.randn(rows, lin.weight.shape[1], dtype=dtype) for lin in linears}
-
-    def run():
-        with torch.inference_mode():
-            return [lin(inputs[lin.weight.shape[1]]) for lin in linears]
-    return timed(run, "cpu", max(repeats, 5))[1], pack
+    return products_seconds([(lin, lin.weight.shape[1]) for lin in linears], rows, dtype, "cpu", repeats), pack
 
 
 def matmul_flops_per_second(dtype: torch.dtype, device: str) -> float:

@@ -15,7 +15,6 @@ tokens, a Welch's t verdict per pair of methods, and for a grid sweep the main e
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from experiments.stats import LEVEL, mean_over, value_at
 from experiments.verdicts import Metric, common_budget, factor_table, interval_table, pair_verdicts, token_curve
+from training.plots import read_metrics_file
 
 REWARD = "reward/total_mean"
 
@@ -55,18 +55,8 @@ class Column:
     spread: bool = True  # show "± std" over seeds
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-            continue
-    return rows
-
-
 def load_run(run_dir: Path) -> Run:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_metrics_file(run_dir)  # a line cut short by a killed run is skipped
     train = sorted((r for r in rows if r.get(REWARD) is not None), key=lambda r: r.get("step", 0))
     evals = [r for r in rows if r.get(f"eval/{REWARD}") is not None]
     hydra_dir = run_dir / ".hydra"

@@ -23,7 +23,14 @@ from conf.registry import register_stage
 from conf.schema import ModelConfig
 from models.loading import load_causal_lm
 from rewards.accuracy import accuracy
-from stages.questions import SHOWCASE_QUESTION, answer_free_questions, answers_table, free_questions_markdown
+from stages.questions import (
+    SHOWCASE_QUESTION,
+    answer_free_questions,
+    answer_table,
+    answers_table,
+    free_questions_markdown,
+    models_line,
+)
 from training.loop import StageContext
 from training.tracking import sample_records
 
@@ -77,30 +84,21 @@ def load_before_model(path: str, tokenizer, device: torch.device):
     return load_causal_lm(cfg, tokenizer).to(device)
 
 
-def _cell(text: str) -> str:
-    """Text as one markdown table cell: pipes escaped, line breaks as <br>."""
-    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
-
-
 def answers_markdown(rows: list[dict], after: list[str], after_scores: list[dict], before: list[str] | None,
                      before_scores: list[dict] | None, after_name: str, before_name: str | None) -> str:
     """The before/after answers file: per question, the ground truth and the two answers side by side."""
-    lines = ["# Answers to fixed questions", ""]
-    if before is None:
-        lines += [f"Model: `{after_name}`.", ""]
-    else:
-        lines += [f"Before: `{before_name}`; after: `{after_name}`.", ""]
+    lines = ["# Answers to fixed questions", "", models_line(after_name, None if before is None else before_name), ""]
     for i, row in enumerate(rows):
         lines += [f"## {i + 1}. {row['question'].strip()}", "", f"**Ground truth:** {row['answer'].strip()}", ""]
 
         def scores(parts: dict) -> str:
             return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
 
+        lines += answer_table(after[i], None if before is None else before[i])
         if before is None:
-            lines += ["| answer |", "|---|", f"| {_cell(after[i])} |", "", f"Rewards: {scores(after_scores[i])}", ""]
+            lines += [f"Rewards: {scores(after_scores[i])}", ""]
         else:
-            lines += ["| before | after |", "|---|---|", f"| {_cell(before[i])} | {_cell(after[i])} |", "",
-                      f"Rewards before: {scores(before_scores[i])}; after: {scores(after_scores[i])}", ""]
+            lines += [f"Rewards before: {scores(before_scores[i])}; after: {scores(after_scores[i])}", ""]
     return "\n".join(lines)
 
 

@@ -44,24 +44,31 @@ def answer_free_questions(policy, before_model, tokenizer, questions: list[str],
     return FreeAnswers(list(questions), answers(policy), None if before_model is None else answers(before_model))
 
 
-def _cell(text: str) -> str:
+def table_cell(text: str) -> str:
     """Text as one markdown table cell: pipes escaped, line breaks as <br>."""
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def models_line(after_name: str, before_name: str | None) -> str:
+    """Which model answered (and, with a before model, which answered first)."""
+    return f"Model: `{after_name}`." if before_name is None else f"Before: `{before_name}`; after: `{after_name}`."
+
+
+def answer_table(after: str, before: str | None) -> list[str]:
+    """One question's answer as a markdown table, or its before and after answers side by side."""
+    if before is None:
+        return ["| answer |", "|---|", f"| {table_cell(after)} |", ""]
+    return ["| before | after |", "|---|---|", f"| {table_cell(before)} | {table_cell(after)} |", ""]
 
 
 def free_questions_markdown(free: FreeAnswers, after_name: str, before_name: str | None) -> str:
     """The section of answers.md with the free-text questions, before and after side by side."""
     if not free.questions:
         return ""
-    lines = ["", "# Your questions", ""]
-    lines += [f"Model: `{after_name}`." if free.before is None else f"Before: `{before_name}`; after: `{after_name}`.",
-              ""]
+    lines = ["", "# Your questions", "", models_line(after_name, None if free.before is None else before_name), ""]
     for i, question in enumerate(free.questions):
-        lines += [f"## Q{i + 1}. {question.strip()}", ""]
-        if free.before is None:
-            lines += ["| answer |", "|---|", f"| {_cell(free.after[i])} |", ""]
-        else:
-            lines += ["| before | after |", "|---|---|", f"| {_cell(free.before[i])} | {_cell(free.after[i])} |", ""]
+        lines += [f"## Q{i + 1}. {question.strip()}", "",
+                  *answer_table(free.after[i], None if free.before is None else free.before[i])]
     return "\n".join(lines)
 
 

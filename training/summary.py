@@ -13,13 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from training.accounting import peak_rss_mb
-from training.plots import CURVES_FILE, curve_keys, plot_curves, quarter_means, read_metrics_file, step_rows
+from training.plots import (
+    CURVES_FILE,
+    STAGE_CURVE_SUFFIXES,
+    curve_keys,
+    plot_curves,
+    quarter_means,
+    read_metrics_file,
+    step_rows,
+)
 
 SUMMARY_FILE = "summary.md"
 SUMMARY_JSON = "summary.json"
 # held-out metrics shown before -> after besides every reward component's mean
 EVAL_KEYS = ("eval/format_rate", "eval/accuracy", "eval/completion/length_mean")
-EVAL_SUFFIXES = ("/loss", "/accuracy")  # a supervised stage's held-out loss / pairwise accuracy
 # files a stage writes that a reader opens next, named in the summary when they exist
 OUTPUT_FILES = ("answers.md", "eval.json", "samples.jsonl", "sft_rows.jsonl", "reward_model", "checkpoints/final")
 
@@ -28,7 +35,7 @@ def held_out_keys(record: dict) -> list[str]:
     """The eval/* keys of one record worth a line: reward components, format rate, accuracy, length, loss."""
     keys = [k for k, v in record.items() if k.startswith("eval/") and v is not None and (
         (k.startswith("eval/reward/") and k.endswith("_mean")) or k in EVAL_KEYS
-        or (k.count("/") >= 2 and k.endswith(EVAL_SUFFIXES)))]
+        or (k.count("/") >= 2 and k.endswith(STAGE_CURVE_SUFFIXES)))]  # a supervised stage's held-out loss, accuracy
     return sorted(keys, key=lambda k: (k != "eval/reward/total_mean", not k.startswith("eval/reward/"), k))
 
 

@@ -14,6 +14,7 @@ from algorithms.advantages import (
     group_baselined_returns,
     group_scale,
     kl_penalised_token_rewards,
+    sequence_returns,
 )
 from algorithms.grpo import GRPOConfig, build_grpo
 from algorithms.ppo import PPOConfig, build_ppo
@@ -49,7 +50,8 @@ def test_group_baselined_returns_by_hand():
     kl = torch.tensor([[0.1, 0.3], [0.2, 9.0]])
     mask = torch.tensor([[1, 1], [1, 0]])
     token_rewards = kl_penalised_token_rewards(scores, kl, mask, beta)  # [[-0.1, 0.7], [-0.2, 0]]
-    advantages, sequence = group_baselined_returns(token_rewards, mask, 2, "group_mean")
+    advantages, returns = group_baselined_returns(token_rewards, mask, 2, "group_mean")
+    sequence = sequence_returns(returns, mask)
     # returns-to-go [[0.6, 0.7], [-0.2, 0]]; sequence returns 0.6, -0.2; group mean 0.2
     torch.testing.assert_close(sequence, torch.tensor([0.6, -0.2]))
     torch.testing.assert_close(advantages, torch.tensor([[0.4, 0.5], [-0.4, 0.0]]))
