@@ -71,6 +71,7 @@ gpu-check:
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,14 +1,14 @@
 """Entry point: compose conf/, build the pieces, run one stage.
 
-    python run.py algo=grpo
-    python run.py algo=ppo model=tiny_llama trainer.max_steps=2
-    python run.py -m algo=ppo,grpo seed=0,1,2
-    python run.py algo=reward_model                      # writes <run_dir>/reward_model
-    python run.py algo=grpo reward=reward_model reward.path=<run_dir>/reward_model
-    python run.py algo=sft data=medical_o1                 # cold-start SFT -> <run_dir>/checkpoints/final
-    python run.py algo=eval model.source=local model.path=<run_dir>/checkpoints/final algo.before_path=embedded
-    python run.py algo=rejection_sampling model.source=local model.path=<checkpoint>   # -> <run_dir>/sft_rows.jsonl
-    python run.py experiment=r1_pipeline                  # sft -> grpo -> rejection sampling -> sft -> grpo
+python run.py algo=grpo
+python run.py algo=ppo model=tiny_llama trainer.max_steps=2
+python run.py -m algo=ppo,grpo seed=0,1,2
+python run.py algo=reward_model                      # writes <run_dir>/reward_model
+python run.py algo=grpo reward=reward_model reward.path=<run_dir>/reward_model
+python run.py algo=sft data=medical_o1                 # cold-start SFT -> <run_dir>/checkpoints/final
+python run.py algo=eval model.source=local model.path=<run_dir>/checkpoints/final algo.before_path=embedded
+python run.py algo=rejection_sampling model.source=local model.path=<checkpoint>   # -> <run_dir>/sft_rows.jsonl
+python run.py experiment=r1_pipeline                  # sft -> grpo -> rejection sampling -> sft -> grpo
 """
 
 from __future__ import annotations
@@ -50,8 +50,15 @@ from training.tracking import RunLogger
 discover()  # every algorithm and stage registers itself (conf.registry), before Hydra composes conf/
 ROOT = Path(__file__).resolve().parent
 # what a user can fix: reported as one line, not a traceback (HYDRA_FULL_ERROR=1 shows the traceback)
-USER_ERRORS = (ConfigError, ModelLoadError, ValueError, CheckpointError, TrainingError, DataUnavailable,
-               FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    ModelLoadError,
+    ValueError,
+    CheckpointError,
+    TrainingError,
+    DataUnavailable,
+    FileNotFoundError,
+)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -77,8 +84,11 @@ def check_scale_options(cfg: Config, strategy: str) -> None:
     """LoRA and data parallelism are RL options; resume is every looped stage's."""
     stage = get_stage(cfg.algo.name)
     rl = stage_names(kind="rl")
-    options = {"trainer.strategy": (strategy != "single", rl), "trainer.lora.enabled": (cfg.trainer.lora.enabled, rl),
-               "trainer.resume": (bool(cfg.trainer.resume), tuple(n for n in stage_names() if get_stage(n).looped))}
+    options = {
+        "trainer.strategy": (strategy != "single", rl),
+        "trainer.lora.enabled": (cfg.trainer.lora.enabled, rl),
+        "trainer.resume": (bool(cfg.trainer.resume), tuple(n for n in stage_names() if get_stage(n).looped)),
+    }
     for key, (used, stages) in options.items():
         if used and stage.name not in stages:
             raise ConfigError(f"{key} applies to {', '.join(stages)}; for algo={stage.name} leave it at its default")
@@ -91,8 +101,11 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
     started = time.perf_counter()
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    dist_ctx = init_distributed(cfg.trainer.strategy, cfg.trainer.device,  # torchrun's ranks, or one process
-                                cfg.trainer.dist_timeout_min)
+    dist_ctx = init_distributed(
+        cfg.trainer.strategy,
+        cfg.trainer.device,  # torchrun's ranks, or one process
+        cfg.trainer.dist_timeout_min,
+    )
     check_scale_options(cfg, dist_ctx.strategy)
     checkpoint = resolve_resume(cfg.trainer.resume, run_dir)  # first: a bad path fails before any model loads
     if dist_ctx.strategy != "single":
@@ -107,27 +120,51 @@ def run(cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | tuple
     train_rows, eval_rows, skipped = load_data(cfg, tokenizer)
     print(f"data: {len(train_rows)} train / {len(eval_rows)} eval prompts; skipped rows: {skipped or 'none'}")
     # built before the logger starts a run, so that a bad reward config fails first
-    reward_fn = (build_reward(cfg.reward, extra=reward_extras(cfg.reward, dist_ctx.device)) if stage.uses_rewards
-                 else None)
+    reward_fn = (
+        build_reward(cfg.reward, extra=reward_extras(cfg.reward, dist_ctx.device)) if stage.uses_rewards else None
+    )
 
     main_process = is_main_process()  # asked now: after shutdown() every process is a rank 0
     if main_process:  # a resumed run continues the wandb run its checkpoint logged to
-        logger = RunLogger(cfg.logger, run_dir, resolved, run_name=run_dir.name, group=cfg.experiment_name,
-                           job_type=stage.name, resume_id=saved_wandb_run_id(checkpoint) if checkpoint else None)
+        logger = RunLogger(
+            cfg.logger,
+            run_dir,
+            resolved,
+            run_name=run_dir.name,
+            group=cfg.experiment_name,
+            job_type=stage.name,
+            resume_id=saved_wandb_run_id(checkpoint) if checkpoint else None,
+        )
     else:  # rank 0 alone logs; the metrics it logs are reduced over all ranks
         logger = NullLogger()
-    logger.log({f"data/skipped_{k}": float(v) for k, v in skipped.items()} | {
-        "data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))}, step=0)
-    ctx = StageContext(cfg, run_dir, list(overrides), ROOT, policy, tokenizer, train_rows, eval_rows, reward_fn,
-                       logger, generator, dist_ctx)
+    logger.log(
+        {f"data/skipped_{k}": float(v) for k, v in skipped.items()}
+        | {"data/train_prompts": float(len(train_rows)), "data/eval_prompts": float(len(eval_rows))},
+        step=0,
+    )
+    ctx = StageContext(
+        cfg,
+        run_dir,
+        list(overrides),
+        ROOT,
+        policy,
+        tokenizer,
+        train_rows,
+        eval_rows,
+        reward_fn,
+        logger,
+        generator,
+        dist_ctx,
+    )
     try:
         metrics = run_stage(stage, ctx, checkpoint)
     finally:
         logger.finish()
         shutdown()
     if main_process:  # printed last: where the run is, what it did and cost, where to look next
-        summary = summarize_run(run_dir, stage.name, time.perf_counter() - started, logger.offline_dir,
-                                plot=stage.looped)
+        summary = summarize_run(
+            run_dir, stage.name, time.perf_counter() - started, logger.offline_dir, plot=stage.looped
+        )
         print("\n" + write_summary(run_dir, summary), flush=True)
     return metrics
 

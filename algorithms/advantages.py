@@ -157,8 +157,9 @@ def sequence_returns(returns: Tensor, mask: Tensor) -> Tensor:
     return returns.gather(1, first).squeeze(1)
 
 
-def group_baselined_returns(token_rewards: Tensor, mask: Tensor, group_size: int, baseline: str = "group_mean",
-                            gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+def group_baselined_returns(
+    token_rewards: Tensor, mask: Tensor, group_size: int, baseline: str = "group_mean", gamma: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Returns-to-go with a group baseline in place of a critic: A_t = G_t - b, where b is the group mean
     (or leave-one-out mean) of the prompt's whole-sequence returns G_0. PPO's GAE with lam = 1 and V(s_t)
     replaced by one number per prompt; with the KL only in the loss (token_rewards = the score on the last

@@ -15,8 +15,16 @@ from rewards.combine import RewardOutput
 from training.timers import PhaseTimer
 
 
-def sample_and_score(policy, tokenizer, reward_fn, rows: list[dict], seeds: list[int] | None, cfg,
-                     generator: torch.Generator, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
+def sample_and_score(
+    policy,
+    tokenizer,
+    reward_fn,
+    rows: list[dict],
+    seeds: list[int] | None,
+    cfg,
+    generator: torch.Generator,
+    timer: PhaseTimer,
+) -> tuple[Rollout, RewardOutput]:
     """Rollout then reward scoring, timed: the first half of every RL step.
 
     cfg: the algorithm's config (group_size, max_new_tokens, temperature, top_p, rollout). `seeds`: one sampling
@@ -24,8 +32,18 @@ def sample_and_score(policy, tokenizer, reward_fn, rows: list[dict], seeds: list
     draws. Returns (rollout, RewardOutput) with the N = len(rows) * group_size samples group-contiguous.
     """
     with timer("generate"):
-        rollout = generate_rollout(policy, tokenizer, rows, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                   cfg.top_p, generator, prompt_seeds=seeds, rollout=cfg.rollout)
+        rollout = generate_rollout(
+            policy,
+            tokenizer,
+            rows,
+            cfg.group_size,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            generator,
+            prompt_seeds=seeds,
+            rollout=cfg.rollout,
+        )
     with timer("score"):
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
     return rollout, scored
@@ -50,7 +68,10 @@ def micro_inputs(micro: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
 
 
 def micro_logprobs(
-    model: torch.nn.Module, micro: dict[str, Tensor], temperature: float, with_entropy: bool = False,
+    model: torch.nn.Module,
+    micro: dict[str, Tensor],
+    temperature: float,
+    with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Completion log-probs of one (trimmed) micro-batch: ([n, Tc], entropy [n, Tc] | None)."""
@@ -75,15 +96,18 @@ def batched_forward(fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout,
     return out * rollout.completion_mask
 
 
-def batched_logprobs(
-    model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float
-) -> Tensor:
+def batched_logprobs(model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float) -> Tensor:
     """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
     return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch_size)
 
 
-def rollout_metrics(rollout: Rollout, rewards_total: Tensor, parts: dict[str, Tensor],
-                    failures: dict[str, int], timeouts: dict[str, int] | None = None) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout,
+    rewards_total: Tensor,
+    parts: dict[str, Tensor],
+    failures: dict[str, int],
+    timeouts: dict[str, int] | None = None,
+) -> dict[str, float]:
     """What every RL step logs about its samples and their rewards."""
     lengths = rollout.completion_lengths.float()
     metrics = {

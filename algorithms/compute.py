@@ -31,8 +31,7 @@ class StepCompute:
     backward: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODELS, 0.0))
 
     def flops(self, params: dict[str, int]) -> float:
-        return sum(2.0 * params.get(m, 0) * self.forward[m] + 4.0 * params.get(m, 0) * self.backward[m]
-                   for m in MODELS)
+        return sum(2.0 * params.get(m, 0) * self.forward[m] + 4.0 * params.get(m, 0) * self.backward[m] for m in MODELS)
 
     def metrics(self, params: dict[str, int]) -> dict[str, float]:
         out = {f"compute/{m}_forward_tokens": self.forward[m] for m in MODELS}
@@ -41,25 +40,40 @@ class StepCompute:
         return out
 
 
-def model_params(policy: torch.nn.Module, reference: torch.nn.Module | None = None,
-                 critic: torch.nn.Module | None = None, reward_fn=None) -> dict[str, int]:
+def model_params(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None = None,
+    critic: torch.nn.Module | None = None,
+    reward_fn=None,
+) -> dict[str, int]:
     """Parameter count per model of an RL algorithm (0 = the model is not used)."""
     reward_model = sum(reward_fn.model_params().values()) if hasattr(reward_fn, "model_params") else 0
-    return {"actor": num_params(policy), "reference": num_params(reference), "critic": num_params(critic),
-            "reward_model": reward_model}
+    return {
+        "actor": num_params(policy),
+        "reference": num_params(reference),
+        "critic": num_params(critic),
+        "reward_model": reward_model,
+    }
 
 
-def step_compute_metrics(rollout: Rollout, reward_model_tokens: float, params: dict[str, int], epochs: int,
-                         old_logp_pass: bool) -> dict[str, float]:
+def step_compute_metrics(
+    rollout: Rollout, reward_model_tokens: float, params: dict[str, int], epochs: int, old_logp_pass: bool
+) -> dict[str, float]:
     """Every accounting metric of one RL step: token counts per model, FLOPs, prompt and trained tokens."""
-    compute = rl_step_compute(rollout, epochs=epochs, old_logp_pass=old_logp_pass,
-                              reference=params["reference"] > 0, critic=params["critic"] > 0,
-                              reward_model_tokens=reward_model_tokens)
+    compute = rl_step_compute(
+        rollout,
+        epochs=epochs,
+        old_logp_pass=old_logp_pass,
+        reference=params["reference"] > 0,
+        critic=params["critic"] > 0,
+        reward_model_tokens=reward_model_tokens,
+    )
     return {**compute.metrics(params), **step_token_metrics(rollout, epochs)}
 
 
-def rl_step_compute(rollout: Rollout, *, epochs: int, old_logp_pass: bool, reference: bool, critic: bool,
-                    reward_model_tokens: float) -> StepCompute:
+def rl_step_compute(
+    rollout: Rollout, *, epochs: int, old_logp_pass: bool, reference: bool, critic: bool, reward_model_tokens: float
+) -> StepCompute:
     """Forward/backward tokens of one step that trains on `rollout` for `epochs` passes.
 
     Generation forwards every prompt token once (the prefill) and every generated token once (the KV
@@ -83,21 +97,24 @@ def rl_step_compute(rollout: Rollout, *, epochs: int, old_logp_pass: bool, refer
 
 def step_token_metrics(rollout: Rollout, epochs: int) -> dict[str, float]:
     """Prompt tokens and trained tokens (completion tokens in the loss, times the passes over them)."""
-    return {"tokens/prompt": float(rollout.prompt_mask.sum()),
-            "tokens/trained": epochs * float(rollout.completion_mask.sum())}
+    return {
+        "tokens/prompt": float(rollout.prompt_mask.sum()),
+        "tokens/trained": epochs * float(rollout.completion_mask.sum()),
+    }
 
 
-
-
-def add_discarded_generation(metrics: dict[str, float], prompt_tokens: float, generated_tokens: float,
-                             actor_params: int) -> None:
+def add_discarded_generation(
+    metrics: dict[str, float], prompt_tokens: float, generated_tokens: float, actor_params: int
+) -> None:
     """Add to a step's metrics the samples it generated but did not train on (dynamic sampling's dropped
     groups): their generated tokens, and the prefill and decoding forwards of the actor, so that runs are
     compared at the tokens they really generated."""
     if not prompt_tokens and not generated_tokens:
         return
     metrics["tokens/generated"] = metrics.get("tokens/generated", 0.0) + generated_tokens
-    metrics["compute/actor_forward_tokens"] = (metrics.get("compute/actor_forward_tokens", 0.0)
-                                               + prompt_tokens + generated_tokens)
-    metrics["compute/flops"] = metrics.get("compute/flops", 0.0) + 2.0 * actor_params * (prompt_tokens
-                                                                                         + generated_tokens)
+    metrics["compute/actor_forward_tokens"] = (
+        metrics.get("compute/actor_forward_tokens", 0.0) + prompt_tokens + generated_tokens
+    )
+    metrics["compute/flops"] = metrics.get("compute/flops", 0.0) + 2.0 * actor_params * (
+        prompt_tokens + generated_tokens
+    )

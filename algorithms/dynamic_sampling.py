@@ -40,9 +40,11 @@ def select_rollouts(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout
         return torch.cat([pad_to(getattr(r, name)[i], width, value, left) for r, i in parts])
 
     return Rollout(
-        prompt_ids=cat("prompt_ids", tp, pad_id, True), prompt_mask=cat("prompt_mask", tp, 0, True),
+        prompt_ids=cat("prompt_ids", tp, pad_id, True),
+        prompt_mask=cat("prompt_mask", tp, 0, True),
         completion_ids=cat("completion_ids", tc, pad_id, False),
-        completion_mask=cat("completion_mask", tc, 0, False), logp=cat("logp", tc, 0.0, False),
+        completion_mask=cat("completion_mask", tc, 0, False),
+        logp=cat("logp", tc, 0.0, False),
         truncated=torch.cat([r.truncated[i] for r, i in parts]),
         prompts=[r.prompts[j] for r, i in parts for j in i.tolist()],
         completions=[r.completions[j] for r, i in parts for j in i.tolist()],
@@ -61,7 +63,9 @@ def select_scores(parts: list[tuple[RewardOutput, Tensor]]) -> RewardOutput:
     return RewardOutput(
         total=torch.cat([s.total[i] for s, i in parts]),
         parts={name: torch.cat([s.parts[name][i] for s, i in parts]) for name in parts[0][0].parts},
-        failures=counts["failures"], model_tokens=counts["model_tokens"], timeouts=counts["timeouts"],
+        failures=counts["failures"],
+        model_tokens=counts["model_tokens"],
+        timeouts=counts["timeouts"],
     )
 
 
@@ -81,8 +85,14 @@ class Refilled:
     cost: DrawCost
 
 
-def refill_groups(batch: Batch, first: tuple[Rollout, RewardOutput], sample: Callable[[Batch],
-                  tuple[Rollout, RewardOutput]], group_size: int, max_draws: int, pad_id: int) -> Refilled:
+def refill_groups(
+    batch: Batch,
+    first: tuple[Rollout, RewardOutput],
+    sample: Callable[[Batch], tuple[Rollout, RewardOutput]],
+    group_size: int,
+    max_draws: int,
+    pad_id: int,
+) -> Refilled:
     """Dynamic sampling from the first draw's (rollout, scores) of `batch`: the informative groups of up to
     1 + max_draws draws (each `sample(batch.refill())`), the first len(batch.rows) of them in draw order,
     topped up with dropped groups when too few. Under data parallelism every rank draws until all ranks are
@@ -105,8 +115,7 @@ def refill_groups(batch: Batch, first: tuple[Rollout, RewardOutput], sample: Cal
         picks.setdefault(d, []).extend(range(g * group_size, (g + 1) * group_size))
     index = {d: torch.tensor(samples) for d, samples in picks.items()}
     rollout = select_rollouts([(draws[d][0], i) for d, i in index.items()], pad_id)
-    scored = select_scores([(draws[d][1], index.get(d, torch.tensor([], dtype=torch.long)))
-                            for d in range(len(draws))])
+    scored = select_scores([(draws[d][1], index.get(d, torch.tensor([], dtype=torch.long))) for d in range(len(draws))])
     drawn_prompt = sum(float(r.prompt_mask.sum()) for r, _ in draws)
     drawn_generated = sum(float(r.completion_mask.sum()) for r, _ in draws)
     drawn_scores = torch.cat([s.total for _, s in draws])
@@ -117,5 +126,12 @@ def refill_groups(batch: Batch, first: tuple[Rollout, RewardOutput], sample: Cal
         "dynamic_sampling/filled_groups": float(max(target - len(kept), 0)),  # zero-spread groups trained on
         "dynamic_sampling/reward_mean_drawn": float(drawn_scores.mean()),  # over every sample drawn
     }
-    return Refilled(rollout, scored, DrawCost(metrics, drawn_prompt - float(rollout.prompt_mask.sum()),
-                                              drawn_generated - float(rollout.completion_mask.sum())))
+    return Refilled(
+        rollout,
+        scored,
+        DrawCost(
+            metrics,
+            drawn_prompt - float(rollout.prompt_mask.sum()),
+            drawn_generated - float(rollout.completion_mask.sum()),
+        ),
+    )

@@ -69,17 +69,26 @@ def prompt_results(batches: list[tuple[Rollout, RewardOutput]], k: int, pass_thr
         for start in range(0, len(rollout.completions), k):
             group = slice(start, start + k)
             row, prompts, completions = rollout.rows[start], rollout.prompts[group], rollout.completions[group]
-            record = {"id": row.get("id"), "question": row.get("question"), "answer": row.get("answer"),
-                      "samples": k, "reward_mean": float(scored.total[group].mean()),
-                      "format_rate": format_rate(prompts, completions)}
+            record = {
+                "id": row.get("id"),
+                "question": row.get("question"),
+                "answer": row.get("answer"),
+                "samples": k,
+                "reward_mean": float(scored.total[group].mean()),
+                "format_rate": format_rate(prompts, completions),
+            }
             if passed is not None:
                 c = int(passed[group].sum())
                 record.update({"passed": c, "pass@1": c / k, f"pass@{k}": pass_at_k(k, c, k)})
             if row.get("kind") == "mcq":
                 majority = majority_choice(completions, row.get("options"))
-                record.update({"majority": majority,
-                               "majority_correct": majority is not None
-                               and majority == gold_choice(row.get("answer"), row.get("options"))})
+                record.update(
+                    {
+                        "majority": majority,
+                        "majority_correct": majority is not None
+                        and majority == gold_choice(row.get("answer"), row.get("options")),
+                    }
+                )
             records.append(record)
     return records
 
@@ -101,9 +110,17 @@ def pass_metrics(records: list[dict], k: int) -> dict[str, float]:
     return out
 
 
-def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int,
-                    samples_per_prompt: int = 1, pass_threshold: float = 1.0,
-                    ) -> tuple[dict[str, float], list[tuple[Rollout, RewardOutput]]]:
+def evaluate_policy(
+    policy,
+    tokenizer,
+    rows: list[dict],
+    reward_fn,
+    sampling: dict,
+    batch_size: int,
+    seed: int,
+    samples_per_prompt: int = 1,
+    pass_threshold: float = 1.0,
+) -> tuple[dict[str, float], list[tuple[Rollout, RewardOutput]]]:
     """k = samples_per_prompt samples per row, in batches of batch_size rows, seeded by `seed`: (metrics,
     every batch's (rollout, scores)). Metrics: the rollout metrics over all samples (means over the k),
     and `pass_metrics`. `sampling`: max_new_tokens, temperature, top_p (and optionally rollout). No rows: ({}, [])."""
@@ -115,8 +132,9 @@ def evaluate_policy(policy, tokenizer, rows: list[dict], reward_fn, sampling: di
         batch_rows = rows[start : start + batch_size]
         rollout = generate_rollout(policy, tokenizer, batch_rows, k, generator=generator, **sampling)
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
-        batches.append((len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures,
-                                                         scored.timeouts)))
+        batches.append(
+            (len(batch_rows), rollout_metrics(rollout, scored.total, scored.parts, scored.failures, scored.timeouts))
+        )
         scored_batches.append((rollout, scored))
     if not batches:
         return {}, []

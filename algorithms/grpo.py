@@ -50,30 +50,39 @@ class GRPO(PolicyGradient):
             mask = rollout.completion_mask  # [N, Tc]
             token_rewards = kl_penalised_token_rewards(rewards, kl_penalty, mask, cfg.beta)  # [N, Tc]
             centred, returns = group_baselined_returns(token_rewards, mask, cfg.group_size, "group_mean")
-            scale = sharded_group_scale(sequence_returns(returns, mask), cfg.group_size, cfg.scale_rewards,
-                                        cfg.advantage_eps)  # [N]
+            scale = sharded_group_scale(
+                sequence_returns(returns, mask), cfg.group_size, cfg.scale_rewards, cfg.advantage_eps
+            )  # [N]
             advantages = centred / scale[:, None]  # [N, Tc]
         else:
-            advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards,
-                                                  cfg.advantage_eps)  # [N]
+            advantages = sharded_group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.advantage_eps)  # [N]
         tensors["advantages"] = advantages
 
         # ---- UPDATE: mu passes over minibatches, beta * KL in the loss (kl_in=loss) --------------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
         real = advantages if advantages.dim() == 1 else advantages[rollout.completion_mask.bool()]  # no padding
-        stats.update({
-            "advantages/mean": float(real.mean()),
-            "advantages/std": float(real.std()) if real.numel() > 1 else 0.0,
-            "advantages/abs_mean": float(real.abs().mean()),
-            "reward/zero_std_group_frac": zero_std_group_frac(rewards, cfg.group_size),
-        })
+        stats.update(
+            {
+                "advantages/mean": float(real.mean()),
+                "advantages/std": float(real.std()) if real.numel() > 1 else 0.0,
+                "advantages/abs_mean": float(real.abs().mean()),
+                "reward/zero_std_group_frac": zero_std_group_frac(rewards, cfg.group_size),
+            }
+        )
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, rollout.completion_mask, cfg.beta))
         return self.step_output(rollout, scored, rewards, stats, timer, advantages)
 
 
-@register_stage("grpo", GRPOConfig, kind="rl", trains_policy=True, uses_rewards=True,
-                objective="reward/total_mean", models=("reference",))
+@register_stage(
+    "grpo",
+    GRPOConfig,
+    kind="rl",
+    trains_policy=True,
+    uses_rewards=True,
+    objective="reward/total_mean",
+    models=("reference",),
+)
 def build_grpo(ctx: StageContext) -> Built:
     """GRPO on ctx.policy with a frozen reference (none when beta = 0) and the actor's optimiser."""
     return build_critic_free(GRPO, ctx)

@@ -45,8 +45,9 @@ def clipped_surrogate(
     return -torch.min(ratio * advantages, torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages)
 
 
-def token_loss_weights(mask: Tensor, loss_type: str = "grpo", max_len: int | None = None,
-                       num_tokens: float | None = None) -> Tensor:
+def token_loss_weights(
+    mask: Tensor, loss_type: str = "grpo", max_len: int | None = None, num_tokens: float | None = None
+) -> Tensor:
     """w [B, T] such that the loss_type's aggregate of per-token losses x [B, T] is (w * x).sum().
 
     grpo (and gspo): 1 / (B * real tokens of the row); bnpo: 1 / real tokens of the batch;

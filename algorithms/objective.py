@@ -41,12 +41,19 @@ def policy_objective(
     """weight * policy_loss(...) - entropy_weight * masked_mean(entropy) of the current policy on `micro`."""
     mask = micro["completion_mask"]  # [n, Tc]
     ref_logp = micro["ref_logp"] if beta > 0 and "ref_logp" in micro else None
-    loss_kwargs = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "loss_type": cfg.loss_type,
-                   "max_len": cfg.max_new_tokens, "num_tokens": num_tokens, "beta": beta}
+    loss_kwargs = {
+        "clip_low": cfg.clip_low,
+        "clip_high": cfg.clip_high,
+        "loss_type": cfg.loss_type,
+        "max_len": cfg.max_new_tokens,
+        "num_tokens": num_tokens,
+        "beta": beta,
+    }
     if cfg.fused_loss and cfg.loss_type in TOKEN_SEPARABLE:
         token_loss = _token_loss(micro, cfg, num_tokens, weight, ref_logp, beta, entropy_weight)
-        loss, logp, entropy = completion_token_loss(model, *micro_inputs(micro), token_loss, cfg.temperature,
-                                                    with_entropy=True)
+        loss, logp, entropy = completion_token_loss(
+            model, *micro_inputs(micro), token_loss, cfg.temperature, with_entropy=True
+        )
         with torch.no_grad():
             kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) if ref_logp is not None else None
             pg_loss, stats = policy_loss(logp, micro["old_logp"], micro["advantages"], mask, kl=kl, **loss_kwargs)
@@ -60,8 +67,15 @@ def policy_objective(
     return PolicyObjective(loss, pg_loss.detach(), entropy.detach(), stats)
 
 
-def _token_loss(micro: dict[str, Tensor], cfg, num_tokens: float, weight: float, ref_logp: Tensor | None,
-                beta: float, entropy_weight: float):
+def _token_loss(
+    micro: dict[str, Tensor],
+    cfg,
+    num_tokens: float,
+    weight: float,
+    ref_logp: Tensor | None,
+    beta: float,
+    entropy_weight: float,
+):
     """The objective as models.fused_loss's per-token function of (logp, entropy, flat positions)."""
     mask = micro["completion_mask"]
     advantages = micro["advantages"]

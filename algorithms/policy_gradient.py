@@ -82,8 +82,14 @@ class PolicyGradientConfig:
     def __post_init__(self) -> None:
         check_choice("algo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("algo.loss_type", self.loss_type, LOSS_TYPES)
-        for key in ("prompts_per_step", "group_size", "num_iterations", "minibatch_size", "micro_batch_size",
-                    "max_new_tokens"):
+        for key in (
+            "prompts_per_step",
+            "group_size",
+            "num_iterations",
+            "minibatch_size",
+            "micro_batch_size",
+            "max_new_tokens",
+        ):
             check_range(f"algo.{key}", getattr(self, key), 1)
         check_range("algo.temperature", self.temperature, 1e-3)
         check_range("algo.top_p", self.top_p, 1e-3, 1.0)
@@ -95,8 +101,10 @@ class PolicyGradientConfig:
         check_range("algo.eval_samples", self.eval_samples, 1)
         check_rollout(self.rollout)
         if self.dynamic_sampling and self.group_size < 2:
-            raise ConfigError(f"algo.dynamic_sampling=true with algo.group_size={self.group_size}: it drops groups "
-                              "whose samples all score the same, which needs algo.group_size >= 2")
+            raise ConfigError(
+                f"algo.dynamic_sampling=true with algo.group_size={self.group_size}: it drops groups "
+                "whose samples all score the same, which needs algo.group_size >= 2"
+            )
 
 
 class PolicyGradient:
@@ -104,8 +112,14 @@ class PolicyGradient:
 
     progress = {"reward": "reward/total_mean", "len": "completion/length_mean"}
 
-    def __init__(self, cfg: PolicyGradientConfig, ctx: StageContext, reference: torch.nn.Module | None,
-                 targets: list[OptimTarget], critic: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: PolicyGradientConfig,
+        ctx: StageContext,
+        reference: torch.nn.Module | None,
+        targets: list[OptimTarget],
+        critic: torch.nn.Module | None = None,
+    ):
         if cfg.recompute_old_logp is None:
             low_precision = compute_dtype(ctx.cfg.model, ctx.cfg.trainer) != "float32"
             cfg = dataclasses.replace(cfg, recompute_old_logp=low_precision)
@@ -137,24 +151,39 @@ class PolicyGradient:
     def evaluate(self) -> dict[str, float]:
         """algo.eval_samples samples per held-out prompt with a fixed seed, so evals at different steps are
         comparable: the reward parts, format rate, pass@1 (and pass@k, maj@k with k > 1)."""
-        sampling = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
-                    "top_p": self.cfg.top_p, "rollout": self.cfg.rollout}
-        metrics, _ = evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.reward_fn, sampling,
-                                     self.eval_batch_size, self.eval_seed, self.cfg.eval_samples,
-                                     self.cfg.pass_threshold)
+        sampling = {
+            "max_new_tokens": self.cfg.max_new_tokens,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "rollout": self.cfg.rollout,
+        }
+        metrics, _ = evaluate_policy(
+            self.policy,
+            self.tokenizer,
+            self.eval_rows,
+            self.reward_fn,
+            sampling,
+            self.eval_batch_size,
+            self.eval_seed,
+            self.cfg.eval_samples,
+            self.cfg.pass_threshold,
+        )
         return {f"eval/{key}": value for key, value in metrics.items()}
 
     # ---- the shared pieces of a step ---------------------------------------------------------------
     def sample_and_score(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:
         """G samples per prompt of `batch` and their rewards, the overlong penalty (when on) included."""
         cfg = self.cfg
-        rollout, scored = sample_and_score(self.policy, self.tokenizer, self.reward_fn, batch.rows, batch.seeds,
-                                           cfg, self.generator, timer)
+        rollout, scored = sample_and_score(
+            self.policy, self.tokenizer, self.reward_fn, batch.rows, batch.seeds, cfg, self.generator, timer
+        )
         if cfg.overlong_buffer:
-            penalty = overlong_penalty(rollout.completion_lengths, cfg.max_new_tokens, cfg.overlong_buffer,
-                                       cfg.overlong_penalty).to(scored.total.device)  # [N]
-            scored = dataclasses.replace(scored, total=scored.total + penalty,
-                                         parts={**scored.parts, "overlong": penalty})
+            penalty = overlong_penalty(
+                rollout.completion_lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+            ).to(scored.total.device)  # [N]
+            scored = dataclasses.replace(
+                scored, total=scored.total + penalty, parts={**scored.parts, "overlong": penalty}
+            )
         return rollout, scored
 
     def sample(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput, dict[str, Tensor]]:
@@ -165,8 +194,14 @@ class PolicyGradient:
         rollout, scored = self.sample_and_score(batch, timer)
         self.draw_cost = DrawCost()
         if cfg.dynamic_sampling:
-            refilled = refill_groups(batch, (rollout, scored), lambda more: self.sample_and_score(more, timer),
-                                     cfg.group_size, cfg.dynamic_sampling_max_draws, self.tokenizer.pad_token_id)
+            refilled = refill_groups(
+                batch,
+                (rollout, scored),
+                lambda more: self.sample_and_score(more, timer),
+                cfg.group_size,
+                cfg.dynamic_sampling_max_draws,
+                self.tokenizer.pad_token_id,
+            )
             rollout, scored, self.draw_cost = refilled.rollout, refilled.scored, refilled.cost
         tensors = rollout_tensors(rollout)
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
@@ -174,8 +209,7 @@ class PolicyGradient:
                 tensors["old_logp"] = batched_logprobs(self.policy, rollout, self.micro_batch.size, cfg.temperature)
         if self.reference is not None:
             with timer("reference"):
-                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch.size,
-                                                       cfg.temperature)
+                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch.size, cfg.temperature)
         return rollout, scored, tensors
 
     def kl_penalty(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -213,9 +247,15 @@ class PolicyGradient:
         cfg = self.cfg
 
         def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
-            objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
-                                         weight=accumulation_weight(cfg.loss_type, share), beta=beta_in_loss,
-                                         entropy_weight=cfg.ent_coef * share)
+            objective = policy_objective(
+                self.policy,
+                micro,
+                cfg,
+                minibatch_tokens,
+                weight=accumulation_weight(cfg.loss_type, share),
+                beta=beta_in_loss,
+                entropy_weight=cfg.ent_coef * share,
+            )
             stats = objective.stats
             stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
             stats["loss"] = objective.policy_loss
@@ -223,34 +263,57 @@ class PolicyGradient:
 
         with timer("train"):
             self.policy.train()
-            stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
-                                     self.micro_batch, self.generator)
+            stats = minibatch_update(
+                tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size, self.micro_batch, self.generator
+            )
             self.policy.eval()
         return stats
 
-    def step_output(self, rollout: Rollout, scored: RewardOutput, rewards: Tensor, metrics: dict[str, float],
-                    timer: PhaseTimer, advantages: Tensor | None = None) -> StepOutput:
+    def step_output(
+        self,
+        rollout: Rollout,
+        scored: RewardOutput,
+        rewards: Tensor,
+        metrics: dict[str, float],
+        timer: PhaseTimer,
+        advantages: Tensor | None = None,
+    ) -> StepOutput:
         """The metrics every RL step logs (samples, rewards, cost, phase times) around the algorithm's own,
         and the sample records (with each sample's advantage when given: [N], or [N, Tc] per token, recorded
         as its mean over the completion's tokens)."""
         out = rollout_metrics(rollout, rewards, scored.parts, scored.failures, scored.timeouts)
         out.update(metrics)
         out.update(timer.metrics())
-        out.update(step_compute_metrics(rollout, sum(scored.model_tokens.values()), self.params,
-                                        self.cfg.num_iterations, self.cfg.recompute_old_logp))
+        out.update(
+            step_compute_metrics(
+                rollout,
+                sum(scored.model_tokens.values()),
+                self.params,
+                self.cfg.num_iterations,
+                self.cfg.recompute_old_logp,
+            )
+        )
         out.update(self.draw_cost.metrics)  # dynamic sampling: what was drawn, and the discarded samples' cost
-        add_discarded_generation(out, self.draw_cost.prompt_tokens, self.draw_cost.generated_tokens,
-                                 self.params["actor"])
+        add_discarded_generation(
+            out, self.draw_cost.prompt_tokens, self.draw_cost.generated_tokens, self.params["actor"]
+        )
         parts = {"total": rewards, **scored.parts}
         if advantages is not None and advantages.dim() == 2:  # per token: the sequence's mean
             advantages = masked_mean(advantages, rollout.completion_mask, dim=-1)  # [N]
-        records = sample_records(rollout.prompts, rollout.completions, parts, len(rollout.completions),
-                                 advantages=advantages, lengths=rollout.completion_lengths)
+        records = sample_records(
+            rollout.prompts,
+            rollout.completions,
+            parts,
+            len(rollout.completions),
+            advantages=advantages,
+            lengths=rollout.completion_lengths,
+        )
         return StepOutput(out, records)
 
 
-def build_actor_and_reference(ctx: StageContext, lr: float | None = None, critic: torch.nn.Module | None = None
-                              ) -> tuple[torch.nn.Module | None, OptimTarget, torch.optim.Optimizer]:
+def build_actor_and_reference(
+    ctx: StageContext, lr: float | None = None, critic: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module | None, OptimTarget, torch.optim.Optimizer]:
     """The frozen reference (none when algo.beta = 0), every model sharded under fsdp, then the actor's
     AdamW (built after sharding, which replaces the parameters)."""
     cfg = ctx.cfg

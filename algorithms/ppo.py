@@ -76,9 +76,11 @@ class PPOConfig(PolicyGradientConfig):
         check_choice("algo.critic", self.critic, ("policy",))
         check_choice("algo.baseline", self.baseline, ("critic", *GROUP_BASELINES))
         if self.baseline != "critic" and self.group_size < 2:
-            raise ConfigError(f"algo.baseline={self.baseline} with algo.group_size={self.group_size}: a group "
-                              "baseline needs algo.group_size >= 2 samples per prompt (e.g. algo.prompts_per_step=2 "
-                              "algo.group_size=4 keeps the 8 sequences per step)")
+            raise ConfigError(
+                f"algo.baseline={self.baseline} with algo.group_size={self.group_size}: a group "
+                "baseline needs algo.group_size >= 2 samples per prompt (e.g. algo.prompts_per_step=2 "
+                "algo.group_size=4 keeps the 8 sequences per step)"
+            )
         check_range("algo.kl_horizon", self.kl_horizon, 1)
         check_range("algo.gamma", self.gamma, 0.0, 1.0)
         check_range("algo.lam", self.lam, 0.0, 1.0)
@@ -92,8 +94,9 @@ class PPOConfig(PolicyGradientConfig):
 class PPO(PolicyGradient):
     """The PPO update on a policy, its critic, an optional frozen reference and a reward function."""
 
-    def __init__(self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel | None,
-                 kl_ctl: KLController):
+    def __init__(
+        self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel | None, kl_ctl: KLController
+    ):
         super().__init__(cfg, ctx, reference, targets, critic)
         self.kl_ctl = kl_ctl
 
@@ -118,8 +121,9 @@ class PPO(PolicyGradient):
         old_values = None
         if self.critic is not None:
             with timer("critic"):
-                old_values = batched_forward(lambda micro: micro_values(self.critic, micro), rollout,
-                                             self.micro_batch.size)  # [N, Tc]
+                old_values = batched_forward(
+                    lambda micro: micro_values(self.critic, micro), rollout, self.micro_batch.size
+                )  # [N, Tc]
 
         # ---- ALGO LOGIC: per-token rewards, GAE (or a group baseline), whitening ----------------
         beta = self.kl_ctl.value
@@ -128,8 +132,9 @@ class PPO(PolicyGradient):
         if old_values is not None:
             raw_advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)  # [N, Tc] each
         else:  # G_t - the group baseline of the sequence returns: GAE with lam = 1 and V(s_t) = b per prompt
-            raw_advantages, returns = group_baselined_returns(token_rewards, mask, cfg.group_size, cfg.baseline,
-                                                              cfg.gamma)  # [N, Tc] each
+            raw_advantages, returns = group_baselined_returns(
+                token_rewards, mask, cfg.group_size, cfg.baseline, cfg.gamma
+            )  # [N, Tc] each
         # whitened with the statistics of the whole batch, over all ranks
         advantages = global_whiten(raw_advantages, mask) if cfg.whiten_advantages else raw_advantages
         tensors.update(advantages=advantages, returns=returns)
@@ -140,9 +145,15 @@ class PPO(PolicyGradient):
             micro_mask = micro["completion_mask"]
             # a KL term only with kl_in=loss (by default the KL is in the rewards); dapo's policy loss is already
             # divided by the minibatch's tokens, the token means are not
-            objective = policy_objective(self.policy, micro, cfg, minibatch_tokens,
-                                         weight=accumulation_weight(cfg.loss_type, share),
-                                         beta=self.loss_beta(beta), entropy_weight=cfg.ent_coef * share)
+            objective = policy_objective(
+                self.policy,
+                micro,
+                cfg,
+                minibatch_tokens,
+                weight=accumulation_weight(cfg.loss_type, share),
+                beta=self.loss_beta(beta),
+                entropy_weight=cfg.ent_coef * share,
+            )
             values = micro_values(self.critic, micro)  # [n, Tc]
             v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
             entropy_bonus = masked_mean(objective.entropy, micro_mask)
@@ -161,8 +172,15 @@ class PPO(PolicyGradient):
             with timer("train"):
                 self.policy.train()
                 self.critic.train()
-                stats = minibatch_update(tensors, loss_fn, self.targets, cfg.num_iterations, cfg.minibatch_size,
-                                         self.micro_batch, self.generator)
+                stats = minibatch_update(
+                    tensors,
+                    loss_fn,
+                    self.targets,
+                    cfg.num_iterations,
+                    cfg.minibatch_size,
+                    self.micro_batch,
+                    self.generator,
+                )
                 self.policy.eval()
                 self.critic.eval()
 
@@ -170,13 +188,15 @@ class PPO(PolicyGradient):
         # every rank updates the coefficient with the whole batch's KL, so they stay equal
         self.kl_ctl.update(all_mean(kl_per_sequence), N * world_size())
 
-        stats.update({
-            "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
-            "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
-            "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
-            "returns/mean": float(masked_mean(returns, mask)),
-            "kl_coef": beta,  # the beta this step's rewards (or loss) used
-        })
+        stats.update(
+            {
+                "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
+                "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
+                "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
+                "returns/mean": float(masked_mean(returns, mask)),
+                "kl_coef": beta,  # the beta this step's rewards (or loss) used
+            }
+        )
         if old_values is not None:
             # undefined (NaN) when the returns do not vary, e.g. every completion empty with equal rewards:
             # logged as 0, "no better than a constant", so that no NaN reaches the logs
@@ -194,8 +214,9 @@ def ppo_models(cfg: PPOConfig) -> tuple[str, ...]:
     return ("reference", "critic") if cfg.baseline == "critic" else ("reference",)
 
 
-@register_stage("ppo", PPOConfig, kind="rl", trains_policy=True, uses_rewards=True,
-                objective="reward/total_mean", models=ppo_models)
+@register_stage(
+    "ppo", PPOConfig, kind="rl", trains_policy=True, uses_rewards=True, objective="reward/total_mean", models=ppo_models
+)
 def build_ppo(ctx: StageContext) -> Built:
     """PPO's four models: the policy (actor), a critic from the policy's weights (none with a group
     baseline), a frozen reference (none when beta = 0) and the reward function; the actor and the critic
@@ -210,8 +231,9 @@ def build_ppo(ctx: StageContext) -> Built:
     reference, actor, actor_optimizer = build_actor_and_reference(ctx, lr=algo.actor_lr, critic=critic)
     targets, optimizers = [actor], {"actor": actor_optimizer}
     if critic is not None:
-        critic_target, optimizers["critic"] = optim_target([p for p in critic.parameters() if p.requires_grad],
-                                                           cfg.trainer, "critic", lr=algo.critic_lr)
+        critic_target, optimizers["critic"] = optim_target(
+            [p for p in critic.parameters() if p.requires_grad], cfg.trainer, "critic", lr=algo.critic_lr
+        )
         targets.append(critic_target)
         critic = critic.eval()
     kl_ctl = KLController(algo.beta, algo.kl_control == "adaptive", algo.target_kl, algo.kl_horizon)

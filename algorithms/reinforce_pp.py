@@ -60,9 +60,11 @@ class ReinforcePPConfig(PolicyGradientConfig):
         check_choice("algo.baseline", self.baseline, BASELINES)
         check_range("algo.gamma", self.gamma, 0.0, 1.0)
         if self.baseline == "group_mean" and self.group_size < 2:
-            raise ConfigError(f"algo.baseline=group_mean with algo.group_size={self.group_size}: the baseline is the "
-                              "mean score of the prompt's samples; choose algo.group_size >= 2 (and "
-                              "algo.prompts_per_step to keep the budget, e.g. 2 x 4)")
+            raise ConfigError(
+                f"algo.baseline=group_mean with algo.group_size={self.group_size}: the baseline is the "
+                "mean score of the prompt's samples; choose algo.group_size >= 2 (and "
+                "algo.prompts_per_step to keep the budget, e.g. 2 x 4)"
+            )
 
 
 class ReinforcePP(PolicyGradient):
@@ -89,20 +91,29 @@ class ReinforcePP(PolicyGradient):
         # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
-        stats.update({
-            "advantages/mean": float(masked_mean(returns, mask)),  # before whitening
-            "advantages/std": float(masked_var(returns, mask).sqrt()),
-            "advantages/abs_mean": float(masked_mean(returns.abs(), mask)),
-            "returns/mean": float(masked_mean(returns, mask)),  # PPO's key: its lam = 1 returns are these
-        })
+        stats.update(
+            {
+                "advantages/mean": float(masked_mean(returns, mask)),  # before whitening
+                "advantages/std": float(masked_var(returns, mask).sqrt()),
+                "advantages/abs_mean": float(masked_mean(returns.abs(), mask)),
+                "returns/mean": float(masked_mean(returns, mask)),  # PPO's key: its lam = 1 returns are these
+            }
+        )
         if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
             stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
         return self.step_output(rollout, scored, scores, stats, timer, advantages)
 
 
-@register_stage("reinforce_pp", ReinforcePPConfig, kind="rl", trains_policy=True, uses_rewards=True,
-                objective="reward/total_mean", models=("reference",))
+@register_stage(
+    "reinforce_pp",
+    ReinforcePPConfig,
+    kind="rl",
+    trains_policy=True,
+    uses_rewards=True,
+    objective="reward/total_mean",
+    models=("reference",),
+)
 def build_reinforce_pp(ctx: StageContext) -> Built:
     """REINFORCE++ on ctx.policy with a frozen reference (none when beta = 0) and the actor's optimiser."""
     return build_critic_free(ReinforcePP, ctx)

@@ -71,9 +71,11 @@ class RLOOConfig(PolicyGradientConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_size < 2:
-            raise ConfigError(f"algo.group_size={self.group_size}: RLOO's baseline is the mean of the other G - 1 "
-                              "samples of the same prompt; choose algo.group_size >= 2 (the budget is "
-                              "prompts_per_step x group_size sequences per step)")
+            raise ConfigError(
+                f"algo.group_size={self.group_size}: RLOO's baseline is the mean of the other G - 1 "
+                "samples of the same prompt; choose algo.group_size >= 2 (the budget is "
+                "prompts_per_step x group_size sequences per step)"
+            )
 
 
 class RLOO(PolicyGradient):
@@ -100,19 +102,28 @@ class RLOO(PolicyGradient):
         # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
-        stats.update({
-            "advantages/mean": float(raw_advantages.mean()),  # before whitening; 0 up to rounding
-            "advantages/std": float(raw_advantages.std()) if raw_advantages.numel() > 1 else 0.0,
-            "advantages/abs_mean": float(raw_advantages.abs().mean()),
-            # zero-spread groups of the task reward (as GRPO logs it): no signal but the KL's noise
-            "reward/zero_std_group_frac": zero_std_group_frac(scores, cfg.group_size),
-        })
+        stats.update(
+            {
+                "advantages/mean": float(raw_advantages.mean()),  # before whitening; 0 up to rounding
+                "advantages/std": float(raw_advantages.std()) if raw_advantages.numel() > 1 else 0.0,
+                "advantages/abs_mean": float(raw_advantages.abs().mean()),
+                # zero-spread groups of the task reward (as GRPO logs it): no signal but the KL's noise
+                "reward/zero_std_group_frac": zero_std_group_frac(scores, cfg.group_size),
+            }
+        )
         stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
         return self.step_output(rollout, scored, scores, stats, timer, advantages)
 
 
-@register_stage("rloo", RLOOConfig, kind="rl", trains_policy=True, uses_rewards=True,
-                objective="reward/total_mean", models=("reference",))
+@register_stage(
+    "rloo",
+    RLOOConfig,
+    kind="rl",
+    trains_policy=True,
+    uses_rewards=True,
+    objective="reward/total_mean",
+    models=("reference",),
+)
 def build_rloo(ctx: StageContext) -> Built:
     """RLOO on ctx.policy with a frozen reference (none when beta = 0) and the actor's optimiser."""
     return build_critic_free(RLOO, ctx)

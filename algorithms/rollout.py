@@ -101,8 +101,13 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -
     return sorted(i for i in ids if i is not None)
 
 
-def draw_uniforms(prompts: int, group_size: int, steps: int,
-                  generator: torch.Generator | list[torch.Generator] | None, device: torch.device) -> Tensor:
+def draw_uniforms(
+    prompts: int,
+    group_size: int,
+    steps: int,
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device,
+) -> Tensor:
     """The sampling noise of a whole rollout, [P * G, steps]: one uniform per sample and step.
 
     With one generator per prompt (a list of P) each group's noise comes from its own generator, so a
@@ -137,8 +142,13 @@ def pack_weights(cfg: RolloutConfig, model: torch.nn.Module, mode: str | None) -
     """Whether the eager static step runs on packed weights (models.packed)."""
     if cfg.pack == "false":
         return False
-    why_not = ("the decode step is compiled" if mode is not None else
-               "the model is sharded" if is_sharded(model) else packable(model))
+    why_not = (
+        "the decode step is compiled"
+        if mode is not None
+        else "the model is sharded"
+        if is_sharded(model)
+        else packable(model)
+    )
     if why_not and cfg.pack == "true":
         raise ConfigError(f"algo.rollout.pack=true, but {why_not}: set algo.rollout.pack=auto or false")
     return why_not is None
@@ -210,15 +220,29 @@ def _decode_static(
 
 @torch.inference_mode()
 def _decode_dynamic(
-    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor, uniform: Tensor,
-    stop_ids: Tensor, pad_id: int, temperature: float, top_p: float, progress: bool,
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    rows: Tensor,
+    uniform: Tensor,
+    stop_ids: Tensor,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    progress: bool,
 ) -> tuple[Tensor, Tensor]:
     """The model's own forward over a growing DynamicCache: any architecture, and the static path's reference."""
     cache = DynamicCache()
     positions = position_ids(prompt_mask)
     # the prefill runs once per distinct prompt, and only the last position becomes logits
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache.batch_select_indices(rows)  # the prompt's cache copied to each of its samples
     logits = out.logits[rows, -1]  # [n, V]
     mask = prompt_mask[rows]  # [n, Tp]
@@ -253,8 +277,17 @@ def pad_to(x: Tensor, width: int, value: float, left: bool = False) -> Tensor:
 
 
 def sample_completions(
-    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, uniform: Tensor,
-    stop_ids: Tensor, pad_id: int, temperature: float, top_p: float, cfg: RolloutConfig, progress: bool = False,
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    group_size: int,
+    uniform: Tensor,
+    stop_ids: Tensor,
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    cfg: RolloutConfig,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """G completions of each distinct prompt [P, Tp]: (ids [N, Tc], mask [N, Tc], logp [N, Tc]), N = P * G.
 
@@ -276,11 +309,24 @@ def sample_completions(
         keep = chunk_mask.any(0)  # drop the left-padding columns no prompt of this chunk needs
         chunk_ids, chunk_mask = chunk_ids[:, keep], chunk_mask[:, keep]
         if static:
-            out = _decode_static(decoder, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
-                                 temperature, top_p, cfg.compact_below, check_every, progress)
+            out = _decode_static(
+                decoder,
+                chunk_ids,
+                chunk_mask,
+                rows,
+                uniform[chunk],
+                stop_ids,
+                pad_id,
+                temperature,
+                top_p,
+                cfg.compact_below,
+                check_every,
+                progress,
+            )
         else:
-            out = _decode_dynamic(model, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id,
-                                  temperature, top_p, progress)
+            out = _decode_dynamic(
+                model, chunk_ids, chunk_mask, rows, uniform[chunk], stop_ids, pad_id, temperature, top_p, progress
+            )
         ids.append(out[0])
         logps.append(out[1])
     width = max(x.shape[1] for x in ids)
@@ -332,17 +378,33 @@ def generate_rollout(
     uniform = draw_uniforms(len(rows), group_size, max_new_tokens, generator, device)  # [N, max_new_tokens]
     with sampling_weights(model):
         completion_ids, completion_mask, logp = sample_completions(
-            model, unique_ids, unique_mask, group_size, uniform, stop_ids, tokenizer.pad_token_id,
-            temperature, top_p, rollout or RolloutConfig(), progress,
+            model,
+            unique_ids,
+            unique_mask,
+            group_size,
+            uniform,
+            stop_ids,
+            tokenizer.pad_token_id,
+            temperature,
+            top_p,
+            rollout or RolloutConfig(),
+            progress,
         )
     prompt_ids = unique_ids.repeat_interleave(group_size, dim=0)  # [N, Tp]
     prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)
     model.train(was_training)
     truncated = ~torch.isin(completion_ids, stop_ids).any(-1)
-    texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask), skip_special_tokens=True
+    )
     return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, logp=logp, truncated=truncated,
-        prompts=prompts, completions=texts, rows=sample_rows,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logp=logp,
+        truncated=truncated,
+        prompts=prompts,
+        completions=texts,
+        rows=sample_rows,
     )

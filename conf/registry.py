@@ -74,9 +74,16 @@ STAGES: dict[str, Stage] = {}
 _discovered: dict[str, bool] = {"done": False}
 
 
-def register_stage(name: str, config: type, *, kind: str, trains_policy: bool = False, uses_rewards: bool = False,
-                   objective: str | None = None,
-                   models: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()) -> Callable:
+def register_stage(
+    name: str,
+    config: type,
+    *,
+    kind: str,
+    trains_policy: bool = False,
+    uses_rewards: bool = False,
+    objective: str | None = None,
+    models: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = (),
+) -> Callable:
     """Decorator on a stage's builder (kind rl / supervised) or runner (pass / driver); returns it unchanged.
     `models`: a tuple, or a function of the stage's config that returns one.
 
@@ -93,9 +100,18 @@ def register_stage(name: str, config: type, *, kind: str, trains_policy: bool = 
         looped = kind in ("rl", "supervised")
         models_fn = models if callable(models) else None
         kept = tuple(models_fn(config())) if models_fn is not None else tuple(models)
-        STAGES[name] = Stage(name, config, kind, build=fn if looped else None, run=None if looped else fn,
-                             trains_policy=trains_policy, uses_rewards=uses_rewards, objective=objective,
-                             models=kept, models_fn=models_fn)
+        STAGES[name] = Stage(
+            name,
+            config,
+            kind,
+            build=fn if looped else None,
+            run=None if looped else fn,
+            trains_policy=trains_policy,
+            uses_rewards=uses_rewards,
+            objective=objective,
+            models=kept,
+            models_fn=models_fn,
+        )
         ConfigStore.instance().store(group=SCHEMA_GROUP, name=name, node=config)
         return fn
 
@@ -124,6 +140,10 @@ def get_stage(name: str) -> Stage:
 def stage_names(kind: str | None = None, trains_policy: bool | None = None) -> tuple[str, ...]:
     """Registered stage names, optionally only those of one kind / that train a policy."""
     discover()
-    return tuple(sorted(name for name, s in STAGES.items()
-                        if (kind is None or s.kind == kind)
-                        and (trains_policy is None or s.trains_policy == trains_policy)))
+    return tuple(
+        sorted(
+            name
+            for name, s in STAGES.items()
+            if (kind is None or s.kind == kind) and (trains_policy is None or s.trains_policy == trains_policy)
+        )
+    )

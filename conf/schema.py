@@ -35,8 +35,10 @@ def _divide(total: int, parts: int) -> int:
     """`${div:8,${algo.group_size}}`: an exact integer division for budget-preserving presets."""
     total, parts = int(total), int(parts)
     if parts <= 0 or total % parts:
-        raise ConfigError(f"div:{total},{parts}: {total} sequences per step do not split into groups of {parts}; "
-                          f"choose a divisor of {total}")
+        raise ConfigError(
+            f"div:{total},{parts}: {total} sequences per step do not split into groups of {parts}; "
+            f"choose a divisor of {total}"
+        )
     return total // parts
 
 
@@ -120,8 +122,9 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and not self.timeout_s > 0:
-            raise ConfigError(f"reward.timeout_s={self.timeout_s!r} must be a positive number of seconds, "
-                              "or null for no limit")
+            raise ConfigError(
+                f"reward.timeout_s={self.timeout_s!r} must be a positive number of seconds, or null for no limit"
+            )
 
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -147,8 +150,10 @@ class LoraOptions:
             raise ConfigError("trainer.lora.target_modules is empty; e.g. " + ",".join(LLAMA_LORA_TARGETS))
         if "lm_head" in self.target_modules:
             # the reference reads the same lm_head as the base; adapters live in the decoder only
-            raise ConfigError("trainer.lora.target_modules may not include lm_head; choose decoder "
-                              "projections such as " + ",".join(LLAMA_LORA_TARGETS))
+            raise ConfigError(
+                "trainer.lora.target_modules may not include lm_head; choose decoder "
+                "projections such as " + ",".join(LLAMA_LORA_TARGETS)
+            )
 
 
 @dataclass
@@ -201,8 +206,10 @@ class TrainerConfig:
         check_choice("trainer.strategy", self.strategy, ("single", "ddp", "fsdp"))
         check_choice("trainer.checkpoint_errors", self.checkpoint_errors, ("stop", "warn"))
         if self.strategy == "fsdp" and self.lora.enabled:
-            raise ConfigError("trainer.strategy=fsdp shards full fine-tuning; with trainer.lora.enabled=true choose "
-                              "trainer.strategy=ddp (or single): the frozen base is replicated, only adapters train")
+            raise ConfigError(
+                "trainer.strategy=fsdp shards full fine-tuning; with trainer.lora.enabled=true choose "
+                "trainer.strategy=ddp (or single): the frozen base is replicated, only adapters train"
+            )
         check_range("trainer.max_steps", self.max_steps, 1)
         check_range("trainer.lr", self.lr, 0.0)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
@@ -210,8 +217,16 @@ class TrainerConfig:
         check_range("trainer.max_grad_norm", self.max_grad_norm, 0.0)
         check_range("trainer.dist_timeout_min", self.dist_timeout_min, 1.0)
         check_range("trainer.weight_decay", self.weight_decay, 0.0)
-        for key in ("warmup_steps", "eval_every", "log_samples", "log_samples_every", "save_every", "keep_last",
-                    "threads", "max_oom_retries"):
+        for key in (
+            "warmup_steps",
+            "eval_every",
+            "log_samples",
+            "log_samples_every",
+            "save_every",
+            "keep_last",
+            "threads",
+            "max_oom_retries",
+        ):
             check_range(f"trainer.{key}", getattr(self, key), 0)
         for key in ("eval_batch_size", "max_consecutive_skips"):
             check_range(f"trainer.{key}", getattr(self, key), 1)
@@ -247,8 +262,15 @@ class Config:
     experiment_name: str = "default"  # groups runs (wandb group, report titles)
 
 
-GROUP_SCHEMAS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "reward": RewardConfig,
-                                  "trainer": TrainerConfig, "logger": LoggerConfig}
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "reward": RewardConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
 def _max_steps(algo_default: int | None) -> int:
     """`${max_steps:${oc.select:algo.default_max_steps,null}}` (conf/trainer/default.yaml): an algorithm's own
     step budget when it declares one (PPO's steps cost twice GRPO's), else TrainerConfig's default."""
@@ -366,8 +388,13 @@ def validate(cfg: DictConfig) -> Config:
     try:  # resolve interpolations across groups (${algo.group_size} in a preset) before splitting the groups
         # plain containers: the composed groups are typed by their schemas, which would let a `+key` added by
         # an override through; merged onto the schemas below, an unknown key is an error naming the valid ones
-        cfg = OmegaConf.create({key: OmegaConf.to_container(cfg[key], resolve=False) if OmegaConf.is_config(cfg[key])
-                                else cfg[key] for key in cfg if key != "hydra"})
+        cfg = OmegaConf.create(
+            {
+                key: OmegaConf.to_container(cfg[key], resolve=False) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                for key in cfg
+                if key != "hydra"
+            }
+        )
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None

@@ -74,8 +74,9 @@ def resolve_source(cfg: DataConfig) -> str:
     """The source `load_examples` will try first: "hub" or "local" (resolves source=auto)."""
     if cfg.source != "auto":
         return cfg.source
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))  # the values huggingface_hub accepts
+    offline = any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )  # the values huggingface_hub accepts
     return "hub" if cfg.hub_id and not offline and _hub_reachable() else "local"
 
 
@@ -172,8 +173,15 @@ def normalise_row(raw: dict[str, Any], index: int, cfg: DataConfig) -> tuple[dic
         lines = "\n".join(f"{k}. {' '.join(v.split())}" for k, v in options.items())
         question = f"{question}\n\n{lines}"
         reference = reference or options[answer]
-    row = {"id": str(index), "question": question, "answer": answer, "reference": reference,
-           "cot": cot, "options": options, "kind": cfg.kind}
+    row = {
+        "id": str(index),
+        "question": question,
+        "answer": answer,
+        "reference": reference,
+        "cot": cot,
+        "options": options,
+        "kind": cfg.kind,
+    }
     return row, None
 
 
@@ -221,8 +229,10 @@ def load_examples(cfg: DataConfig, root: Path) -> tuple[list[dict], list[dict], 
         else:
             valid.append(row)
     if not valid:
-        raise ValueError(f"no valid rows for data={cfg.name} (kind={cfg.kind}) in {where}; "
-                         f"skipped: {dict(skipped) or 'none, the source is empty'}")
+        raise ValueError(
+            f"no valid rows for data={cfg.name} (kind={cfg.kind}) in {where}; "
+            f"skipped: {dict(skipped) or 'none, the source is empty'}"
+        )
     if skipped:
         log.warning("data %s: skipped %s", cfg.name, dict(skipped))
 
@@ -268,11 +278,17 @@ def attach_prompts(rows: list[dict], tokenizer: Any, cfg: DataConfig) -> tuple[l
     kept = [{**r, "prompt": p} for r, p, n in zip(rows, prompts, lengths) if n <= cfg.max_prompt_tokens]
     skipped = {"prompt_too_long": len(rows) - len(kept)} if len(kept) < len(rows) else {}
     if not kept:
-        raise ValueError(f"all {len(rows)} prompts of data={cfg.name} exceed data.max_prompt_tokens="
-                         f"{cfg.max_prompt_tokens} (longest: {max(lengths)} tokens); raise the limit")
+        raise ValueError(
+            f"all {len(rows)} prompts of data={cfg.name} exceed data.max_prompt_tokens="
+            f"{cfg.max_prompt_tokens} (longest: {max(lengths)} tokens); raise the limit"
+        )
     if skipped:
-        log.warning("data %s: skipped %d prompts longer than %d tokens",
-                    cfg.name, skipped["prompt_too_long"], cfg.max_prompt_tokens)
+        log.warning(
+            "data %s: skipped %d prompts longer than %d tokens",
+            cfg.name,
+            skipped["prompt_too_long"],
+            cfg.max_prompt_tokens,
+        )
     return kept, skipped
 
 
@@ -344,7 +360,9 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_rows", len(self.rows)) != len(self.rows) or state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"sampler state is for {state.get('num_rows')} rows with seed {state.get('seed')}, "
-                             f"not {len(self.rows)} rows with seed {self.seed}: the data changed since the checkpoint")
+            raise ValueError(
+                f"sampler state is for {state.get('num_rows')} rows with seed {state.get('seed')}, "
+                f"not {len(self.rows)} rows with seed {self.seed}: the data changed since the checkpoint"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order(self.epoch)

@@ -75,8 +75,9 @@ def method_fn(name: str):
 
         def fused_loss(inputs, tokens, upstream):
             flat_g = upstream.reshape(-1)
-            loss, logp, _ = fused_token_loss(inputs[0], inputs[1], tokens,
-                                             lambda lp, ent, pos: flat_g[pos] * lp, backend=backend)
+            loss, logp, _ = fused_token_loss(
+                inputs[0], inputs[1], tokens, lambda lp, ent, pos: flat_g[pos] * lp, backend=backend
+            )
             return loss, logp
 
         return group, fused_loss
@@ -166,9 +167,15 @@ def worker(args) -> dict:
             cpu_times.append(time.process_time() - cpu_start)
         checksum = float(logp.double().sum())
         del logp, grads
-    return {"method": args.worker, "group": group, "median_s": statistics.median(times), "times_s": times,
-            "median_cpu_s": statistics.median(cpu_times),
-            "peak_extra_bytes": memory.peak_extra(), "checksum": checksum}
+    return {
+        "method": args.worker,
+        "group": group,
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "peak_extra_bytes": memory.peak_extra(),
+        "checksum": checksum,
+    }
 
 
 def available(method: str, device: str) -> str | None:
@@ -185,14 +192,17 @@ def table(results: list[dict], group: str, cuda: bool) -> list[str]:
     rows = [r for r in results if r["group"] == group]
     base = next((r for r in rows if r["method"] in ("naive", "naive_logits")), None)
     key = "median_s" if cuda else "median_cpu_s"
-    lines = ["| method | median fwd+bwd, wall (s) | CPU (s) | time / naive | peak extra memory (MiB) "
-             "| memory / naive |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | median fwd+bwd, wall (s) | CPU (s) | time / naive | peak extra memory (MiB) | memory / naive |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t_ratio = r[key] / base[key] if base else float("nan")
         m_ratio = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else float("nan")
-        lines.append(f"| {r['method']} | {r['median_s']:.3f} | {r['median_cpu_s']:.3f} | {t_ratio:.2f} | "
-                     f"{r['peak_extra_bytes'] / 2**20:.0f} | {m_ratio:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['median_s']:.3f} | {r['median_cpu_s']:.3f} | {t_ratio:.2f} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} | {m_ratio:.2f} |"
+        )
     return lines
 
 
@@ -216,8 +226,9 @@ def main() -> None:
 
     methods = args.methods or [m for g in GROUPS.values() for m in g]
     results, skipped = [], []
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "vocab", "hidden", "dtype", "device",
-                                                          "repeats", "warmup")]
+    passthrough = [
+        f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "vocab", "hidden", "dtype", "device", "repeats", "warmup")
+    ]
     for method in methods:
         method_fn(method)  # an unknown name fails here, naming the valid ones
         reason = available(method, args.device)
@@ -228,24 +239,36 @@ def main() -> None:
         # a fixed glibc mmap threshold: freed buffers of 1 MiB and more go back to the OS at once, so the
         # resident set follows live memory instead of glibc's adaptive heap (the same for every method)
         env = os.environ | {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")}
-        proc = subprocess.run([sys.executable, __file__, "--worker", method, *passthrough], capture_output=True,
-                              text=True, env=env, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", method, *passthrough],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     threads = os.environ.get("OMP_NUM_THREADS", "torch default")
-    lines = [(f"B={args.batch}, T={args.seq}, V={args.vocab}, H={args.hidden}, {args.dtype}, {device_name}, "
-              f"OMP_NUM_THREADS={threads}, torch {torch.__version__}; median of {args.repeats} after {args.warmup} "
-              "warm-up; each method in a fresh process"), ""]
+    lines = [
+        (
+            f"B={args.batch}, T={args.seq}, V={args.vocab}, H={args.hidden}, {args.dtype}, {device_name}, "
+            f"OMP_NUM_THREADS={threads}, torch {torch.__version__}; median of {args.repeats} after {args.warmup} "
+            "warm-up; each method in a fresh process"
+        ),
+        "",
+    ]
     for group, title in (("hidden", "From hidden states (lm_head matmul included)"), ("logits", "From given logits")):
         if any(r["group"] == group for r in results):
             lines += [f"**{title}**", "", *table(results, group, args.device == "cuda"), ""]
     lines += skipped
     sums = {r["method"]: r["checksum"] for r in results}
     lines.append("time / naive: ratio of " + ("wall" if args.device == "cuda" else "CPU") + " medians")
-    lines.append("checksums (sum of logp, equal up to rounding across methods): "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in sums.items()))
+    lines.append(
+        "checksums (sum of logp, equal up to rounding across methods): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sums.items())
+    )
     text = "\n".join(lines)
     print(text)
     if args.output:

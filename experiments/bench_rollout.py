@@ -45,16 +45,27 @@ def eight_b_overrides() -> list[str]:
     from models.memory import KNOWN_ARCHITECTURES
 
     shape = KNOWN_ARCHITECTURES["deepseek-ai/DeepSeek-R1-Distill-Llama-8B"]
-    return ["model=r1_distill_llama_8b", "model.source=random", "model.path=null", "model.tokenizer=embedded",
-            "model.chat_template=r1_distill", "model.dtype=bfloat16", *(f"model.{k}={v}" for k, v in shape.items())]
+    return [
+        "model=r1_distill_llama_8b",
+        "model.source=random",
+        "model.path=null",
+        "model.tokenizer=embedded",
+        "model.chat_template=r1_distill",
+        "model.dtype=bfloat16",
+        *(f"model.{k}={v}" for k, v in shape.items()),
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--shape", default="embedded", choices=("embedded", "8b", "tiny"),
-                   help="the embedded SmolLM2-135M (fp32 on a CPU, bf16 on a GPU), an 8B-shaped random Llama (bf16) "
-                        "or the tests' tiny Llama")
+    p.add_argument(
+        "--shape",
+        default="embedded",
+        choices=("embedded", "8b", "tiny"),
+        help="the embedded SmolLM2-135M (fp32 on a CPU, bf16 on a GPU), an 8B-shaped random Llama (bf16) "
+        "or the tests' tiny Llama",
+    )
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -64,8 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled sampler")
     p.add_argument("--no-generate", action="store_true", help="skip model.generate")
-    p.add_argument("--out", type=Path, default=None, help="markdown report (default experiments/results/"
-                                                          "bench_rollout_<device>_<shape>.md)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown report (default experiments/results/bench_rollout_<device>_<shape>.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -77,8 +92,11 @@ def load(args: argparse.Namespace):
     from run import load_data
 
     embedded_dtype = "bfloat16" if args.device == "cuda" else "float32"
-    model_overrides = {"embedded": ["model=smollm2_135m", f"model.dtype={embedded_dtype}"],
-                       "8b": eight_b_overrides(), "tiny": ["model=tiny_llama"]}[args.shape]
+    model_overrides = {
+        "embedded": ["model=smollm2_135m", f"model.dtype={embedded_dtype}"],
+        "8b": eight_b_overrides(),
+        "tiny": ["model=tiny_llama"],
+    }[args.shape]
     discover()
     cfg = compose_config(["algo=grpo", *model_overrides, "logger.mode=disabled"])
     tokenizer = load_tokenizer(cfg.model)
@@ -119,8 +137,10 @@ def matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def stream_seconds(weights: list[torch.Tensor], device: str, repeats: int) -> float:
     """Time to read every weight once (a reduction over each): the weight-streaming floor of one step."""
+
     def read():
         return [w.amax() for w in weights]
+
     return timed(read, device, max(repeats, 5))[1]
 
 
@@ -132,6 +152,7 @@ def products_seconds(products: list[tuple], rows: int, dtype: torch.dtype, devic
     def run():
         with torch.inference_mode():
             return [product(inputs[width]) for product, width in products]
+
     return timed(run, device, max(repeats, 5))[1]
 
 
@@ -167,9 +188,18 @@ def generate_seconds(model, tokenizer, rows, args, new_tokens: int) -> tuple[flo
     def run():
         torch.manual_seed(0)
         with torch.inference_mode():
-            return model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  num_return_sequences=args.group_size, pad_token_id=tokenizer.pad_token_id)
+            return model.generate(
+                **enc,
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_return_sequences=args.group_size,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
     first, median, _ = timed(run, args.device, args.repeats)
     return first, median
 
@@ -181,8 +211,13 @@ def forward_seconds(model, rollout, args) -> float:
 
     def run():
         with torch.inference_mode():
-            return model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                         position_ids=positions, logits_to_keep=rollout.completion_ids.shape[1]).logits
+            return model(
+                input_ids=rollout.input_ids,
+                attention_mask=rollout.attention_mask,
+                position_ids=positions,
+                logits_to_keep=rollout.completion_ids.shape[1],
+            ).logits
+
     return timed(run, args.device, args.repeats)[1]
 
 
@@ -196,8 +231,9 @@ def agreement(model, rollout, reference, temperature: float) -> dict[str, float]
     width = min(rollout.completion_ids.shape[1], reference.completion_ids.shape[1])
     same = (rollout.completion_ids[:, :width] == reference.completion_ids[:, :width]).float().mean()
     with torch.inference_mode():
-        logp, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                      rollout.completion_ids.shape[1], temperature=temperature)
+        logp, _ = completion_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1], temperature=temperature
+        )
     real = rollout.completion_mask.bool()
     return {"same_token_share": float(same), "forward_logp_gap": float((logp - rollout.logp)[real].abs().mean())}
 
@@ -206,17 +242,30 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer, rows = load(args)
     seeds = list(range(1, len(rows) + 1))
-    samplers = {"ours dynamic": RolloutConfig(cache="dynamic"),
-                "ours static": RolloutConfig(compile="false", pack="false")}
+    samplers = {
+        "ours dynamic": RolloutConfig(cache="dynamic"),
+        "ours static": RolloutConfig(compile="false", pack="false"),
+    }
     if args.device == "cpu":
         samplers["ours static packed"] = RolloutConfig(compile="false", pack="true")
     if not args.no_compile:
         samplers["ours compiled"] = RolloutConfig(compile="true")
     results, rollouts = {}, {}
     for name, cfg in samplers.items():
+
         def run(cfg=cfg):
-            return generate_rollout(model, tokenizer, rows, args.group_size, args.max_new_tokens, args.temperature,
-                                    args.top_p, prompt_seeds=seeds, rollout=cfg)
+            return generate_rollout(
+                model,
+                tokenizer,
+                rows,
+                args.group_size,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_p,
+                prompt_seeds=seeds,
+                rollout=cfg,
+            )
+
         first, median, rollouts[name] = timed(run, args.device, args.repeats)
         results[name] = {"seconds": median, "first": first}
         print(f"{name}: {median:.3f} s (first call {first:.3f} s)", file=sys.stderr, flush=True)
@@ -235,15 +284,27 @@ def measure(args: argparse.Namespace) -> dict:
     stream = stream_seconds(weights, args.device, args.repeats)
     flops_step = 2 * sum(w.numel() for w in weights) * len(reference.completions)
     peak_flops = matmul_flops_per_second(weights[0].dtype, args.device)
-    floors = {"stream": steps * stream, "roofline": steps * max(stream, flops_step / peak_flops),
-              "matmuls": steps * gemm_seconds(weights, len(reference.completions), args.device, args.repeats)}
+    floors = {
+        "stream": steps * stream,
+        "roofline": steps * max(stream, flops_step / peak_flops),
+        "matmuls": steps * gemm_seconds(weights, len(reference.completions), args.device, args.repeats),
+    }
     if "ours static packed" in results:
         packed, pack = packed_gemm_seconds(model, len(reference.completions), args.repeats)
         floors["packed matmuls"] = steps * packed + pack
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "same_tokens": same,
-              "logp_gap": logp_gap, "decode_steps": steps, "sequences": len(reference.completions),
-              "weight_bytes": weight_bytes, "stream_seconds": stream, "matmul_tflops": peak_flops / 1e12,
-              "floors": floors, "threads": torch.get_num_threads()}
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+        "same_tokens": same,
+        "logp_gap": logp_gap,
+        "decode_steps": steps,
+        "sequences": len(reference.completions),
+        "weight_bytes": weight_bytes,
+        "stream_seconds": stream,
+        "matmul_tflops": peak_flops / 1e12,
+        "floors": floors,
+        "threads": torch.get_num_threads(),
+    }
     if args.device == "cuda":
         from experiments.gpu_measure import peak_bandwidth
 
@@ -255,20 +316,36 @@ def measure(args: argparse.Namespace) -> dict:
 
 def markdown(report: dict) -> str:
     a, results, floors = report["args"], report["results"], report["floors"]
-    lines = [f"# Rollout: {a['shape']} on {a['device']}, {a['prompts']} prompts x G={a['group_size']}, "
-             f"{report['decode_steps']} decode steps (max {a['max_new_tokens']}), {report['threads']} thread(s)", "",
-             f"Weights multiplied per step: {report['weight_bytes'] / 1e6:.0f} MB, read once in "
-             f"{report['stream_seconds'] * 1e3:.1f} ms; matmul throughput {report['matmul_tflops']:.3f} TFLOP/s. "
-             f"Floors for the whole decode: weight streaming {floors['stream']:.3f} s, roofline "
-             f"{floors['roofline']:.3f} s; the decode's matmuls alone (this build's GEMM at this batch) "
-             f"{floors['matmuls']:.3f} s" + (f", on the packed weights {floors['packed matmuls']:.3f} s (the pack "
-                                               "included)" if "packed matmuls" in floors else "") + ".", "",
-             f"Our samplers drew the same tokens: {'yes' if report['same_tokens'] else 'NO'}"
-             + (f" (largest log-prob gap to the dynamic cache {report['logp_gap']:.1e})" if report["same_tokens"]
-                else " (see the share of equal tokens per sampler)") + ".", ""]
+    lines = [
+        f"# Rollout: {a['shape']} on {a['device']}, {a['prompts']} prompts x G={a['group_size']}, "
+        f"{report['decode_steps']} decode steps (max {a['max_new_tokens']}), {report['threads']} thread(s)",
+        "",
+        f"Weights multiplied per step: {report['weight_bytes'] / 1e6:.0f} MB, read once in "
+        f"{report['stream_seconds'] * 1e3:.1f} ms; matmul throughput {report['matmul_tflops']:.3f} TFLOP/s. "
+        f"Floors for the whole decode: weight streaming {floors['stream']:.3f} s, roofline "
+        f"{floors['roofline']:.3f} s; the decode's matmuls alone (this build's GEMM at this batch) "
+        f"{floors['matmuls']:.3f} s"
+        + (
+            f", on the packed weights {floors['packed matmuls']:.3f} s (the pack included)"
+            if "packed matmuls" in floors
+            else ""
+        )
+        + ".",
+        "",
+        f"Our samplers drew the same tokens: {'yes' if report['same_tokens'] else 'NO'}"
+        + (
+            f" (largest log-prob gap to the dynamic cache {report['logp_gap']:.1e})"
+            if report["same_tokens"]
+            else " (see the share of equal tokens per sampler)"
+        )
+        + ".",
+        "",
+    ]
     gen = results.get("model.generate", {}).get("seconds")
-    header = ("| sampler | s | first call s | same tokens as dynamic | mean abs logp - forward's | x stream floor | "
-              "x roofline | x matmuls alone | x model.generate |")
+    header = (
+        "| sampler | s | first call s | same tokens as dynamic | mean abs logp - forward's | x stream floor | "
+        "x roofline | x matmuls alone | x model.generate |"
+    )
     packed = floors.get("packed matmuls")
     if packed:
         header += " x packed matmuls alone |"
@@ -278,9 +355,10 @@ def markdown(report: dict) -> str:
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results.items():
         s = r["seconds"]
-        row = (f"| {name} | {s:.3f} | {r['first']:.3f} |" if "first" in r else f"| {name} | {s:.3f} | - |")
-        row += (f" {r['same_token_share']:.1%} | {r['forward_logp_gap']:.1e} |" if "same_token_share" in r
-                else " - | - |")
+        row = f"| {name} | {s:.3f} | {r['first']:.3f} |" if "first" in r else f"| {name} | {s:.3f} | - |"
+        row += (
+            f" {r['same_token_share']:.1%} | {r['forward_logp_gap']:.1e} |" if "same_token_share" in r else " - | - |"
+        )
         row += f" {s / floors['stream']:.2f} | {s / floors['roofline']:.2f} | {s / floors['matmuls']:.2f} | "
         row += f"{s / gen:.2f} |" if gen else "- |"
         if packed:

@@ -108,7 +108,7 @@ def last_quarter_mean(run: Run, key: str) -> float | None:
     values = [r[key] for r in run.train if r.get(key) is not None]
     if not values:
         return None
-    tail = values[-max(len(values) // 4, 1):]
+    tail = values[-max(len(values) // 4, 1) :]
     return sum(tail) / len(tail)
 
 
@@ -194,8 +194,7 @@ def markdown_table(runs: list[Run]) -> str:
     rows = summary(runs)
     groups = group_runs(runs)
     cols = [c for c in COLUMNS if any(rows[label][c.title] is not None for label in rows)]  # drop empty columns
-    lines = ["| method | seeds | " + " | ".join(c.title for c in cols) + " |",
-             "|---|---:|" + "---:|" * len(cols)]
+    lines = ["| method | seeds | " + " | ".join(c.title for c in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for label, row in rows.items():
         cells = [format_cell(row[c.title], c) for c in cols]
         lines.append(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
@@ -211,8 +210,9 @@ def conclusion_metrics(runs: list[Run]) -> tuple[dict[str, Metric], dict[str, Me
     if budget is not None:
         start, end = budget
         rewards[f"reward at {end:.0f} tokens"] = lambda r: value_at(*token_curve(r, REWARD), end)
-        rewards[f"mean reward over {start:.0f}-{end:.0f} tokens (AUC)"] = (
-            lambda r: mean_over(*token_curve(r, REWARD), start, end))
+        rewards[f"mean reward over {start:.0f}-{end:.0f} tokens (AUC)"] = lambda r: mean_over(
+            *token_curve(r, REWARD), start, end
+        )
     quality = {**rewards, **{t: by_title[t] for t in ("eval reward", "pass@1", "pass@k", "maj@k")}}
     cost = {t: by_title[t] for t in ("s/step", "TFLOPs", "peak RSS (MB)", "peak CUDA (MB)")}
     intervals = {"final reward": by_title["final reward"], **quality, **cost}
@@ -225,13 +225,25 @@ def conclusions(runs: list[Run]) -> list[str]:
     intervals, pairs, factors = conclusion_metrics(runs)
     digits = {c.title: c.digits for c in COLUMNS}
     groups = group_runs(runs)
-    lines = [f"## {LEVEL:.0%} confidence intervals over seeds", "", interval_table(groups, intervals, digits), "",
-             "mean [low, high]: Student t interval over the seeds of each method (a single seed has none).", ""]
+    lines = [
+        f"## {LEVEL:.0%} confidence intervals over seeds",
+        "",
+        interval_table(groups, intervals, digits),
+        "",
+        "mean [low, high]: Student t interval over the seeds of each method (a single seed has none).",
+        "",
+    ]
     verdicts = pair_verdicts(groups, pairs)
     if verdicts:
-        lines += ["## Pairs of methods", "",
-                  "Welch's t on the per-seed values; rewards at equal generated tokens "
-                  "(each run's reward-vs-tokens curve linearly interpolated).", "", *verdicts, ""]
+        lines += [
+            "## Pairs of methods",
+            "",
+            "Welch's t on the per-seed values; rewards at equal generated tokens "
+            "(each run's reward-vs-tokens curve linearly interpolated).",
+            "",
+            *verdicts,
+            "",
+        ]
     table = factor_table(runs, factors, digits)
     if table:
         lines += ["## Factors (main effects, the other factors pooled)", "", *table, ""]
@@ -261,8 +273,13 @@ class Plot:
 
 PLOTS = [
     Plot("reward_vs_step", REWARD, title="mean reward"),
-    Plot("reward_vs_tokens", REWARD, x="tokens/generated_total", title="mean reward vs generated tokens",
-         xlabel="generated tokens"),
+    Plot(
+        "reward_vs_tokens",
+        REWARD,
+        x="tokens/generated_total",
+        title="mean reward vs generated tokens",
+        xlabel="generated tokens",
+    ),
     Plot("reward_vs_time", REWARD, x="time/total", title="mean reward vs wall time", xlabel="seconds"),
     Plot("kl", "kl", title="KL to the reference (k1 per token)"),
     Plot("entropy", "entropy", title="policy entropy per token (nats)"),
@@ -307,11 +324,17 @@ def write_report(runs: list[Run], out: Path, title: str, window: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     longest = max((len(r.train) for r in runs), default=0)
     window = window if window is not None else max(1, longest // 10)
-    lines = [f"# {title}", "", markdown_table(runs), "",
-             "final reward: mean of the last quarter of the training steps' mean rewards; eval reward: the "
-             "last held-out eval (pass@k, maj@k: k = algo.eval_samples); KL, entropy: last-quarter means; "
-             "mean ± sample std over seeds.", "",
-             *conclusions(runs)]
+    lines = [
+        f"# {title}",
+        "",
+        markdown_table(runs),
+        "",
+        "final reward: mean of the last quarter of the training steps' mean rewards; eval reward: the "
+        "last held-out eval (pass@k, maj@k: k = algo.eval_samples); KL, entropy: last-quarter means; "
+        "mean ± sample std over seeds.",
+        "",
+        *conclusions(runs),
+    ]
     for spec in PLOTS:
         path = plot(runs, spec, out, window)
         lines.append(f"![{spec.title}]({path.name})" if path else f"_{spec.title}: no run logged `{spec.y}`._")
@@ -328,9 +351,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="report dir (default: <first path>/report)")
     parser.add_argument("--title", default="Comparison")
     parser.add_argument("--smooth", type=int, default=None, help="moving-average window (default: steps / 10)")
-    parser.add_argument("--ignore", nargs="*", default=[], metavar="KEY",
-                        help="more override keys that do not set a method apart (always ignored: "
-                             + ", ".join(OUTPUT_ONLY) + ")")
+    parser.add_argument(
+        "--ignore",
+        nargs="*",
+        default=[],
+        metavar="KEY",
+        help="more override keys that do not set a method apart (always ignored: " + ", ".join(OUTPUT_ONLY) + ")",
+    )
     args = parser.parse_args(argv)
     runs = [r for r in find_runs(args.paths) if r.train]
     if not runs:

@@ -66,38 +66,130 @@ GPU = Sizes(
     device="cuda",
     kernel_shapes=(("8B", 4096, 128256), ("SmolLM2-135M", 576, 49152)),
     kernel_rows=512,
-    bench=("--device", "cuda", "--dtype", "bfloat16", "--batch", "8", "--seq", "256", "--vocab", "128256",
-           "--hidden", "4096", "--repeats", "3", "--warmup", "1"),  # every method (trl's when installed)
+    bench=(
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        "8",
+        "--seq",
+        "256",
+        "--vocab",
+        "128256",
+        "--hidden",
+        "4096",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+    ),  # every method (trl's when installed)
     embedded=("model=smollm2_135m", "data.eval_size=4", "trainer.eval_batch_size=4"),
     embedded_steps=3,
-    big={"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-         "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False},
-    big_run=("algo.prompts_per_step=8", "algo.group_size=8", "algo.max_new_tokens=512", "algo.minibatch_size=64",
-             "algo.micro_batch_size=8"),
+    big={
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },
+    big_run=(
+        "algo.prompts_per_step=8",
+        "algo.group_size=8",
+        "algo.max_new_tokens=512",
+        "algo.minibatch_size=64",
+        "algo.micro_batch_size=8",
+    ),
     fsdp_steps=2,
     timeout_s=300,
     # decode of the 8B shape at batch 64: our samplers (CUDA graphs included) against model.generate
-    rollout=("--device", "cuda", "--shape", "8b", "--prompts", "16", "--group-size", "4", "--max-new-tokens", "64",
-             "--repeats", "2"),
+    rollout=(
+        "--device",
+        "cuda",
+        "--shape",
+        "8b",
+        "--prompts",
+        "16",
+        "--group-size",
+        "4",
+        "--max-new-tokens",
+        "64",
+        "--repeats",
+        "2",
+    ),
 )
 TINY = Sizes(
     device="cpu",
     kernel_shapes=(("8B-like", 48, 1000), ("SmolLM2-like", 32, 500)),
     kernel_rows=8,
-    bench=("--device", "cpu", "--batch", "2", "--seq", "8", "--vocab", "500", "--hidden", "32", "--repeats", "1",
-           "--warmup", "0", "--methods", "naive", "fused_loss"),
-    embedded=("model=tiny_llama", "data.eval_size=0", "algo.max_new_tokens=4", "algo.prompts_per_step=2",
-              "algo.group_size=2", "algo.minibatch_size=4", "algo.micro_batch_size=2", "trainer.device=cpu",
-              "trainer.threads=1"),
+    bench=(
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--vocab",
+        "500",
+        "--hidden",
+        "32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--methods",
+        "naive",
+        "fused_loss",
+    ),
+    embedded=(
+        "model=tiny_llama",
+        "data.eval_size=0",
+        "algo.max_new_tokens=4",
+        "algo.prompts_per_step=2",
+        "algo.group_size=2",
+        "algo.minibatch_size=4",
+        "algo.micro_batch_size=2",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+    ),
     embedded_steps=2,
-    big={"vocab_size": 50000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
-    big_run=("algo.prompts_per_step=2", "algo.group_size=2", "algo.max_new_tokens=4", "algo.minibatch_size=4",
-             "algo.micro_batch_size=2", "trainer.device=cpu", "trainer.threads=1"),
+    big={
+        "vocab_size": 50000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    },
+    big_run=(
+        "algo.prompts_per_step=2",
+        "algo.group_size=2",
+        "algo.max_new_tokens=4",
+        "algo.minibatch_size=4",
+        "algo.micro_batch_size=2",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+    ),
     fsdp_steps=2,
     timeout_s=300,
-    rollout=("--device", "cpu", "--shape", "tiny", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4",
-             "--repeats", "1", "--no-compile"),
+    rollout=(
+        "--device",
+        "cpu",
+        "--shape",
+        "tiny",
+        "--prompts",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--no-compile",
+    ),
 )
 # every run.py process: offline, no wandb, the shipped data, no periodic eval
 COMMON = ("logger.mode=disabled", "data.source=local", "trainer.eval_every=0", "trainer.log_samples=0")
@@ -113,8 +205,12 @@ class CheckFailed(AssertionError):
 def environment() -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    }
     for package in ("triton", "transformers", "peft"):
         try:
             env[package] = metadata.version(package)
@@ -122,16 +218,25 @@ def environment() -> dict:
             env[package] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   compute_capability=f"{props.major}.{props.minor}", gpus_visible=torch.cuda.device_count())
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            gpus_visible=torch.cuda.device_count(),
+        )
         try:
             nccl = torch.cuda.nccl.version()
             env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         except Exception:  # a build without NCCL
             env["nccl"] = None
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30, check=False)
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
         except (OSError, IndexError, subprocess.TimeoutExpired):
             env["driver"] = None
@@ -142,20 +247,30 @@ def environment() -> dict:
 
 def run_py(args: list[str], run_dir: Path, sizes: Sizes, torchrun: bool = False) -> list[dict]:
     """`python run.py ARGS` (or under `torchrun --nproc_per_node=1`) into run_dir; the logged step metrics."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
     if sizes.device == "cpu":
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun
-                else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        if torchrun
+        else [sys.executable]
+    )
     cmd = [*launcher, str(ROOT / "run.py"), *COMMON, *args, f"hydra.run.dir={run_dir}"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=sizes.timeout_s,
-                          check=False)
+    proc = subprocess.run(
+        cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=sizes.timeout_s, check=False
+    )
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"run.py exited with {proc.returncode}: {' '.join(cmd[len(launcher):])}\n"
-                           f"{proc.stderr[-2500:]}")
+        raise RuntimeError(
+            f"run.py exited with {proc.returncode}: {' '.join(cmd[len(launcher) :])}\n{proc.stderr[-2500:]}"
+        )
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if "time/step" in m]
 
@@ -165,16 +280,23 @@ def resumed_runs(name: str, args: list[str], out: Path, steps: int, sizes: Sizes
     from experiments.gpu_measure import compare_resume, phase_seconds
 
     full, resumed = out / f"{name}_full", out / f"{name}_resumed"
-    metrics = run_py([*args, f"trainer.max_steps={steps}", f"trainer.save_every={steps - 1}", "trainer.keep_last=0"],
-                     full, sizes, torchrun)
+    metrics = run_py(
+        [*args, f"trainer.max_steps={steps}", f"trainer.save_every={steps - 1}", "trainer.keep_last=0"],
+        full,
+        sizes,
+        torchrun,
+    )
     prev = full / "checkpoints" / f"step_{steps - 1}"
     run_py([*args, f"trainer.max_steps={steps}", f"trainer.resume={prev}"], resumed, sizes, torchrun)
     step_1 = metrics[0]
-    return {"phases_s": phase_seconds(metrics),
-            "peak_cuda_mb": max((m.get("memory/peak_cuda_mb", 0.0) for m in metrics), default=0.0),
-            "tokens_generated_per_step": [m["tokens/generated"] for m in metrics],
-            "step1_approx_kl": step_1.get("approx_kl"), "step1_clip_frac": step_1.get("clip_frac"),
-            "resume": compare_resume(full, resumed, prev, sizes.device)}
+    return {
+        "phases_s": phase_seconds(metrics),
+        "peak_cuda_mb": max((m.get("memory/peak_cuda_mb", 0.0) for m in metrics), default=0.0),
+        "tokens_generated_per_step": [m["tokens/generated"] for m in metrics],
+        "step1_approx_kl": step_1.get("approx_kl"),
+        "step1_clip_frac": step_1.get("clip_frac"),
+        "resume": compare_resume(full, resumed, prev, sizes.device),
+    }
 
 
 # ---------------------------------------------------------------- sections
@@ -206,19 +328,24 @@ def section_probe(sizes: Sizes, out: Path) -> dict:
         real = mask.bool()
         logp, _ = completion_logprobs(model, ids, mask, completion_len=2)
     rows = [{"prompt": p} for p in prompts[:2]]
-    rollout = generate_rollout(model, tokenizer, rows, group_size=4, max_new_tokens=32,
-                               generator=torch.Generator().manual_seed(0))
+    rollout = generate_rollout(
+        model, tokenizer, rows, group_size=4, max_new_tokens=32, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
-        train_logp, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                            rollout.completion_ids.shape[1])
+        train_logp, _ = completion_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+        )
     m = rollout.completion_mask.bool()
     d = (train_logp - rollout.logp)[m].double()  # log ratio at the start of an update without recompute
-    result = {"attention": model.config._attn_implementation, "padded_positions": int((~real).sum()),
-              "real_logits_finite": bool(torch.isfinite(logits[real]).all()),
-              "padded_logits_finite": bool(torch.isfinite(logits[~real]).all()),
-              "logprobs_finite": bool(torch.isfinite(logp).all()),
-              "sampling_vs_training_logp_max_abs": float(d.abs().max()),
-              "approx_kl_without_recompute": float((torch.expm1(d) - d).mean())}
+    result = {
+        "attention": model.config._attn_implementation,
+        "padded_positions": int((~real).sum()),
+        "real_logits_finite": bool(torch.isfinite(logits[real]).all()),
+        "padded_logits_finite": bool(torch.isfinite(logits[~real]).all()),
+        "logprobs_finite": bool(torch.isfinite(logp).all()),
+        "sampling_vs_training_logp_max_abs": float(d.abs().max()),
+        "approx_kl_without_recompute": float((torch.expm1(d) - d).mean()),
+    }
     if not (result["real_logits_finite"] and result["logprobs_finite"]):
         raise CheckFailed(f"non-finite logits or log-probs on a left-padded batch: {result}")
     return result
@@ -227,15 +354,30 @@ def section_probe(sizes: Sizes, out: Path) -> dict:
 def section_kernels(sizes: Sizes, out: Path) -> dict:
     from experiments.gpu_measure import addmm_timing, kernel_rows
 
-    rows = [row for name, hidden, vocab in sizes.kernel_shapes for row in
-            kernel_rows(name, hidden, vocab, sizes.kernel_rows, sizes.device)]
+    rows = [
+        row
+        for name, hidden, vocab in sizes.kernel_shapes
+        for row in kernel_rows(name, hidden, vocab, sizes.kernel_rows, sizes.device)
+    ]
     _, hidden, vocab = sizes.kernel_shapes[0]  # the 8B's
     result = {"rows": rows, "addmm": addmm_timing(hidden, vocab, sizes.device)}
-    bench = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_logprobs.py"), *sizes.bench,
-                            "--output", str(out / "bench_logprobs.md")], capture_output=True, text=True,
-                           timeout=600, check=False, cwd=ROOT)
-    result["bench_logprobs"] = (bench.stdout.strip() if bench.returncode == 0
-                                else f"bench_logprobs.py failed:\n{bench.stderr[-2000:]}")
+    bench = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "bench_logprobs.py"),
+            *sizes.bench,
+            "--output",
+            str(out / "bench_logprobs.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+    )
+    result["bench_logprobs"] = (
+        bench.stdout.strip() if bench.returncode == 0 else f"bench_logprobs.py failed:\n{bench.stderr[-2000:]}"
+    )
     bad = [r for r in rows if not r["ok"]]
     if bad or bench.returncode != 0:
         raise CheckFailed(f"{len(bad)} kernel comparisons out of tolerance; bench exit {bench.returncode}")
@@ -246,8 +388,13 @@ def section_embedded(sizes: Sizes, out: Path) -> dict:
     """GRPO and PPO on the embedded model, bf16 full fine-tuning (fp32 master weights)."""
     result = {}
     for algo in ("grpo", "ppo"):
-        result[algo] = resumed_runs(algo, [f"algo={algo}", *sizes.embedded, "trainer.precision=bf16"],
-                                    out / "embedded", sizes.embedded_steps, sizes)
+        result[algo] = resumed_runs(
+            algo,
+            [f"algo={algo}", *sizes.embedded, "trainer.precision=bf16"],
+            out / "embedded",
+            sizes.embedded_steps,
+            sizes,
+        )
     failed = [a for a, r in result.items() if not r["resume"]["ok"]]
     if failed:
         raise CheckFailed(f"resume did not reproduce the uninterrupted run for {failed}: {result}")
@@ -258,29 +405,56 @@ def section_8b(sizes: Sizes, out: Path) -> dict:
     """One GRPO and one PPO step of the 8B-shaped random Llama under trainer=h100."""
     from experiments.gpu_measure import peak_bandwidth, phase_seconds, projected_peak
 
-    model = ["model=r1_distill_llama_8b", "model.source=random", "model.path=null", "model.tokenizer=embedded",
-             "model.chat_template=r1_distill", *(f"model.{k}={v}" for k, v in sizes.big.items())]
+    model = [
+        "model=r1_distill_llama_8b",
+        "model.source=random",
+        "model.path=null",
+        "model.tokenizer=embedded",
+        "model.chat_template=r1_distill",
+        *(f"model.{k}={v}" for k, v in sizes.big.items()),
+    ]
     result = {}
     for algo in ("grpo", "ppo"):
-        steps = run_py([f"algo={algo}", *model, "trainer=h100", "trainer.max_steps=1", "trainer.save_final=false",
-                        "data.eval_size=0", *sizes.big_run], out / "8b" / algo, sizes)
+        steps = run_py(
+            [
+                f"algo={algo}",
+                *model,
+                "trainer=h100",
+                "trainer.max_steps=1",
+                "trainer.save_final=false",
+                "data.eval_size=0",
+                *sizes.big_run,
+            ],
+            out / "8b" / algo,
+            sizes,
+        )
         m = steps[-1]
         n = override_value(sizes.big_run, "algo.prompts_per_step") * override_value(sizes.big_run, "algo.group_size")
         projection = projected_peak(sizes.big, algo, n, m, override_value(sizes.big_run, "algo.micro_batch_size"))
         peak_gib = m.get("memory/peak_cuda_mb", 0.0) / 1024
         decode_steps = m["completion/length_max"]
         bandwidth = peak_bandwidth()
-        fraction = (projection["weight_bytes"] * decode_steps / m["time/generate"] / bandwidth[1]
-                    if bandwidth and m["time/generate"] > 0 else None)
+        fraction = (
+            projection["weight_bytes"] * decode_steps / m["time/generate"] / bandwidth[1]
+            if bandwidth and m["time/generate"] > 0
+            else None
+        )
         result[algo] = {
-            "phases_s": phase_seconds(steps), "tokens_generated": m["tokens/generated"],
+            "phases_s": phase_seconds(steps),
+            "tokens_generated": m["tokens/generated"],
             "generated_tokens_per_s": m["tokens/generated"] / m["time/generate"],
-            "peak_cuda_gib": peak_gib, "projected_gib": projection["peak_gib"],
+            "peak_cuda_gib": peak_gib,
+            "projected_gib": projection["peak_gib"],
             "measured_over_projected": peak_gib / projection["peak_gib"] if peak_gib else None,
-            "projection": projection, "decode_steps": decode_steps,
-            "assumed_peak_bandwidth": bandwidth, "decode_bandwidth_fraction": fraction,
-            "approx_kl": m.get("approx_kl"), "clip_frac": m.get("clip_frac"),
-            "optimizer_steps": m.get("optimizer_steps"), "skipped_steps": m.get("skipped_steps")}
+            "projection": projection,
+            "decode_steps": decode_steps,
+            "assumed_peak_bandwidth": bandwidth,
+            "decode_bandwidth_fraction": fraction,
+            "approx_kl": m.get("approx_kl"),
+            "clip_frac": m.get("clip_frac"),
+            "optimizer_steps": m.get("optimizer_steps"),
+            "skipped_steps": m.get("skipped_steps"),
+        }
         if m.get("optimizer_steps", 0) < 1 or m.get("skipped_steps", 0) > 0:
             raise CheckFailed(f"{algo}: the update was skipped (non-finite): {result[algo]}")
     return result
@@ -316,13 +490,21 @@ def section_rollout(sizes: Sizes, out: Path) -> dict:
     if fp32 and not report["same_tokens"]:
         raise CheckFailed("our samplers (dynamic, static, compiled) drew different tokens in fp32\n" + text)
     if max(gaps.values()) > ROLLOUT_LOGP_GAP:
-        raise CheckFailed(f"a sampler's recorded log-probs are off a teacher-forced forward's by more than "
-                          f"{ROLLOUT_LOGP_GAP} on average: {gaps}\n" + text)
+        raise CheckFailed(
+            f"a sampler's recorded log-probs are off a teacher-forced forward's by more than "
+            f"{ROLLOUT_LOGP_GAP} on average: {gaps}\n" + text
+        )
     return {"markdown": text, "forward_logp_gap": gaps}
 
 
-SECTIONS = {"probe": section_probe, "kernels": section_kernels, "embedded": section_embedded, "8b": section_8b,
-            "fsdp": section_fsdp, "rollout": section_rollout}
+SECTIONS = {
+    "probe": section_probe,
+    "kernels": section_kernels,
+    "embedded": section_embedded,
+    "8b": section_8b,
+    "fsdp": section_fsdp,
+    "rollout": section_rollout,
+}
 
 
 def run_section(name: str, sizes: Sizes, out: Path) -> dict:
@@ -333,8 +515,11 @@ def run_section(name: str, sizes: Sizes, out: Path) -> dict:
     except CheckFailed as err:
         record = {"status": "fail", "error": str(err)[-4000:], "traceback": traceback.format_exc()[-3000:]}
     except Exception as err:  # the next section still runs
-        record = {"status": "error", "error": f"{type(err).__name__}: {str(err)[-4000:]}",
-                  "traceback": traceback.format_exc()[-3000:]}
+        record = {
+            "status": "error",
+            "error": f"{type(err).__name__}: {str(err)[-4000:]}",
+            "traceback": traceback.format_exc()[-3000:],
+        }
     record["seconds"] = time.perf_counter() - start
     try:
         import torch
@@ -359,8 +544,10 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _phases(phases: dict) -> str:
-    return ", ".join(f"{k} {_fmt(v['step_1'])}" + (f" / {_fmt(v['later_mean'])}" if v["later_mean"] is not None
-                                                   else "") for k, v in phases.items())
+    return ", ".join(
+        f"{k} {_fmt(v['step_1'])}" + (f" / {_fmt(v['later_mean'])}" if v["later_mean"] is not None else "")
+        for k, v in phases.items()
+    )
 
 
 def markdown(report: dict) -> str:
@@ -378,36 +565,52 @@ def markdown(report: dict) -> str:
         if name == "probe":
             lines += [f"- {k}: {_fmt(v)}" for k, v in r.items()]
         elif name == "kernels":
-            lines += ["max |kernel - reference| / max |reference| (log_softmax of the same dtype's logits in fp32)",
-                      "", "| shape | dtype | backend | path | errors | ok |", "|---|---|---|---|---|---|"]
-            lines += [f"| {row['shape']} | {row['dtype']} | {row['backend']} | {row['path']} | "
-                      + ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items()) + f" | {row['ok']} |"
-                      for row in r["rows"]]
-            lines += ["", "fused backward, one chunk's lm_head gradient: "
-                      + ", ".join(f"{k} {_fmt(v)}" for k, v in r["addmm"].items()), "", r["bench_logprobs"]]
+            lines += [
+                "max |kernel - reference| / max |reference| (log_softmax of the same dtype's logits in fp32)",
+                "",
+                "| shape | dtype | backend | path | errors | ok |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {row['shape']} | {row['dtype']} | {row['backend']} | {row['path']} | "
+                + ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items())
+                + f" | {row['ok']} |"
+                for row in r["rows"]
+            ]
+            lines += [
+                "",
+                "fused backward, one chunk's lm_head gradient: "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in r["addmm"].items()),
+                "",
+                r["bench_logprobs"],
+            ]
         elif name in ("embedded", "fsdp"):
             runs = r if name == "embedded" else {"grpo (fsdp)": r}
             lines += ["seconds per phase: step 1 / mean of the later steps", ""]
             for algo, run in runs.items():
                 resume = run["resume"]
-                lines += [f"- **{algo}**: {_phases(run['phases_s'])}; peak CUDA {_fmt(run['peak_cuda_mb'])} MiB; "
-                          f"tokens per step {run['tokens_generated_per_step']}; step 1 approx_kl "
-                          f"{_fmt(run['step1_approx_kl'])}, clip_frac {_fmt(run['step1_clip_frac'])}; resume: "
-                          f"bit-exact {resume['bit_exact']}, weight diff / last update "
-                          f"{_fmt(resume['weight_diff_over_last_step_update'])}, metric diffs "
-                          + ", ".join(f"{k} {_fmt(v)}" for k, v in resume["metric_abs_diff"].items())]
+                lines += [
+                    f"- **{algo}**: {_phases(run['phases_s'])}; peak CUDA {_fmt(run['peak_cuda_mb'])} MiB; "
+                    f"tokens per step {run['tokens_generated_per_step']}; step 1 approx_kl "
+                    f"{_fmt(run['step1_approx_kl'])}, clip_frac {_fmt(run['step1_clip_frac'])}; resume: "
+                    f"bit-exact {resume['bit_exact']}, weight diff / last update "
+                    f"{_fmt(resume['weight_diff_over_last_step_update'])}, metric diffs "
+                    + ", ".join(f"{k} {_fmt(v)}" for k, v in resume["metric_abs_diff"].items())
+                ]
         elif name == "rollout":
             lines += [r["markdown"]]
         elif name == "8b":
             for algo, run in r.items():
                 bw = run["assumed_peak_bandwidth"]
-                lines += [f"- **{algo}**: {_phases(run['phases_s'])} s; {_fmt(run['generated_tokens_per_s'])} "
-                          f"generated tokens/s ({run['tokens_generated']:.0f} tokens, {run['decode_steps']:.0f} "
-                          f"decode steps); peak CUDA {_fmt(run['peak_cuda_gib'])} GiB vs projected "
-                          f"{_fmt(run['projected_gib'])} GiB (ratio {_fmt(run['measured_over_projected'])}); "
-                          f"decode bandwidth fraction {_fmt(run['decode_bandwidth_fraction'])} of "
-                          f"{_fmt(bw[1] / 1e12) + ' TB/s assumed for ' + bw[0] if bw else 'an unknown peak'}; "
-                          f"approx_kl {_fmt(run['approx_kl'])}, clip_frac {_fmt(run['clip_frac'])}"]
+                lines += [
+                    f"- **{algo}**: {_phases(run['phases_s'])} s; {_fmt(run['generated_tokens_per_s'])} "
+                    f"generated tokens/s ({run['tokens_generated']:.0f} tokens, {run['decode_steps']:.0f} "
+                    f"decode steps); peak CUDA {_fmt(run['peak_cuda_gib'])} GiB vs projected "
+                    f"{_fmt(run['projected_gib'])} GiB (ratio {_fmt(run['measured_over_projected'])}); "
+                    f"decode bandwidth fraction {_fmt(run['decode_bandwidth_fraction'])} of "
+                    f"{_fmt(bw[1] / 1e12) + ' TB/s assumed for ' + bw[0] if bw else 'an unknown peak'}; "
+                    f"approx_kl {_fmt(run['approx_kl'])}, clip_frac {_fmt(run['clip_frac'])}"
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -427,8 +630,12 @@ def main() -> int:
         print("error: no CUDA device is visible; run with --tiny for the CPU version", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    report = {"mode": "tiny (CPU)" if args.tiny else "GPU", "env": environment(), "sizes": asdict(sizes),
-              "sections": {}}
+    report = {
+        "mode": "tiny (CPU)" if args.tiny else "GPU",
+        "env": environment(),
+        "sizes": asdict(sizes),
+        "sections": {},
+    }
     for name in args.sections:
         report["sections"][name] = run_section(name, sizes, args.out)
     report["seconds"] = time.perf_counter() - start

@@ -62,16 +62,22 @@ def _dtype_rows(name: str, hidden_size: int, vocab_size: int, rows: int, device:
     out = []
     for backend in ("torch", "triton"):
         h, w = leaves()
-        logp, ent = fused_token_logprobs(h[None], w, tokens[None], with_entropy=True, entropy_grad=True,
-                                         backend=backend)
+        logp, ent = fused_token_logprobs(
+            h[None], w, tokens[None], with_entropy=True, entropy_grad=True, backend=backend
+        )
         objective(logp[0], ent[0]).backward()
         got = {"logp": logp[0], "entropy": ent[0], "grad_hidden": h.grad, "grad_weight": w.grad}
         out.append(_row(name, hidden_size, vocab_size, dtype_name, backend, "fused_token_logprobs", got, reference))
 
         h, w = leaves()
-        loss, logp, ent = fused_token_loss(h[None], w, tokens[None],
-                                           lambda lp, e, pos: g_logp[pos] * lp + g_ent[pos] * e,
-                                           with_entropy=True, backend=backend)
+        loss, logp, ent = fused_token_loss(
+            h[None],
+            w,
+            tokens[None],
+            lambda lp, e, pos: g_logp[pos] * lp + g_ent[pos] * e,
+            with_entropy=True,
+            backend=backend,
+        )
         loss.backward()
         got = {"logp": logp[0], "entropy": ent[0], "grad_hidden": h.grad, "grad_weight": w.grad}
         out.append(_row(name, hidden_size, vocab_size, dtype_name, backend, "fused_token_loss", got, reference))
@@ -86,8 +92,14 @@ def _dtype_rows(name: str, hidden_size: int, vocab_size: int, rows: int, device:
 
 def _row(name, hidden_size, vocab_size, dtype, backend, path, got, reference) -> dict:
     errors = {k: relative_error(v, reference[k]) for k, v in got.items()}
-    return {"shape": f"{name} (H {hidden_size}, V {vocab_size})", "dtype": dtype, "backend": backend, "path": path,
-            "errors": errors, "ok": max(errors.values()) <= TOLERANCE[dtype]}
+    return {
+        "shape": f"{name} (H {hidden_size}, V {vocab_size})",
+        "dtype": dtype,
+        "backend": backend,
+        "path": path,
+        "errors": errors,
+        "ok": max(errors.values()) <= TOLERANCE[dtype],
+    }
 
 
 def addmm_timing(hidden_size: int, vocab_size: int, device: str, repeats: int = 5) -> dict:
@@ -115,9 +127,15 @@ def addmm_timing(hidden_size: int, vocab_size: int, device: str, repeats: int = 
     fp32 = median_ms(lambda: grad_weight.addmm_(dlogits.T.float(), h.float()))
     bf16 = median_ms(lambda: torch.mm(dlogits.T, h))
     flop = 2 * rows * vocab_size * hidden_size
-    return {"chunk_rows": rows, "fp32_addmm_ms": fp32, "bf16_mm_ms": bf16, "fp32_over_bf16": fp32 / bf16,
-            "fp32_tflops": flop / fp32 / 1e9, "bf16_tflops": flop / bf16 / 1e9,
-            "tf32_allowed": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "chunk_rows": rows,
+        "fp32_addmm_ms": fp32,
+        "bf16_mm_ms": bf16,
+        "fp32_over_bf16": fp32 / bf16,
+        "fp32_tflops": flop / fp32 / 1e9,
+        "bf16_tflops": flop / bf16 / 1e9,
+        "tf32_allowed": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def projected_peak(arch_fields: dict, algo: str, sequences: int, metrics: dict, micro_batch: int) -> dict:
@@ -135,24 +153,34 @@ def projected_peak(arch_fields: dict, algo: str, sequences: int, metrics: dict, 
     prompt = metrics["tokens/prompt"] / sequences  # mean real prompt tokens
     completion = metrics["completion/length_max"]
     seq = prompt + completion
-    activations = ((2 if critic else 1) * micro_batch * seq * arch.activation_bytes_per_token(2, True)
-                   + micro_batch * completion * arch.logits_bytes_per_token())
+    activations = (2 if critic else 1) * micro_batch * seq * arch.activation_bytes_per_token(
+        2, True
+    ) + micro_batch * completion * arch.logits_bytes_per_token()
     kv_cache = sequences * seq * arch.kv_cache_bytes_per_token(2)
     peak = static + max(activations, kv_cache)
     weight_bytes = sum(m.weights for m in models if not m.name.startswith("critic"))  # what a decode step reads
-    return {"static_gib": static / 2**30, "activations_gib": activations / 2**30, "kv_cache_gib": kv_cache / 2**30,
-            "peak_gib": peak / 2**30, "weight_bytes": weight_bytes, "mean_prompt_tokens": prompt}
+    return {
+        "static_gib": static / 2**30,
+        "activations_gib": activations / 2**30,
+        "kv_cache_gib": kv_cache / 2**30,
+        "peak_gib": peak / 2**30,
+        "weight_bytes": weight_bytes,
+        "mean_prompt_tokens": prompt,
+    }
 
 
 def phase_seconds(steps: list[dict]) -> dict[str, dict[str, float]]:
     """Seconds per phase (time/step, time/generate, ...): step 1 (warm-up included) and the mean of the others."""
-    phases = sorted({k for m in steps for k in m if k.startswith("time/") and not k.endswith("_total")
-                     and k != "time/total"})
+    phases = sorted(
+        {k for m in steps for k in m if k.startswith("time/") and not k.endswith("_total") and k != "time/total"}
+    )
     out = {}
     for key in phases:
         later = [m[key] for m in steps[1:] if key in m]
-        out[key.removeprefix("time/")] = {"step_1": steps[0].get(key, 0.0),
-                                          "later_mean": sum(later) / len(later) if later else None}
+        out[key.removeprefix("time/")] = {
+            "step_1": steps[0].get(key, 0.0),
+            "later_mean": sum(later) / len(later) if later else None,
+        }
     return out
 
 
@@ -161,16 +189,29 @@ def compare_resume(full: Path, resumed: Path, prev_ckpt: Path, device: str) -> d
     from safetensors.torch import load_file
 
     a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (full, resumed))
-    keys = [k for k in ("loss", "kl", "approx_kl", "grad_norm/actor", "grad_norm/critic", "reward/total_mean",
-                        "tokens/generated") if k in a]
+    keys = [
+        k
+        for k in (
+            "loss",
+            "kl",
+            "approx_kl",
+            "grad_norm/actor",
+            "grad_norm/critic",
+            "reward/total_mean",
+            "tokens/generated",
+        )
+        if k in a
+    ]
     metric_diff = {k: abs(a[k] - b.get(k, float("nan"))) for k in keys}
     diff = moved = 0.0
-    files = sorted(p.relative_to(full / "checkpoints" / "final")
-                   for p in (full / "checkpoints" / "final").rglob("*.safetensors"))
+    files = sorted(
+        p.relative_to(full / "checkpoints" / "final") for p in (full / "checkpoints" / "final").rglob("*.safetensors")
+    )
     exact = all(v == 0 for v in metric_diff.values())
     for rel in files:
-        w_full, w_res, w_prev = (load_file(d / rel) for d in (full / "checkpoints" / "final",
-                                                               resumed / "checkpoints" / "final", prev_ckpt))
+        w_full, w_res, w_prev = (
+            load_file(d / rel) for d in (full / "checkpoints" / "final", resumed / "checkpoints" / "final", prev_ckpt)
+        )
         for k in w_full:
             exact = exact and torch.equal(w_full[k], w_res[k])
             diff += float((w_full[k].float() - w_res[k].float()).abs().sum())
@@ -178,8 +219,13 @@ def compare_resume(full: Path, resumed: Path, prev_ckpt: Path, device: str) -> d
     ratio = diff / moved if moved else 0.0
     # a CPU repeats itself bit for bit; CUDA kernels with atomics (index_add, attention backward) may not
     ok = exact or (device == "cuda" and ratio < 0.05 and metric_diff.get("tokens/generated", 0) == 0)
-    return {"bit_exact": exact, "weight_diff_over_last_step_update": ratio, "metric_abs_diff": metric_diff,
-            "files": [str(f) for f in files], "ok": ok}
+    return {
+        "bit_exact": exact,
+        "weight_diff_over_last_step_update": ratio,
+        "metric_abs_diff": metric_diff,
+        "files": [str(f) for f in files],
+        "ok": ok,
+    }
 
 
 def peak_bandwidth() -> tuple[str, float] | None:

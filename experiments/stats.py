@@ -85,13 +85,17 @@ def verdict(name_a: str, name_b: str, d: Difference, digits: int = 3) -> str:
     if d.low is None:
         return f"{name_a} vs {name_b}: not testable with {seeds} (Welch's test needs at least 2 per method)"
     if not d.detected:
-        return (f"{name_a} vs {name_b}: no difference detected with {seeds} "
-                f"(difference {d.diff:+.{digits}f}, {LEVEL:.0%} CI [{d.low:.{digits}f}, {d.high:.{digits}f}])")
+        return (
+            f"{name_a} vs {name_b}: no difference detected with {seeds} "
+            f"(difference {d.diff:+.{digits}f}, {LEVEL:.0%} CI [{d.low:.{digits}f}, {d.high:.{digits}f}])"
+        )
     if d.diff < 0:  # name the higher one first
         name_a, name_b = name_b, name_a
         d = Difference(-d.diff, -d.high, -d.low, d.df, d.n_b, d.n_a)
-    return (f"{name_a} above {name_b} ({d.diff:+.{digits}f}, {LEVEL:.0%} CI [{d.low:.{digits}f}, "
-            f"{d.high:.{digits}f}], Welch t, {seeds})")
+    return (
+        f"{name_a} above {name_b} ({d.diff:+.{digits}f}, {LEVEL:.0%} CI [{d.low:.{digits}f}, "
+        f"{d.high:.{digits}f}], Welch t, {seeds})"
+    )
 
 
 def value_at(xs: list[float], ys: list[float], x: float) -> float:

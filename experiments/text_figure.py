@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 def samples_text(run_dir: Path, rows: int, width: int) -> str:
     """The newest samples table of the run's newest offline wandb run, one block per sample."""
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))[-1]
-    tables = sorted((offline / "files" / "media" / "table").glob("samples_*.table.json"),
-                    key=lambda p: int(p.name.split("_")[1]))
+    tables = sorted(
+        (offline / "files" / "media" / "table").glob("samples_*.table.json"), key=lambda p: int(p.name.split("_")[1])
+    )
     table = json.loads(tables[-1].read_text())
     lines = [f"wandb table 'samples' ({tables[-1].relative_to(run_dir)}), {len(table['data'])} rows; first {rows}:", ""]
     for row in table["data"][:rows]:
@@ -30,8 +31,11 @@ def samples_text(run_dir: Path, rows: int, width: int) -> str:
         prompt = record["prompt"].split("user\n")[-1].split("<|im_end|>")[0].strip()
         lines.append("prompt:     " + textwrap.shorten(prompt, width))
         lines.append("completion: " + textwrap.shorten(record["completion"], width))
-        numbers = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                   if k not in ("prompt", "completion")]
+        numbers = [
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in record.items()
+            if k not in ("prompt", "completion")
+        ]
         lines += textwrap.wrap(", ".join(numbers), width + 12) + [""]
     return "\n".join(lines)
 
@@ -51,8 +55,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--width", type=int, default=88)
     args = parser.parse_args()
-    text = ((args.run_dir / "summary.md").read_text() if args.what == "summary"
-            else samples_text(args.run_dir, args.rows, args.width))
+    text = (
+        (args.run_dir / "summary.md").read_text()
+        if args.what == "summary"
+        else samples_text(args.run_dir, args.rows, args.width)
+    )
     render(text, args.out)
     print(f"wrote {args.out}")
 

@@ -100,16 +100,23 @@ def factor_table(runs: list[Any], metrics: dict[str, Metric], digits: dict[str, 
             means = ", ".join(f"{value} {mean_ci(vs).format(d)}" for value, vs in level_values.items())
             (hi, lo), effect = largest_effect(level_values)
             span = "-" if effect.low is None else f"[{effect.low:.{d}f}, {effect.high:.{d}f}]"
-            lines.append(f"| {key} | {name} | {means} | {hi} - {lo}: {effect.diff:+.{d}f} {span} | "
-                         f"{'yes' if effect.detected else 'no'} |")
+            lines.append(
+                f"| {key} | {name} | {means} | {hi} - {lo}: {effect.diff:+.{d}f} {span} | "
+                f"{'yes' if effect.detected else 'no'} |"
+            )
             if effect.detected:
-                moves[key].append(f"{name} ({hi} - {lo}: {effect.diff:+.{d}f}, {LEVEL:.0%} CI "
-                                  f"[{effect.low:.{d}f}, {effect.high:.{d}f}])")
+                moves[key].append(
+                    f"{name} ({hi} - {lo}: {effect.diff:+.{d}f}, {LEVEL:.0%} CI "
+                    f"[{effect.low:.{d}f}, {effect.high:.{d}f}])"
+                )
     lines.append("")
     for key, moved in moves.items():
         n = min(len(vs) for vs in factors[key].values())
-        lines.append(f"- `{key}` moves " + "; ".join(moved) if moved else
-                     f"- `{key}`: no effect detected on any metric with at least {n} runs per level")
+        lines.append(
+            f"- `{key}` moves " + "; ".join(moved)
+            if moved
+            else f"- `{key}`: no effect detected on any metric with at least {n} runs per level"
+        )
     return lines
 
 

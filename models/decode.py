@@ -112,12 +112,26 @@ class StaticKVCache(nn.Module):
                 torch._dynamo.mark_static_address(buffer, guard=False)
 
     @classmethod
-    def empty(cls, layers: int, batch: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device, static: bool = False) -> StaticKVCache:
+    def empty(
+        cls,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        static: bool = False,
+    ) -> StaticKVCache:
         def zeros() -> Tensor:
             return torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype, device=device)
-        return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
-                   torch.zeros(batch, length, dtype=torch.bool, device=device), static)
+
+        return cls(
+            [zeros() for _ in range(layers)],
+            [zeros() for _ in range(layers)],
+            torch.zeros(batch, length, dtype=torch.bool, device=device),
+            static,
+        )
 
     def keys(self, layer: int) -> Tensor:  # [n, Hkv, T, D]
         return getattr(self, f"k{layer}")
@@ -135,14 +149,21 @@ class StaticKVCache(nn.Module):
 
     def rows(self, count: int) -> StaticKVCache:
         """The first `count` rows, as views: the same memory, so a CUDA graph recorded on them replays."""
-        return StaticKVCache([self.keys(i)[:count] for i in range(self.layers)],
-                             [self.values(i)[:count] for i in range(self.layers)], self.valid[:count], self.static)
+        return StaticKVCache(
+            [self.keys(i)[:count] for i in range(self.layers)],
+            [self.values(i)[:count] for i in range(self.layers)],
+            self.valid[:count],
+            self.static,
+        )
 
     def compact(self, keep: Tensor) -> StaticKVCache:
         """Batch compaction: rows `keep` [m] gathered, in place, into the first m rows, which are returned."""
         m = keep.shape[0]
-        for buffer in [*(self.keys(i) for i in range(self.layers)), *(self.values(i) for i in range(self.layers)),
-                       self.valid]:
+        for buffer in [
+            *(self.keys(i) for i in range(self.layers)),
+            *(self.values(i) for i in range(self.layers)),
+            self.valid,
+        ]:
             buffer[:m] = buffer[keep]
         return self.rows(m)
 
@@ -197,10 +218,14 @@ class StaticDecoder:
         self.compile_mode = compile_mode
         if pack_rows and compile_mode is not None:
             raise ValueError("a packed decode step runs eager: packing and compiling are exclusive")
-        self.projections = (PackedProjections(model, pack_rows, self.cache_dtype) if pack_rows
-                            else ModuleProjections(model))
-        self._step = self.step_eager if compile_mode is None else torch.compile(
-            self.step_eager, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        self.projections = (
+            PackedProjections(model, pack_rows, self.cache_dtype) if pack_rows else ModuleProjections(model)
+        )
+        self._step = (
+            self.step_eager
+            if compile_mode is None
+            else torch.compile(self.step_eager, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        )
         self._storage: StaticKVCache | None = None  # a compiled decoder's cache, kept between rollouts
 
     @property
@@ -216,15 +241,24 @@ class StaticDecoder:
         needed) when compiled."""
         device = self.decoder.embed_tokens.weight.device
         if self.compile_mode is None:
-            return StaticKVCache.empty(len(self.decoder.layers), batch, self.kv_heads, length, self.head_dim,
-                                       self.cache_dtype, device)
+            return StaticKVCache.empty(
+                len(self.decoder.layers), batch, self.kv_heads, length, self.head_dim, self.cache_dtype, device
+            )
         kept = self._storage
         if kept is None or kept.batch < batch or kept.length < length:
             rows = max(batch, kept.batch if kept else 0)
             length = -(-max(length, kept.length if kept else 0) // self.LENGTH_STEP) * self.LENGTH_STEP
             self._storage = kept = None  # the old one freed before the new one is allocated
-            self._storage = StaticKVCache.empty(len(self.decoder.layers), rows, self.kv_heads, length,
-                                                self.head_dim, self.cache_dtype, device, static=True)
+            self._storage = StaticKVCache.empty(
+                len(self.decoder.layers),
+                rows,
+                self.kv_heads,
+                length,
+                self.head_dim,
+                self.cache_dtype,
+                device,
+                static=True,
+            )
         return self._storage.rows(batch)
 
     def _autocast(self):
@@ -236,8 +270,14 @@ class StaticDecoder:
         prompt's keys/values; rows: [n] index of each cache row's prompt. Returns the last logits [n, V]."""
         tp = prompt_ids.shape[1]
         dynamic = DynamicCache()
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                         cache=dynamic, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids(prompt_mask),
+            cache=dynamic,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         for i, layer in enumerate(dynamic.layers):
             cache.keys(i)[:, :, :tp] = layer.keys[rows]
             cache.values(i)[:, :, :tp] = layer.values[rows]
@@ -245,8 +285,16 @@ class StaticDecoder:
         cache.valid[:, :tp] = prompt_mask[rows].bool()
         return out.logits[rows, -1]
 
-    def step(self, cache: StaticKVCache, token: Tensor, position: Tensor, slot: Tensor, uniform: Tensor,
-             temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+    def step(
+        self,
+        cache: StaticKVCache,
+        token: Tensor,
+        position: Tensor,
+        slot: Tensor,
+        uniform: Tensor,
+        temperature: float,
+        top_p: float,
+    ) -> tuple[Tensor, Tensor]:
         """Feed token [n] at `position` [n] into cache slot `slot` (0-d), then draw the next token:
         (next token [n], its log-prob [n])."""
         if self.compile_mode is None:
@@ -258,8 +306,16 @@ class StaticDecoder:
             token, logp = self._step(cache, token, position, slot, uniform, temperature, top_p)
         return token.clone(), logp.clone()
 
-    def step_eager(self, cache: StaticKVCache, token: Tensor, position: Tensor, slot: Tensor, uniform: Tensor,
-                   temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+    def step_eager(
+        self,
+        cache: StaticKVCache,
+        token: Tensor,
+        position: Tensor,
+        slot: Tensor,
+        uniform: Tensor,
+        temperature: float,
+        top_p: float,
+    ) -> tuple[Tensor, Tensor]:
         n = token.shape[0]
         slot = slot.view(1)
         cache.valid.index_fill_(1, slot, True)

@@ -65,21 +65,35 @@ def completion_hidden(
         if agree is not None:  # sharded over ranks: the same passes everywhere
             share = agree(share)
         if share:
-            return _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, unique[:, :tp],
-                                         unique[:, tp:].to(attention_mask.dtype), inverse)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                     use_cache=False).last_hidden_state  # [B, Tp + Tc, H]
+            return _shared_prefix_hidden(
+                decoder,
+                input_ids,
+                attention_mask,
+                completion_len,
+                unique[:, :tp],
+                unique[:, tp:].to(attention_mask.dtype),
+                inverse,
+            )
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).last_hidden_state  # [B, Tp + Tc, H]
     return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
 
 
 def _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, prompt_ids, prompt_mask, inverse):
     tp = prompt_ids.shape[1]
     cache = DynamicCache()
-    prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                      cache=cache, use_cache=True).last_hidden_state  # [U, Tp, H]
+    prefill = decoder(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state  # [U, Tp, H]
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]: an indexing op, so gradients flow back
     positions = position_ids(attention_mask)[:, tp:]  # [B, Tc]
-    completion = decoder(input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions,
-                         cache=cache, use_cache=True).last_hidden_state  # [B, Tc, H]
+    completion = decoder(
+        input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
+    ).last_hidden_state  # [B, Tc, H]
     # the last prompt position predicts completion token 0; completion position t predicts token t + 1
     return torch.cat([prefill[inverse, -1:], completion[:, : completion_len - 1]], dim=1)

@@ -35,8 +35,9 @@ from models.logprobs import (
 TokenLoss = Callable[[Tensor, Tensor | None, Tensor], Tensor]
 
 
-def token_loss_grads(token_loss: TokenLoss, logp: Tensor, entropy: Tensor | None, positions: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+def token_loss_grads(
+    token_loss: TokenLoss, logp: Tensor, entropy: Tensor | None, positions: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(sum of the chunk's losses, d/d logp [c], d/d entropy [c] | None), by autograd on the chunk alone.
 
     d/d entropy is None when the loss does not use the entropy (then it is only returned, for logging).
@@ -46,20 +47,24 @@ def token_loss_grads(token_loss: TokenLoss, logp: Tensor, entropy: Tensor | None
         ent = entropy.detach().requires_grad_() if entropy is not None else None
         per_token = token_loss(lp, ent, positions)
         if per_token.shape != lp.shape:
-            raise ValueError(f"token_loss must return one loss per token, shape {tuple(lp.shape)}; "
-                             f"got {tuple(per_token.shape)}")
+            raise ValueError(
+                f"token_loss must return one loss per token, shape {tuple(lp.shape)}; got {tuple(per_token.shape)}"
+            )
         total = per_token.float().sum()
         inputs = [lp] if ent is None else [lp, ent]
-        grads = (torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad
-                 else (None,) * len(inputs))
+        grads = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else (None,) * len(inputs)
     g_logp = torch.zeros_like(lp) if grads[0] is None else grads[0].float()
     g_ent = grads[1].float() if ent is not None and grads[1] is not None else None  # None: entropy only logged
     return total.detach(), g_logp.detach(), None if g_ent is None else g_ent.detach()
 
 
-def _torch_chunk(logits: Tensor, tokens: Tensor, inv_temp: float, spare: Tensor | None,
-                 loss_grads: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor | None]]
-                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+def _torch_chunk(
+    logits: Tensor,
+    tokens: Tensor,
+    inv_temp: float,
+    spare: Tensor | None,
+    loss_grads: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor | None]],
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """One chunk on the torch backend: (loss, logp [c], entropy [c] | None, d loss / d logits [c, V] fp32).
 
     In place on the scratch `logits` (fp32; bf16 gets one fp32 copy): shift by the row max, exp, sum;
@@ -91,8 +96,9 @@ def _torch_chunk(logits: Tensor, tokens: Tensor, inv_temp: float, spare: Tensor 
     return total, logp, entropy, grad
 
 
-def _any_backend_chunk(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str,
-                       loss_grads) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+def _any_backend_chunk(
+    logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str, loss_grads
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """The same through models.logprobs' per-chunk stats and gradient (the Triton kernels on CUDA)."""
     lse, logp, expected = logit_stats(logits, tokens, inv_temp, with_entropy, backend, writable=False)
     entropy = lse - expected if with_entropy else None
@@ -117,8 +123,11 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # [c, V] buffers reused by every chunk
         buffer = torch.empty(min(chunk, r), vocab, dtype=hidden.dtype, device=hidden.device)
-        spare = (torch.empty(min(chunk, r), vocab, dtype=torch.float32, device=hidden.device)
-                 if with_entropy and backend == "torch" else None)
+        spare = (
+            torch.empty(min(chunk, r), vocab, dtype=torch.float32, device=hidden.device)
+            if with_entropy and backend == "torch"
+            else None
+        )
         for s in range(0, r, chunk):
             h, tok = hidden[s : s + chunk], tokens[s : s + chunk]
             logits = torch.mm(h, weight.T, out=buffer[: h.shape[0]])  # [c, V]: the only vocabulary-sized tensors
@@ -129,8 +138,9 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             if backend == "torch":
                 c_total, c_logp, c_ent, dlogits = _torch_chunk(logits, tok, inv_temp, spare, loss_grads)
             else:
-                c_total, c_logp, c_ent, dlogits = _any_backend_chunk(logits, tok, inv_temp, with_entropy, backend,
-                                                                     loss_grads)
+                c_total, c_logp, c_ent, dlogits = _any_backend_chunk(
+                    logits, tok, inv_temp, with_entropy, backend, loss_grads
+                )
             total += c_total
             logp[s : s + chunk] = c_logp
             if with_entropy:
@@ -182,8 +192,9 @@ def fused_token_loss(
     backend = pick_backend(backend, hidden.device)
     chunk = chunk or default_chunk_rows(lm_head_weight.shape[0], chunk_budget(hidden.device))
     flat_hidden, flat_tokens, positions = real_rows(hidden, tokens, mask)  # only real positions reach lm_head
-    loss, logp, entropy = _FusedLinearTokenLoss.apply(flat_hidden, lm_head_weight, flat_tokens, positions, token_loss,
-                                                      chunk, 1.0 / temperature, with_entropy, backend)
+    loss, logp, entropy = _FusedLinearTokenLoss.apply(
+        flat_hidden, lm_head_weight, flat_tokens, positions, token_loss, chunk, 1.0 / temperature, with_entropy, backend
+    )
     return loss, to_grid(logp, positions, B, T), (to_grid(entropy, positions, B, T) if with_entropy else None)
 
 
@@ -205,13 +216,29 @@ def completion_token_loss(
 
     def head(hidden: Tensor, lm_head: torch.nn.Module, tokens: Tensor, mask: Tensor):
         if getattr(lm_head, "bias", None) is not None:  # rare: full logits, then the loss over real positions
-            logp, entropy = token_logprobs(lm_head(hidden), tokens, temperature, with_entropy=with_entropy,
-                                           entropy_grad=with_entropy, mask=mask, backend=backend)
+            logp, entropy = token_logprobs(
+                lm_head(hidden),
+                tokens,
+                temperature,
+                with_entropy=with_entropy,
+                entropy_grad=with_entropy,
+                mask=mask,
+                backend=backend,
+            )
             positions = mask.reshape(-1).nonzero().squeeze(1)
-            per_token = token_loss(logp.reshape(-1)[positions],
-                                   None if entropy is None else entropy.reshape(-1)[positions], positions)
+            per_token = token_loss(
+                logp.reshape(-1)[positions], None if entropy is None else entropy.reshape(-1)[positions], positions
+            )
             return per_token.float().sum(), logp.detach(), None if entropy is None else entropy.detach()
-        return fused_token_loss(hidden, lm_head.weight, tokens, token_loss, mask=mask, temperature=temperature,
-                                with_entropy=with_entropy, backend=backend)
+        return fused_token_loss(
+            hidden,
+            lm_head.weight,
+            tokens,
+            token_loss,
+            mask=mask,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            backend=backend,
+        )
 
     return completion_pass(model, input_ids, attention_mask, completion_len, head, share_prompts)

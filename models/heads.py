@@ -80,8 +80,9 @@ class ScalarHeadModel(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, dtype: torch.dtype | None = None,
-             device: torch.device | str = "cpu") -> ScalarHeadModel:
+    def load(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> ScalarHeadModel:
         """A model written by `save`; raises FileNotFoundError when `directory` holds none."""
         directory = Path(directory)
         if not (directory / HEAD_FILE).exists() or not (directory / "config.json").exists():

@@ -179,15 +179,18 @@ def random_llama(cfg: ModelConfig, vocab_size: int, device: torch.device | str =
         return LlamaForCausalLM._from_config(config, dtype=DTYPES[cfg.dtype])
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
-                   device: torch.device | str = "cpu") -> PreTrainedModel:
+def load_causal_lm(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
     """The causal LM described by `cfg` on `device` (weights in cfg.dtype, train mode off)."""
     if cfg.source == "random":
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg)
         if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
-            raise ModelLoadError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                                 f"{len(tokenizer)} tokens; raise it or leave it null")
+            raise ModelLoadError(
+                f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                f"{len(tokenizer)} tokens; raise it or leave it null"
+            )
         model = random_llama(cfg, vocab_size=len(tokenizer), device=device)
     else:
         name, kwargs = _pretrained_source(cfg)
@@ -232,8 +235,10 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, skip: tuple
     unexpected = [k for k in state if k not in own]
     wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"weights in {directory} do not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, other shape {wrong_shape[:5]}")
+        raise ValueError(
+            f"weights in {directory} do not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shape {wrong_shape[:5]}"
+        )
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)

@@ -64,8 +64,16 @@ def _chunk_stats(z: Tensor, tokens: Tensor, with_entropy: bool) -> tuple[Tensor,
     return lse, logp, expected_z
 
 
-def _chunk_grad_(x: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
-                 g_ent: Tensor | None, inv_temp: float) -> Tensor:
+def _chunk_grad_(
+    x: Tensor,
+    out: Tensor,
+    tokens: Tensor,
+    lse: Tensor,
+    expected_z: Tensor | None,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    inv_temp: float,
+) -> Tensor:
     """d(sum g_logp * logp + g_ent * entropy) / dx for untempered logits x [c, V], written into `out`
     (fp32 [c, V], which may be x itself).
 
@@ -94,8 +102,9 @@ def pick_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
-                           "backend='torch' needs nothing")
+        raise RuntimeError(
+            "backend='triton' needs the triton package (pip install triton); backend='torch' needs nothing"
+        )
     return backend
 
 
@@ -104,8 +113,9 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def logit_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str,
-                writable: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def logit_stats(
+    logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool, backend: str, writable: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk's (lse [c], chosen-token logp [c], E_p[z] [c] | None) from logits [c, V] of any dtype.
 
     writable: `logits` is a scratch buffer the torch path may overwrite (it then does its exps in place).
@@ -125,8 +135,17 @@ def logit_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: b
     return lse, chosen - lse, None
 
 
-def logit_grad(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None, g_logp: Tensor,
-               g_ent: Tensor | None, inv_temp: float, backend: str) -> Tensor:
+def logit_grad(
+    logits: Tensor,
+    out: Tensor,
+    tokens: Tensor,
+    lse: Tensor,
+    expected_z: Tensor | None,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    inv_temp: float,
+    backend: str,
+) -> Tensor:
     """The gradient w.r.t. one chunk's logits, written into `out` (which may be `logits` itself)."""
     if backend == "triton":
         from models.triton_logprobs import chunk_grad_
@@ -153,8 +172,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
         for s in range(0, n, chunk):
-            c_lse, c_logp, c_ez = logit_stats(logits[s : s + chunk], tokens[s : s + chunk], inv_temp, with_entropy,
-                                         backend, writable=False)
+            c_lse, c_logp, c_ez = logit_stats(
+                logits[s : s + chunk], tokens[s : s + chunk], inv_temp, with_entropy, backend, writable=False
+            )
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
                 expected_z[s : s + chunk] = c_ez
@@ -174,9 +194,17 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         c = ctx.chunk
         for s in range(0, logits.shape[0], c):
-            logit_grad(logits[s : s + c], grad[s : s + c], tokens[s : s + c], lse[s : s + c],
-                  None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
-                  None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
+            logit_grad(
+                logits[s : s + c],
+                grad[s : s + c],
+                tokens[s : s + c],
+                lse[s : s + c],
+                None if expected_z is None else expected_z[s : s + c],
+                g_logp[s : s + c],
+                None if g_ent is None else g_ent[s : s + c],
+                ctx.inv_temp,
+                ctx.backend,
+            )
         return grad, None, None, None, None, None
 
 
@@ -201,8 +229,9 @@ def token_logprobs(
     if mask is not None:  # pad ids may be anything (-100, out of range): read a valid index there
         flat_tokens = flat_tokens.masked_fill(mask.reshape(B * T) == 0, 0)
     chunk_rows = chunk_rows or default_chunk_rows(V, chunk_budget(logits.device))
-    logp, entropy = _ChunkedLogprobs.apply(logits.reshape(B * T, V), flat_tokens.contiguous(), chunk_rows,
-                                           1.0 / temperature, with_entropy, backend)
+    logp, entropy = _ChunkedLogprobs.apply(
+        logits.reshape(B * T, V), flat_tokens.contiguous(), chunk_rows, 1.0 / temperature, with_entropy, backend
+    )
     logp, entropy = logp.view(B, T), (entropy.view(B, T) if with_entropy else None)
     if entropy is not None and not entropy_grad:
         entropy = entropy.detach()
@@ -225,8 +254,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         logp, expected_z = torch.empty_like(lse), (torch.empty_like(lse) if with_entropy else None)
         for s in range(0, r, chunk):
             logits = hidden[s : s + chunk] @ weight.T  # [c, V]: the only vocabulary-sized tensor alive
-            c_lse, c_logp, c_ez = logit_stats(logits, tokens[s : s + chunk], inv_temp, with_entropy, backend,
-                                         writable=True)
+            c_lse, c_logp, c_ez = logit_stats(
+                logits, tokens[s : s + chunk], inv_temp, with_entropy, backend, writable=True
+            )
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
                 expected_z[s : s + chunk] = c_ez
@@ -251,9 +281,17 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], c):
             h = hidden[s : s + c]
             logits = h @ weight.T  # recomputed: [c, V]
-            dlogits = logit_grad(logits, logits, tokens[s : s + c], lse[s : s + c],
-                            None if expected_z is None else expected_z[s : s + c], g_logp[s : s + c],
-                            None if g_ent is None else g_ent[s : s + c], ctx.inv_temp, ctx.backend)
+            dlogits = logit_grad(
+                logits,
+                logits,
+                tokens[s : s + c],
+                lse[s : s + c],
+                None if expected_z is None else expected_z[s : s + c],
+                g_logp[s : s + c],
+                None if g_ent is None else g_ent[s : s + c],
+                ctx.inv_temp,
+                ctx.backend,
+            )
             if need_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[s : s + c])
             if need_weight:
@@ -285,8 +323,9 @@ def fused_token_logprobs(
     backend = pick_backend(backend, hidden.device)
     chunk = chunk or default_chunk_rows(V, chunk_budget(hidden.device))
     flat_hidden, flat_tokens, rows = real_rows(hidden, tokens, mask)
-    logp, entropy = _FusedLinearLogprobs.apply(flat_hidden, lm_head_weight, flat_tokens, chunk, 1.0 / temperature,
-                                               with_entropy, backend)
+    logp, entropy = _FusedLinearLogprobs.apply(
+        flat_hidden, lm_head_weight, flat_tokens, chunk, 1.0 / temperature, with_entropy, backend
+    )
     if not with_entropy:
         entropy = None
     elif not entropy_grad:
@@ -341,8 +380,14 @@ def completion_pass(
     return fn(input_ids, attention_mask, completion_len, head, share_prompts)
 
 
-def direct_completion_pass(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_len: int,
-                           head: CompletionHead, share_prompts: bool = True) -> Any:
+def direct_completion_pass(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_len: int,
+    head: CompletionHead,
+    share_prompts: bool = True,
+) -> Any:
     """`completion_pass` on the model's own modules (the body of the sharded forward method)."""
     hidden = completion_hidden(model.get_decoder(), input_ids, attention_mask, completion_len, share_prompts)
     tokens, mask = input_ids[:, -completion_len:], attention_mask[:, -completion_len:]
@@ -368,9 +413,24 @@ def completion_logprobs(
 
     def head(hidden: Tensor, lm_head: torch.nn.Module, tokens: Tensor, mask: Tensor):
         if getattr(lm_head, "bias", None) is not None:  # rare (Llama, Qwen, Mistral have none): logits, then chunked
-            return token_logprobs(lm_head(hidden), tokens, temperature, with_entropy=with_entropy,
-                                  entropy_grad=entropy_grad, mask=mask, backend=backend)
-        return fused_token_logprobs(hidden, lm_head.weight, tokens, temperature=temperature,
-                                    with_entropy=with_entropy, entropy_grad=entropy_grad, mask=mask, backend=backend)
+            return token_logprobs(
+                lm_head(hidden),
+                tokens,
+                temperature,
+                with_entropy=with_entropy,
+                entropy_grad=entropy_grad,
+                mask=mask,
+                backend=backend,
+            )
+        return fused_token_logprobs(
+            hidden,
+            lm_head.weight,
+            tokens,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            mask=mask,
+            backend=backend,
+        )
 
     return completion_pass(model, input_ids, attention_mask, completion_len, head, share_prompts)

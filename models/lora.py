@@ -42,8 +42,14 @@ def apply_lora(model: nn.Module, opts: LoraOptions) -> PeftModel:
     A bf16 base keeps fp32 adapters (peft's autocast_adapter_dtype): the trained weights and their
     optimiser state stay in full precision at a negligible memory cost.
     """
-    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                        target_modules=list(opts.target_modules), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.dropout,
+        target_modules=list(opts.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config, adapter_name=ACTOR, autocast_adapter_dtype=True)
     if model.is_activation_checkpointing:
         enable_checkpointing(peft_model)
@@ -165,8 +171,9 @@ class AdapterView(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if self.adapter is not None:
             state = get_peft_model_state_dict(self.lora_model, adapter_name=self.adapter)
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-                      directory / "adapter_model.safetensors")
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors"
+            )
             self.lora_model.peft_config[self.adapter].save_pretrained(directory)
         return directory
 

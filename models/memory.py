@@ -33,8 +33,14 @@ from models.decode import StaticDecoder
 KNOWN_ARCHITECTURES = {
     # Llama-3.1-8B's shape (config.json of deepseek-ai/DeepSeek-R1-Distill-Llama-8B)
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 EXTRA_MODELS = ("reference", "critic")  # the models besides the actor that `project` counts
@@ -64,8 +70,15 @@ class Architecture:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection of one decoder layer."""
         H, I, q, kv = self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, self.kv_size
-        return {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
-                "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        return {
+            "q_proj": (H, q),
+            "k_proj": (H, kv),
+            "v_proj": (H, kv),
+            "o_proj": (q, H),
+            "gate_proj": (H, I),
+            "up_proj": (H, I),
+            "down_proj": (I, H),
+        }
 
     def num_params(self, lm_head: bool = True) -> int:
         """Parameters of the causal LM (lm_head=False: the decoder alone, a critic's backbone)."""
@@ -78,8 +91,9 @@ class Architecture:
         shapes = self.linears()
         unknown = sorted(set(targets) - set(shapes))
         if unknown:
-            raise ValueError(f"LoRA targets {unknown} are not projections of a Llama layer; "
-                             f"choose from {sorted(shapes)}")
+            raise ValueError(
+                f"LoRA targets {unknown} are not projections of a Llama layer; choose from {sorted(shapes)}"
+            )
         return self.num_hidden_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
     def activation_bytes_per_token(self, dtype_bytes: int, checkpointing: bool) -> float:
@@ -109,8 +123,15 @@ def architecture(cfg: ModelConfig, vocab_size: int | None = None) -> Architectur
             from models.loading import load_tokenizer
 
             vocab_size = len(load_tokenizer(cfg))
-        return Architecture(vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
-                            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.tie_word_embeddings)
+        return Architecture(
+            vocab_size,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.tie_word_embeddings,
+        )
     if cfg.source == "hub" and cfg.path in KNOWN_ARCHITECTURES:
         return Architecture(**KNOWN_ARCHITECTURES[cfg.path])
     from transformers import AutoConfig
@@ -119,9 +140,15 @@ def architecture(cfg: ModelConfig, vocab_size: int | None = None) -> Architectur
 
     name, kwargs = _pretrained_source(cfg)
     hf = AutoConfig.from_pretrained(name, **kwargs)
-    return Architecture(hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers,
-                        hf.num_attention_heads, getattr(hf, "num_key_value_heads", hf.num_attention_heads),
-                        bool(getattr(hf, "tie_word_embeddings", False)))
+    return Architecture(
+        hf.vocab_size,
+        hf.hidden_size,
+        hf.intermediate_size,
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+        bool(getattr(hf, "tie_word_embeddings", False)),
+    )
 
 
 @dataclass
@@ -139,8 +166,15 @@ class ModelMemory:
         return self.weights + self.grads + self.optimizer
 
 
-def project(arch: Architecture, dtype_bytes: int, lora_rank: int | None = None, lora_targets: list[str] | None = None,
-            *, reference: bool, critic: bool) -> list[ModelMemory]:
+def project(
+    arch: Architecture,
+    dtype_bytes: int,
+    lora_rank: int | None = None,
+    lora_targets: list[str] | None = None,
+    *,
+    reference: bool,
+    critic: bool,
+) -> list[ModelMemory]:
     """Weights, gradients and AdamW state of each model of an RL run, as this project builds them: the
     actor, plus a frozen reference and a trained critic when the algorithm keeps them.
 
@@ -159,8 +193,15 @@ def project(arch: Architecture, dtype_bytes: int, lora_rank: int | None = None, 
             models.append(ModelMemory("reference", P, P * dtype_bytes))
         if critic:
             C = arch.num_params(lm_head=False)
-            models.append(ModelMemory("critic", C + head, C * dtype_bytes + 4 * head, C * dtype_bytes + 4 * head,
-                                      2 * (C * dtype_bytes + 4 * head)))
+            models.append(
+                ModelMemory(
+                    "critic",
+                    C + head,
+                    C * dtype_bytes + 4 * head,
+                    C * dtype_bytes + 4 * head,
+                    2 * (C * dtype_bytes + 4 * head),
+                )
+            )
         return models
     A = arch.lora_params(lora_rank, lora_targets or [])
     models.append(ModelMemory("base (shared)", P, P * dtype_bytes))
@@ -203,28 +244,53 @@ def report(cfg: Config, arch: Architecture, algos: dict[str, tuple[str, ...]], g
     logits = arch.logits_bytes_per_token()
     kv = arch.kv_cache_bytes_per_token(cb)
     dtype = compute if compute == model_cfg.dtype else f"{compute} compute on {model_cfg.dtype} master weights"
-    lines = [f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {dtype}, "
-             f"{'LoRA r=' + str(lora.rank) if lora.enabled else 'full fine-tuning'}, "
-             f"activation checkpointing {'on' if ckpt else 'off'}", ""]
+    lines = [
+        f"# Projected GPU memory: {cfg.model.name} ({arch.num_params() / 1e9:.2f} B params), {dtype}, "
+        f"{'LoRA r=' + str(lora.rank) if lora.enabled else 'full fine-tuning'}, "
+        f"activation checkpointing {'on' if ckpt else 'off'}",
+        "",
+    ]
     for algo, kept in algos.items():
         critic = "critic" in kept
-        models = project(arch, b, lora.rank if lora.enabled else None, list(lora.target_modules),
-                         reference="reference" in kept, critic=critic)
-        lines += [f"## {algo.upper()}", "", "| model | params | weights GiB | grads GiB | AdamW GiB | total GiB |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        models = project(
+            arch,
+            b,
+            lora.rank if lora.enabled else None,
+            list(lora.target_modules),
+            reference="reference" in kept,
+            critic=critic,
+        )
+        lines += [
+            f"## {algo.upper()}",
+            "",
+            "| model | params | weights GiB | grads GiB | AdamW GiB | total GiB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for m in models:
-            lines.append(f"| {m.name} | {m.params / 1e6:,.1f} M | {m.weights / GiB:.2f} | {m.grads / GiB:.2f} | "
-                         f"{m.optimizer / GiB:.2f} | {m.static / GiB:.2f} |")
+            lines.append(
+                f"| {m.name} | {m.params / 1e6:,.1f} M | {m.weights / GiB:.2f} | {m.grads / GiB:.2f} | "
+                f"{m.optimizer / GiB:.2f} | {m.static / GiB:.2f} |"
+            )
         total = sum(m.static for m in models)
         trained = 2 if critic else 1  # a critic runs its own decoder pass with activations
         lines += [f"| **all** | | | | | **{total / GiB:.2f}** |", ""]
         if cfg.trainer.strategy == "fsdp":
             shard, gathered = fsdp_per_gpu(models, arch, cb, gpus)
-            lines += [(f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW "
-                       f"state per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling"), ""]
-        lines += [(f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
-                   f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
-                   f"KV cache per sampled token: {kv / 2**20:.3f} MiB"), ""]
+            lines += [
+                (
+                    f"fsdp over {gpus} GPUs: {shard / GiB:.2f} GiB of sharded weights, gradients and AdamW "
+                    f"state per GPU, + {gathered / GiB:.2f} GiB of gathered actor weights while sampling"
+                ),
+                "",
+            ]
+        lines += [
+            (
+                f"activations per training token: {trained} x {act / 2**20:.3f} MiB (decoder) "
+                f"+ {logits:.0f} bytes per completion token (fused lm_head state); "
+                f"KV cache per sampled token: {kv / 2**20:.3f} MiB"
+            ),
+            "",
+        ]
     rollout = getattr(cfg.algo, "rollout", None)
     if rollout is not None:  # the chosen RL algorithm's sampling batch
         lines += [rollout_kv_line(cfg, kv), ""]
@@ -241,11 +307,13 @@ def rollout_kv_line(cfg: Config, kv_bytes_per_token: float) -> str:
     compiled = -(-length // step) * step
     total = batch * compiled * kv_bytes_per_token
     chunks = -(-sequences // batch)
-    return (f"KV cache of the rollout ({algo.name}): {batch} sequences decoded at once x {length} tokens "
-            f"(data.max_prompt_tokens {cfg.data.max_prompt_tokens} + algo.max_new_tokens {algo.max_new_tokens}; "
-            f"{compiled} when the step is compiled, rounded up to {step}) = {total / GiB:.2f} GiB at most, held "
-            f"through training when compiled (kept between rollouts: algo.rollout.compile, auto = on a GPU); "
-            f"{sequences} sequences per step in {chunks} chunk(s) (algo.rollout.max_batch={algo.rollout.max_batch})")
+    return (
+        f"KV cache of the rollout ({algo.name}): {batch} sequences decoded at once x {length} tokens "
+        f"(data.max_prompt_tokens {cfg.data.max_prompt_tokens} + algo.max_new_tokens {algo.max_new_tokens}; "
+        f"{compiled} when the step is compiled, rounded up to {step}) = {total / GiB:.2f} GiB at most, held "
+        f"through training when compiled (kept between rollouts: algo.rollout.compile, auto = on a GPU); "
+        f"{sequences} sequences per step in {chunks} chunk(s) (algo.rollout.max_batch={algo.rollout.max_batch})"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -255,13 +323,15 @@ def main(argv: list[str]) -> None:
     gpus = 1
     if "--gpus" in argv:  # the world size of an fsdp run: the rest are run.py's overrides
         at = argv.index("--gpus")
-        gpus, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
+        gpus, argv = int(argv[at + 1]), argv[:at] + argv[at + 2 :]
     discover()  # the stages register their config schemas, which conf/algo/*.yaml extend, and their models
     cfg = compose_config(argv)
     # the chosen algorithm's models under its options (PPO with a group baseline keeps no critic), the others'
     # at their defaults
-    algos = {name: get_stage(name).kept_models(cfg.algo if name == cfg.algo.name else None)
-             for name in stage_names(kind="rl")}
+    algos = {
+        name: get_stage(name).kept_models(cfg.algo if name == cfg.algo.name else None)
+        for name in stage_names(kind="rl")
+    }
     print(report(cfg, architecture(cfg.model), algos, gpus))
 
 

@@ -20,8 +20,15 @@ import torch
 from torch import Tensor, nn
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def onednn_linear_available() -> bool:
@@ -37,22 +44,25 @@ def packable(model: nn.Module) -> str | None:
         return "this torch build has no oneDNN linear"
     if weight.dtype not in PACKED_DTYPES:
         return f"weights in {weight.dtype}, packing takes float32 or bfloat16"
-    modules = [model.get_output_embeddings()] + [layer.get_submodule(name) for layer in model.get_decoder().layers
-                                                 for name in PROJECTIONS]
+    modules = [model.get_output_embeddings()] + [
+        layer.get_submodule(name) for layer in model.get_decoder().layers for name in PROJECTIONS
+    ]
     if any(type(m) is not nn.Linear or type(m.weight.data) is not Tensor for m in modules):
         return "a projection is not a plain nn.Linear (LoRA adapter or sharded weight)"
     return None
 
 
-def _pack(weights: list[Tensor], biases: list[Tensor | None], rows: int, dtype: torch.dtype
-          ) -> tuple[Tensor, Tensor | None]:
+def _pack(
+    weights: list[Tensor], biases: list[Tensor | None], rows: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
     """(packed weight, bias or None) of the products of `weights` concatenated along their outputs."""
     weight = torch.cat([w.detach().to(dtype) for w in weights]) if len(weights) > 1 else weights[0].detach().to(dtype)
     if all(b is None for b in biases):
         bias = None
     else:
-        bias = torch.cat([b.detach().to(dtype) if b is not None else weight.new_zeros(w.shape[0])
-                          for w, b in zip(weights, biases)])
+        bias = torch.cat(
+            [b.detach().to(dtype) if b is not None else weight.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+        )
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows), bias
 
 

@@ -22,8 +22,9 @@ from triton import knobs
 
 
 @triton.jit
-def _stats_kernel(x_ptr, x_stride, tok_ptr, lse_ptr, logp_ptr, ez_ptr, V, inv_temp,
-                  WITH_ENT: tl.constexpr, BLOCK: tl.constexpr):
+def _stats_kernel(
+    x_ptr, x_stride, tok_ptr, lse_ptr, logp_ptr, ez_ptr, V, inv_temp, WITH_ENT: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     m = float("-inf")  # running max of z
@@ -50,8 +51,21 @@ def _stats_kernel(x_ptr, x_stride, tok_ptr, lse_ptr, logp_ptr, ez_ptr, V, inv_te
 
 
 @triton.jit
-def _grad_kernel(x_ptr, x_stride, out_ptr, out_stride, tok_ptr, lse_ptr, ez_ptr, g_logp_ptr, g_ent_ptr, V,
-                 inv_temp, WITH_ENT: tl.constexpr, BLOCK: tl.constexpr):
+def _grad_kernel(
+    x_ptr,
+    x_stride,
+    out_ptr,
+    out_stride,
+    tok_ptr,
+    lse_ptr,
+    ez_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    V,
+    inv_temp,
+    WITH_ENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     out_row = out_ptr + row * out_stride
@@ -81,16 +95,19 @@ def _block(vocab_size: int) -> int:
 
 def _check(*tensors: Tensor) -> None:
     if tensors[0].device.type != "cuda" and not knobs.runtime.interpret:
-        raise RuntimeError("the Triton log-prob kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 "
-                           "(set before models.triton_logprobs is imported); use backend='torch' otherwise")
+        raise RuntimeError(
+            "the Triton log-prob kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 "
+            "(set before models.triton_logprobs is imported); use backend='torch' otherwise"
+        )
 
 
 def _rows(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def chunk_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool
-                ) -> tuple[Tensor, Tensor, Tensor | None]:
+def chunk_stats(
+    logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """logits [c, V] (any float dtype), tokens [c] -> (lse [c], logp [c], E_p[z] [c] | None), fp32."""
     _check(logits)
     logits = _rows(logits)
@@ -99,13 +116,31 @@ def chunk_stats(logits: Tensor, tokens: Tensor, inv_temp: float, with_entropy: b
     logp = lse.new_empty(c)
     expected_z = lse.new_empty(c) if with_entropy else lse  # a dummy pointer when unused
     if c:
-        _stats_kernel[(c,)](logits, logits.stride(0), tokens.contiguous(), lse, logp, expected_z, V, float(inv_temp),
-                            WITH_ENT=with_entropy, BLOCK=_block(V))
+        _stats_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            tokens.contiguous(),
+            lse,
+            logp,
+            expected_z,
+            V,
+            float(inv_temp),
+            WITH_ENT=with_entropy,
+            BLOCK=_block(V),
+        )
     return lse, logp, (expected_z if with_entropy else None)
 
 
-def chunk_grad_(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expected_z: Tensor | None,
-                g_logp: Tensor, g_ent: Tensor | None, inv_temp: float) -> Tensor:
+def chunk_grad_(
+    logits: Tensor,
+    out: Tensor,
+    tokens: Tensor,
+    lse: Tensor,
+    expected_z: Tensor | None,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    inv_temp: float,
+) -> Tensor:
     """d(sum g_logp * logp + g_ent * entropy) / d logits [c, V], written into `out` (may be `logits`)."""
     _check(logits, out)
     logits = _rows(logits)
@@ -114,8 +149,19 @@ def chunk_grad_(logits: Tensor, out: Tensor, tokens: Tensor, lse: Tensor, expect
     c, V = logits.shape
     with_entropy = g_ent is not None
     if c:
-        _grad_kernel[(c,)](logits, logits.stride(0), out, out.stride(0), tokens.contiguous(), lse.contiguous(),
-                           expected_z.contiguous() if with_entropy else lse, g_logp.contiguous(),
-                           g_ent.contiguous() if with_entropy else g_logp, V, float(inv_temp),
-                           WITH_ENT=with_entropy, BLOCK=_block(V))
+        _grad_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            tokens.contiguous(),
+            lse.contiguous(),
+            expected_z.contiguous() if with_entropy else lse,
+            g_logp.contiguous(),
+            g_ent.contiguous() if with_entropy else g_logp,
+            V,
+            float(inv_temp),
+            WITH_ENT=with_entropy,
+            BLOCK=_block(V),
+        )
     return out

@@ -79,20 +79,29 @@ def init_distributed(strategy: str, device: str, timeout_min: float = 60.0) -> D
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
     if strategy == "single":
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise ConfigError(f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but "
-                              f"trainer.strategy=single; choose one of: ddp, fsdp")
+            raise ConfigError(
+                f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but "
+                f"trainer.strategy=single; choose one of: ddp, fsdp"
+            )
         return DistContext("single", 0, 1, 0, torch.device("cuda" if use_cuda else "cpu"))
     if not launched_by_torchrun():
-        raise ConfigError(f"trainer.strategy={strategy} runs one process per device: launch with "
-                          f"`torchrun --nproc_per_node=N run.py ... trainer.strategy={strategy}`, or use "
-                          f"trainer.strategy=single")
+        raise ConfigError(
+            f"trainer.strategy={strategy} runs one process per device: launch with "
+            f"`torchrun --nproc_per_node=N run.py ... trainer.strategy={strategy}`, or use "
+            f"trainer.strategy=single"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_min))
-    return DistContext(strategy, dist.get_rank(), dist.get_world_size(), local_rank,
-                       torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    return DistContext(
+        strategy,
+        dist.get_rank(),
+        dist.get_world_size(),
+        local_rank,
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+    )
 
 
 def world_size() -> int:
@@ -113,8 +122,9 @@ def local_algo_config(cfg: Config, world: int) -> Config:
     algo = cfg.algo
     for key in ("prompts_per_step", "minibatch_size"):
         if getattr(algo, key) % world:
-            raise ConfigError(f"algo.{key}={getattr(algo, key)} does not split over {world} ranks; "
-                              f"choose a multiple of {world}")
+            raise ConfigError(
+                f"algo.{key}={getattr(algo, key)} does not split over {world} ranks; choose a multiple of {world}"
+            )
     return dataclasses.replace(cfg, algo=dataclasses.replace(algo, minibatch_size=algo.minibatch_size // world))
 
 
@@ -127,8 +137,10 @@ class ShardedSampler:
 
     def __init__(self, sampler: PromptSampler, rank: int, world: int):
         if sampler.batch_size % world:
-            raise ConfigError(f"algo.prompts_per_step={sampler.batch_size} does not split over {world} ranks; "
-                              f"choose a multiple of {world}")
+            raise ConfigError(
+                f"algo.prompts_per_step={sampler.batch_size} does not split over {world} ranks; "
+                f"choose a multiple of {world}"
+            )
         self.sampler, self.rank, self.world = sampler, rank, world
 
     @property
@@ -150,6 +162,7 @@ class ShardedSampler:
 
 
 # ---- collectives: each is the identity in a single process ---------------------------------------
+
 
 def comm_device() -> torch.device:
     """Where host values go for a collective: nccl reduces CUDA tensors only."""
@@ -225,8 +238,13 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     values = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     is_max = torch.tensor([k.endswith("_max") or k.startswith("time/") for k in keys], device=device)
     is_min = torch.tensor([k.endswith("_min") for k in keys], device=device)
-    is_sum = torch.tensor([k.startswith(("tokens/", "compute/")) or k.endswith(("_failures", "_timeouts"))
-                           or k == "oom/retries" for k in keys], device=device)
+    is_sum = torch.tensor(
+        [
+            k.startswith(("tokens/", "compute/")) or k.endswith(("_failures", "_timeouts")) or k == "oom/retries"
+            for k in keys
+        ],
+        device=device,
+    )
     sums = all_reduce_(values.clone())  # a missing key adds 0
     ranks = all_reduce_(have.double())  # how many ranks have each key
     maxes = all_reduce_(torch.where(have, values, -torch.inf), dist.ReduceOp.MAX)

@@ -129,8 +129,7 @@ def gathered_weights(model: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
-def optimizer_models(optimizers: dict[str, torch.optim.Optimizer], models: list[nn.Module]
-                     ) -> dict[str, nn.Module]:
+def optimizer_models(optimizers: dict[str, torch.optim.Optimizer], models: list[nn.Module]) -> dict[str, nn.Module]:
     """Which of `models` each optimizer steps (found by its first parameter)."""
     owners = {}
     for name, optimizer in optimizers.items():
@@ -162,8 +161,9 @@ class FullState:
     optimizers: dict[str, dict]  # each keyed by parameter name
 
 
-def gather_full_state(policy: nn.Module, extra_models: dict[str, nn.Module],
-                      optimizers: dict[str, torch.optim.Optimizer]) -> FullState | None:
+def gather_full_state(
+    policy: nn.Module, extra_models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+) -> FullState | None:
     """The full weights and optimizer states of a sharded run; None when `policy` is not sharded.
     Collective: every rank calls it, rank 0 writes what it returns."""
     if not is_sharded(policy):
@@ -176,9 +176,14 @@ def gather_full_state(policy: nn.Module, extra_models: dict[str, nn.Module],
     )
 
 
-def load_full_state(policy: nn.Module, policy_state: dict[str, torch.Tensor],
-                    extra_models: dict[str, nn.Module], extra_states: dict[str, dict[str, torch.Tensor]],
-                    optimizers: dict[str, torch.optim.Optimizer], optimizer_states: dict[str, dict]) -> None:
+def load_full_state(
+    policy: nn.Module,
+    policy_state: dict[str, torch.Tensor],
+    extra_models: dict[str, nn.Module],
+    extra_states: dict[str, dict[str, torch.Tensor]],
+    optimizers: dict[str, torch.optim.Optimizer],
+    optimizer_states: dict[str, dict],
+) -> None:
     """Load full weights and name-keyed optimizer states (read by every rank) into sharded models:
     each rank keeps its shard."""
     options = StateDictOptions(full_state_dict=True, strict=False)  # tied lm_head: saved once
@@ -187,12 +192,18 @@ def load_full_state(policy: nn.Module, policy_state: dict[str, torch.Tensor],
         set_model_state_dict(model, extra_states[name], options=options)
     owners = optimizer_models(optimizers, [policy, *extra_models.values()])
     for name, optimizer in optimizers.items():
-        set_optimizer_state_dict(owners[name], optimizer, optimizer_states[name],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            owners[name], optimizer, optimizer_states[name], options=StateDictOptions(full_state_dict=True)
+        )
 
 
-def shard_models(strategy: str, policy: nn.Module, reference: nn.Module | None,
-                 critic: nn.Module | None = None, param_dtype: torch.dtype | None = None) -> None:
+def shard_models(
+    strategy: str,
+    policy: nn.Module,
+    reference: nn.Module | None,
+    critic: nn.Module | None = None,
+    param_dtype: torch.dtype | None = None,
+) -> None:
     """Under trainer.strategy=fsdp, fully_shard the models in place (before their optimisers are built:
     sharding replaces the parameters); otherwise nothing. param_dtype: the compute dtype of fp32 master
     weights (models.scale.autocast_dtype), None when the weights compute in their own dtype."""

@@ -166,8 +166,9 @@ class CombinedReward:
         """Parameter counts of the learned-model rewards (those that count `forward_tokens`)."""
         return {name: fn.num_params for name, fn in self.fns.items() if hasattr(fn, "forward_tokens")}
 
-    def _score(self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict
-               ) -> tuple[list[float], int, int]:
+    def _score(
+        self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict
+    ) -> tuple[list[float], int, int]:
         """Scores of one component for the batch, with its failed and timed-out sample counts."""
         n = len(completions)
         if self._still_running(name):  # its last timed-out call has not returned: not started again
@@ -187,16 +188,18 @@ class CombinedReward:
             return [0.0] * n, n, 0
         return (*_clean(values), 0)
 
-    def _score_each(self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict,
-                    deadline: float | None) -> tuple[list[float], int, int]:
+    def _score_each(
+        self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict, deadline: float | None
+    ) -> tuple[list[float], int, int]:
         """Sample by sample, within what is left of the batch's deadline; the samples not scored by then
         are timeouts."""
         scores, failed = [], 0
         for i in range(len(completions)):
             sample = {key: [values[i]] for key, values in columns.items()}
             try:
-                values = _to_list(call_before(deadline, fn, [prompts[i]], [completions[i]],
-                                              **{**sample, **self.options[name]}))
+                values = _to_list(
+                    call_before(deadline, fn, [prompts[i]], [completions[i]], **{**sample, **self.options[name]})
+                )
             except RewardTimeout as timeout:
                 self._abandon(name, timeout.thread)
                 left = len(completions) - i
@@ -220,10 +223,13 @@ class CombinedReward:
     def _abandon(self, name: str, thread: threading.Thread | None) -> None:
         if thread is not None:
             self._abandoned[name] = thread
-        self._warn(name, f"took longer than reward.timeout_s={self.timeout_s}s on a batch: its samples score 0 "
-                         f"(counted as reward/{name}_timeouts); the call is left running in a background thread "
-                         f"(a Python function cannot be stopped) and {name!r} is not called again until it returns",
-                   kind="timeout")
+        self._warn(
+            name,
+            f"took longer than reward.timeout_s={self.timeout_s}s on a batch: its samples score 0 "
+            f"(counted as reward/{name}_timeouts); the call is left running in a background thread "
+            f"(a Python function cannot be stopped) and {name!r} is not called again until it returns",
+            kind="timeout",
+        )
 
     def _warn(self, name: str, message: str, kind: str = "failure") -> None:
         # Once per component and kind: the counts are logged every step, the explanation once.
@@ -238,9 +244,7 @@ def _plain(node: Any) -> dict:
     return dict(node or {})
 
 
-def build_reward(
-    cfg: RewardConfig | DictConfig, extra: Mapping[str, RewardFn] | None = None
-) -> CombinedReward:
+def build_reward(cfg: RewardConfig | DictConfig, extra: Mapping[str, RewardFn] | None = None) -> CombinedReward:
     """The `CombinedReward` described by a `reward` config (`RewardConfig` or its DictConfig)."""
     timeout_s = getattr(cfg, "timeout_s", None)  # a bare conf/reward/*.yaml, not merged onto RewardConfig, has none
     return CombinedReward(_plain(cfg.weights), _plain(cfg.options), extra=extra, timeout_s=timeout_s)

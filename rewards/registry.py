@@ -24,7 +24,14 @@ RewardFn = Callable[..., list[float]]
 
 # The data-row keys every data set provides; the build-time dry call passes them as empty lists.
 STANDARD_COLUMNS: tuple[str, ...] = (
-    "answer", "reference", "question", "cot", "options", "kind", "id", "prompt",
+    "answer",
+    "reference",
+    "question",
+    "cot",
+    "options",
+    "kind",
+    "id",
+    "prompt",
 )
 
 REWARDS: dict[str, RewardFn] = {}

@@ -36,8 +36,9 @@ class RewardModelScorer:
         try:
             model = RewardModel.load(path, device=device)
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"reward.path={path}: {err}; train one with algo=reward_model "
-                              f"(it writes <run_dir>/reward_model)") from None
+            raise ConfigError(
+                f"reward.path={path}: {err}; train one with algo=reward_model (it writes <run_dir>/reward_model)"
+            ) from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -47,8 +48,12 @@ class RewardModelScorer:
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
         scores: list[float] = []
         for start in range(0, len(completions), self.batch_size):
-            batch = encode_texts(self.tokenizer, prompts[start : start + self.batch_size],
-                                 completions[start : start + self.batch_size], self.model.device)
+            batch = encode_texts(
+                self.tokenizer,
+                prompts[start : start + self.batch_size],
+                completions[start : start + self.batch_size],
+                self.model.device,
+            )
             scores += self.model.score(**batch).tolist()
             self.forward_tokens += int(batch["attention_mask"].sum())
         return scores
@@ -59,6 +64,8 @@ def reward_extras(cfg: RewardConfig, device: torch.device | str) -> dict[str, Re
     if "reward_model" not in cfg.weights:
         return {}
     if not cfg.path:
-        raise ConfigError("reward.weights has reward_model but reward.path is not set; pass "
-                          "reward.path=<dir written by algo=reward_model, i.e. <run_dir>/reward_model>")
+        raise ConfigError(
+            "reward.weights has reward_model but reward.path is not set; pass "
+            "reward.path=<dir written by algo=reward_model, i.e. <run_dir>/reward_model>"
+        )
     return {"reward_model": RewardModelScorer.from_path(cfg.path, device, cfg.batch_size)}

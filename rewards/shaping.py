@@ -78,9 +78,7 @@ def overlong_penalty(n_tokens: float, max_tokens: float, buffer: float) -> float
 
 
 @register("length")
-def length(
-    prompts: list[str], completions: list[str], max_tokens: int = 512, buffer: int = 128, **_
-) -> list[float]:
+def length(prompts: list[str], completions: list[str], max_tokens: int = 512, buffer: int = 128, **_) -> list[float]:
     """DAPO overlong reward shaping in [-1, 0]: discourages completions that approach the
     generation limit, whose truncated answers would otherwise add noise to the reward.
 

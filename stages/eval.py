@@ -84,8 +84,15 @@ def load_before_model(path: str, tokenizer, device: torch.device):
     return load_causal_lm(cfg, tokenizer).to(device)
 
 
-def answers_markdown(rows: list[dict], after: list[str], after_scores: list[dict], before: list[str] | None,
-                     before_scores: list[dict] | None, after_name: str, before_name: str | None) -> str:
+def answers_markdown(
+    rows: list[dict],
+    after: list[str],
+    after_scores: list[dict],
+    before: list[str] | None,
+    before_scores: list[dict] | None,
+    after_name: str,
+    before_name: str | None,
+) -> str:
     """The before/after answers file: per question, the ground truth and the two answers side by side."""
     lines = ["# Answers to fixed questions", "", models_line(after_name, None if before is None else before_name), ""]
     for i, row in enumerate(rows):
@@ -102,8 +109,9 @@ def answers_markdown(rows: list[dict], after: list[str], after_scores: list[dict
     return "\n".join(lines)
 
 
-def answer_questions(model, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
-                     ) -> tuple[list[str], list[dict[str, float]]]:
+def answer_questions(
+    model, tokenizer, rows: list[dict], reward_fn, sampling: dict, batch_size: int, seed: int
+) -> tuple[list[str], list[dict[str, float]]]:
     """(completion, {reward part: score}) per row, one seeded sample each."""
     _, batches = evaluate_policy(model, tokenizer, rows, reward_fn, sampling, batch_size, seed)
     completions, scores = [], []
@@ -125,22 +133,40 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
         raise ValueError("algo=eval needs held-out rows: set data.eval_size to at least 1")
     sampling = {"max_new_tokens": algo.max_new_tokens, "temperature": algo.temperature, "top_p": algo.top_p}
     seed = cfg.seed + EVAL_SEED_OFFSET  # the RL algorithms' eval seed: the same prompts, the same random stream
-    metrics, batches = evaluate_policy(policy, tokenizer, eval_rows, reward_fn, sampling, tcfg.eval_batch_size, seed,
-                                       algo.eval_samples, algo.pass_threshold)
+    metrics, batches = evaluate_policy(
+        policy,
+        tokenizer,
+        eval_rows,
+        reward_fn,
+        sampling,
+        tcfg.eval_batch_size,
+        seed,
+        algo.eval_samples,
+        algo.pass_threshold,
+    )
     records = prompt_results(batches, algo.eval_samples, algo.pass_threshold)
     (Path(run_dir) / PER_PROMPT_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     prompts = [p for rollout, _ in batches for p in rollout.prompts]
     completions = [c for rollout, _ in batches for c in rollout.completions]
     sample_rows = [r for rollout, _ in batches for r in rollout.rows]
-    correct = accuracy(prompts, completions, answer=[r["answer"] for r in sample_rows],
-                       kind=[r["kind"] for r in sample_rows], options=[r["options"] for r in sample_rows],
-                       metric=algo.accuracy_metric)
+    correct = accuracy(
+        prompts,
+        completions,
+        answer=[r["answer"] for r in sample_rows],
+        kind=[r["kind"] for r in sample_rows],
+        options=[r["options"] for r in sample_rows],
+        metric=algo.accuracy_metric,
+    )
     metrics["accuracy"] = sum(correct) / len(correct)
     metrics = {f"eval/{k}": v for k, v in metrics.items()}
     logger.log(metrics, step=0)
     for rollout, scored in batches:
-        logger.log_samples(0, sample_records(rollout.prompts, rollout.completions,
-                                             {"total": scored.total, **scored.parts}, len(rollout.completions)))
+        logger.log_samples(
+            0,
+            sample_records(
+                rollout.prompts, rollout.completions, {"total": scored.total, **scored.parts}, len(rollout.completions)
+            ),
+        )
 
     rows = pick_questions(eval_rows, train_rows, list(algo.fixed_questions), algo.num_answers)
     after_name = cfg.model.path or cfg.model.name
@@ -149,8 +175,9 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     if algo.before_path is not None and (rows or algo.questions):
         before_model = load_before_model(algo.before_path, tokenizer, next(policy.parameters()).device)
         if rows:
-            before, before_scores = answer_questions(before_model, tokenizer, rows, reward_fn, sampling,
-                                                     tcfg.eval_batch_size, seed)
+            before, before_scores = answer_questions(
+                before_model, tokenizer, rows, reward_fn, sampling, tcfg.eval_batch_size, seed
+            )
     free = answer_free_questions(policy, before_model, tokenizer, list(algo.questions), cfg.data, sampling, seed)
     del before_model
     text = answers_markdown(rows, after, after_scores, before, before_scores, after_name, algo.before_path)
@@ -158,8 +185,10 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     logger.log_table("eval/answers", *answers_table(rows, after, after_scores, before, before_scores, free), step=0)
     (Path(run_dir) / ANSWERS_FILE).write_text(text)
     (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
-    summary = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
-                        if k in ("eval/reward/total_mean", "eval/format_rate", "eval/accuracy",
-                                 "eval/completion/length_mean"))
+    summary = ", ".join(
+        f"{k.removeprefix('eval/')} {v:.3f}"
+        for k, v in metrics.items()
+        if k in ("eval/reward/total_mean", "eval/format_rate", "eval/accuracy", "eval/completion/length_mean")
+    )
     print(f"eval on {len(eval_rows)} held-out prompts: {summary}; answers in {Path(run_dir) / ANSWERS_FILE}")
     return metrics

@@ -59,10 +59,14 @@ class PipelineConfig:
             if stage.data_from is not None:
                 source = self.stages.get(stage.data_from)
                 if source is None or source.algo != "rejection_sampling":
-                    raise ConfigError(f"algo.stages.{name}.data_from={stage.data_from!r} must name a "
-                                      "rejection_sampling stage")
-                runs_after = name in self.order and stage.data_from in self.order and (
-                    self.order.index(stage.data_from) < self.order.index(name))
+                    raise ConfigError(
+                        f"algo.stages.{name}.data_from={stage.data_from!r} must name a rejection_sampling stage"
+                    )
+                runs_after = (
+                    name in self.order
+                    and stage.data_from in self.order
+                    and (self.order.index(stage.data_from) < self.order.index(name))
+                )
                 if name in self.order and not runs_after:
                     raise ConfigError(f"algo.stages.{name}.data_from: stage {stage.data_from!r} must run before it")
 
@@ -113,16 +117,25 @@ def run_stage(run_py: Path, args: list[str], stage_dir: Path, label: str) -> flo
 
 def summary_table(records: list[dict]) -> str:
     """The markdown table of every stage: its budget, time and held-out eval."""
-    columns = [("eval reward", "eval/reward/total_mean"), ("format rate", "eval/format_rate"),
-               ("accuracy", "eval/accuracy"), ("similarity", "eval/reward/similarity_mean"),
-               ("length", "eval/completion/length_mean")]
-    lines = ["| stage | algo | steps | time (s) | " + " | ".join(c for c, _ in columns) + " | stage metric |",
-             "|---" * (len(columns) + 5) + "|"]
+    columns = [
+        ("eval reward", "eval/reward/total_mean"),
+        ("format rate", "eval/format_rate"),
+        ("accuracy", "eval/accuracy"),
+        ("similarity", "eval/reward/similarity_mean"),
+        ("length", "eval/completion/length_mean"),
+    ]
+    lines = [
+        "| stage | algo | steps | time (s) | " + " | ".join(c for c, _ in columns) + " | stage metric |",
+        "|---" * (len(columns) + 5) + "|",
+    ]
     for r in records:
         ev = r.get("eval", {})
         cells = [f"{ev[key]:.3f}" if key in ev else "" for _, key in columns]
-        lines.append(f"| {r['stage']} | {r['algo']} | {r.get('steps', '')} | {r['seconds']:.0f} | "
-                     + " | ".join(cells) + f" | {r.get('metric', '')} |")
+        lines.append(
+            f"| {r['stage']} | {r['algo']} | {r.get('steps', '')} | {r['seconds']:.0f} | "
+            + " | ".join(cells)
+            + f" | {r.get('metric', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,8 +170,15 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
     records: list[dict] = []
     if pipe.evaluate_start:
         seconds = run_stage(run_py, eval_args, run_dir / "00_start", "start (eval)")
-        records.append({"stage": "start", "algo": "eval", "seconds": seconds, "dir": run_dir / "00_start",
-                        "eval": read_metrics(run_dir / "00_start")})
+        records.append(
+            {
+                "stage": "start",
+                "algo": "eval",
+                "seconds": seconds,
+                "dir": run_dir / "00_start",
+                "eval": read_metrics(run_dir / "00_start"),
+            }
+        )
     for i, name in enumerate(pipe.order, start=1):
         stage = pipe.stages[name]
         stage_dir = run_dir / f"{i:02d}_{name}"
@@ -170,23 +190,35 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
         seconds = run_stage(run_py, args, stage_dir, f"{i}/{len(pipe.order)} {name}")
         outputs[name] = stage_dir
         metrics = read_metrics(stage_dir)
-        record = {"stage": name, "algo": stage.algo, "seconds": seconds, "dir": stage_dir,
-                  "metric": stage_metric(stage.algo, metrics),
-                  "steps": OmegaConf.load(stage_dir / ".hydra" / "config.yaml").trainer.max_steps
-                  if stage.algo in model_stages else ""}
+        record = {
+            "stage": name,
+            "algo": stage.algo,
+            "seconds": seconds,
+            "dir": stage_dir,
+            "metric": stage_metric(stage.algo, metrics),
+            "steps": OmegaConf.load(stage_dir / ".hydra" / "config.yaml").trainer.max_steps
+            if stage.algo in model_stages
+            else "",
+        }
         if stage.algo in model_stages:
             checkpoint = stage_dir / "checkpoints" / "final"
             if stage.evaluate:
                 compare = [f"algo.before_path={model or before}"] if (model or before) else []
-                record["seconds"] += run_stage(run_py, [*eval_args, *model_overrides(checkpoint), *compare],
-                                               stage_dir / "eval", f"{i}/{len(pipe.order)} {name} (eval)")
+                record["seconds"] += run_stage(
+                    run_py,
+                    [*eval_args, *model_overrides(checkpoint), *compare],
+                    stage_dir / "eval",
+                    f"{i}/{len(pipe.order)} {name} (eval)",
+                )
                 record["eval"] = read_metrics(stage_dir / "eval")
             model = checkpoint
         records.append(record)
     table = summary_table(records)
     total = sum(r["seconds"] for r in records)
-    (run_dir / SUMMARY_FILE).write_text(f"# {cfg.experiment_name}\n\n{table}\n\nTotal wall time: {total:.0f} s. "
-                                        f"Final model: `{model}`.\n" + stage_summaries(records))
+    (run_dir / SUMMARY_FILE).write_text(
+        f"# {cfg.experiment_name}\n\n{table}\n\nTotal wall time: {total:.0f} s. "
+        f"Final model: `{model}`.\n" + stage_summaries(records)
+    )
     print(f"\n{table}\n\ntotal wall time {total:.0f} s; final model {model}; summary in {run_dir / SUMMARY_FILE}")
     last_eval = next((r["eval"] for r in reversed(records) if r.get("eval")), {})
     return {**last_eval, "pipeline/seconds": total}

@@ -29,8 +29,9 @@ class FreeAnswers:
     before: list[str] | None  # algo.before_path's model; None without one
 
 
-def answer_free_questions(policy, before_model, tokenizer, questions: list[str], data: DataConfig, sampling: dict,
-                          seed: int) -> FreeAnswers:
+def answer_free_questions(
+    policy, before_model, tokenizer, questions: list[str], data: DataConfig, sampling: dict, seed: int
+) -> FreeAnswers:
     """One seeded sample per question from `policy` and (when not None) `before_model`, each from the same
     seed, with the data's chat template and system prompt. `sampling`: max_new_tokens, temperature, top_p."""
     rows = [{"prompt": render_prompt(tokenizer, q, data.system_prompt), "question": q} for q in questions]
@@ -67,22 +68,39 @@ def free_questions_markdown(free: FreeAnswers, after_name: str, before_name: str
         return ""
     lines = ["", "# Your questions", "", models_line(after_name, None if free.before is None else before_name), ""]
     for i, question in enumerate(free.questions):
-        lines += [f"## Q{i + 1}. {question.strip()}", "",
-                  *answer_table(free.after[i], None if free.before is None else free.before[i])]
+        lines += [
+            f"## Q{i + 1}. {question.strip()}",
+            "",
+            *answer_table(free.after[i], None if free.before is None else free.before[i]),
+        ]
     return "\n".join(lines)
 
 
 ANSWER_COLUMNS = ["question", "ground_truth", "before", "after", "reward_before", "reward_after"]
 
 
-def answers_table(rows: list[dict], after: list[str], after_scores: list[dict], before: list[str] | None,
-                  before_scores: list[dict] | None, free: FreeAnswers) -> tuple[list[str], list[list]]:
+def answers_table(
+    rows: list[dict],
+    after: list[str],
+    after_scores: list[dict],
+    before: list[str] | None,
+    before_scores: list[dict] | None,
+    free: FreeAnswers,
+) -> tuple[list[str], list[list]]:
     """(columns, rows) of the eval answers table: the held-out questions with their ground truth and total
     rewards, then the free-text questions (no ground truth, no reward)."""
     table = []
     for i, row in enumerate(rows):
-        table.append([row["question"], row["answer"], before[i] if before else None, after[i],
-                      before_scores[i]["total"] if before_scores else None, after_scores[i]["total"]])
+        table.append(
+            [
+                row["question"],
+                row["answer"],
+                before[i] if before else None,
+                after[i],
+                before_scores[i]["total"] if before_scores else None,
+                after_scores[i]["total"],
+            ]
+        )
     for i, question in enumerate(free.questions):
         table.append([question, None, free.before[i] if free.before else None, free.after[i], None, None])
     return ANSWER_COLUMNS, table

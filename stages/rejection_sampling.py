@@ -59,7 +59,7 @@ def split_think(prompt: str, completion: str) -> tuple[str, str] | None:
     text = with_prefill(prompt, completion)
     if not is_think_format(text):
         return None
-    reasoning, _, answer = text.strip()[len(THINK_OPEN):].partition(THINK_CLOSE)
+    reasoning, _, answer = text.strip()[len(THINK_OPEN) :].partition(THINK_CLOSE)
     return reasoning.strip(), answer.strip()
 
 
@@ -71,15 +71,27 @@ def best_of_group(totals: torch.Tensor, group_size: int) -> list[int]:
 
 def sft_row(row: dict, cot: str, response: str, reward: float | None, source: str) -> dict:
     """A row that data=medical_o1 (kind=sft) reads, with the ground truth kept for verifiable rewards."""
-    out = {"Question": row["question"], "Complex_CoT": cot, "Response": response,
-           "Open-ended Verifiable Question": row["question"], "Ground-True Answer": row["answer"], "source": source}
+    out = {
+        "Question": row["question"],
+        "Complex_CoT": cot,
+        "Response": response,
+        "Open-ended Verifiable Question": row["question"],
+        "Ground-True Answer": row["answer"],
+        "source": source,
+    }
     if reward is not None:
         out["reward"] = reward
     return out
 
 
-def select(prompts: list[str], completions: list[str], rows: list[dict], totals: torch.Tensor, group_size: int,
-           threshold: float) -> tuple[list[dict], dict[str, int]]:
+def select(
+    prompts: list[str],
+    completions: list[str],
+    rows: list[dict],
+    totals: torch.Tensor,
+    group_size: int,
+    threshold: float,
+) -> tuple[list[dict], dict[str, int]]:
     """The kept SFT rows of one scored batch and why the other prompts were rejected (counts)."""
     kept, rejected = [], {"below_threshold": 0, "not_think_format": 0}
     for first in range(0, len(completions), group_size):
@@ -97,8 +109,9 @@ def select(prompts: list[str], completions: list[str], rows: list[dict], totals:
     return kept, rejected
 
 
-@register_stage("rejection_sampling", RejectionSamplingConfig, kind="pass", uses_rewards=True,
-                objective="rs/acceptance_rate")
+@register_stage(
+    "rejection_sampling", RejectionSamplingConfig, kind="pass", uses_rewards=True, objective="rs/acceptance_rate"
+)
 def rejection_sample(ctx: StageContext) -> dict[str, float]:
     """The algo=rejection_sampling stage: writes <run_dir>/<algo.output>; returns the acceptance rate and
     reward statistics."""
@@ -112,19 +125,28 @@ def rejection_sample(ctx: StageContext) -> dict[str, float]:
     generated = 0.0  # tokens sampled, for the run's summary
     for start in tqdm(range(0, len(prompts_rows), algo.batch_size), desc="rejection sampling", dynamic_ncols=True):
         rows = prompts_rows[start : start + algo.batch_size]
-        rollout = generate_rollout(policy, tokenizer, rows, algo.samples_per_prompt, algo.max_new_tokens,
-                                   algo.temperature, algo.top_p, generator)
+        rollout = generate_rollout(
+            policy,
+            tokenizer,
+            rows,
+            algo.samples_per_prompt,
+            algo.max_new_tokens,
+            algo.temperature,
+            algo.top_p,
+            generator,
+        )
         scored = reward_fn(rollout.prompts, rollout.completions, rollout.rows)
         generated += float(rollout.completion_lengths.sum())
-        batch_kept, batch_rejected = select(rollout.prompts, rollout.completions, rollout.rows, scored.total,
-                                            algo.samples_per_prompt, algo.threshold)
+        batch_kept, batch_rejected = select(
+            rollout.prompts, rollout.completions, rollout.rows, scored.total, algo.samples_per_prompt, algo.threshold
+        )
         kept += batch_kept
         for reason, n in batch_rejected.items():
             rejected[reason] += n
         all_totals.append(scored.total)
         best_totals += [float(scored.total[i]) for i in best_of_group(scored.total, algo.samples_per_prompt)]
     # original rows with their reference CoT and response, those whose prompts were not sampled first
-    extra_pool = [r for r in train_rows[len(prompts_rows):] + prompts_rows if r["cot"] and r["reference"]]
+    extra_pool = [r for r in train_rows[len(prompts_rows) :] + prompts_rows if r["cot"] and r["reference"]]
     extra = [sft_row(r, r["cot"], r["reference"], None, "data") for r in extra_pool[: algo.source_rows]]
     path = Path(run_dir) / algo.output
     with open(path, "w") as f:
@@ -144,8 +166,10 @@ def rejection_sample(ctx: StageContext) -> dict[str, float]:
         "tokens/generated": generated,
     }
     logger.log(metrics, step=0)
-    print(f"rejection sampling: kept {len(kept)} of {len(prompts_rows)} prompts "
-          f"(acceptance {metrics['rs/acceptance_rate']:.2f}) + {len(extra)} data rows -> {path}")
+    print(
+        f"rejection sampling: kept {len(kept)} of {len(prompts_rows)} prompts "
+        f"(acceptance {metrics['rs/acceptance_rate']:.2f}) + {len(extra)} data rows -> {path}"
+    )
     if not kept and not extra:
         print("warning: no row passed; an SFT stage on this file will have no data")
     return metrics

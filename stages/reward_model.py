@@ -70,12 +70,20 @@ def clip_references(rows: list[dict], tokenizer, max_tokens: int) -> list[dict]:
     truncated rejected response is still shorter than its chosen one)."""
     rows = [r for r in rows if r.get("reference")]
     ids = tokenizer([r["reference"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-    return [{**r, "reference": tokenizer.decode(t[:max_tokens]) if len(t) > max_tokens else r["reference"]}
-            for r, t in zip(rows, ids)]
+    return [
+        {**r, "reference": tokenizer.decode(t[:max_tokens]) if len(t) > max_tokens else r["reference"]}
+        for r, t in zip(rows, ids)
+    ]
 
 
-def build_pairs(rows: list[dict], pool: list[dict], rejected: str, rng: random.Random,
-                truncate_frac: float = 0.5, samples: list[str] | None = None) -> list[PreferencePair]:
+def build_pairs(
+    rows: list[dict],
+    pool: list[dict],
+    rejected: str,
+    rng: random.Random,
+    truncate_frac: float = 0.5,
+    samples: list[str] | None = None,
+) -> list[PreferencePair]:
     """One pair per row: chosen = row["reference"]; rejected per `rejected`.
 
     other_response: the reference of a random row of `pool` with a different reference;
@@ -112,9 +120,11 @@ def pair_tensors(tokenizer, pairs: list[PreferencePair], device: torch.device | 
     enc = encode_texts(tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], device)
     B = len(pairs)
     ids, mask = enc["input_ids"], enc["attention_mask"]  # [2B, T]: the chosen responses, then the rejected ones
-    return {"input_ids": torch.stack([ids[:B], ids[B:]], dim=1),
-            "completion_mask": torch.stack([mask[:B], mask[B:]], dim=1),
-            "prompt_mask": mask.new_zeros(B, 0)}
+    return {
+        "input_ids": torch.stack([ids[:B], ids[B:]], dim=1),
+        "completion_mask": torch.stack([mask[:B], mask[B:]], dim=1),
+        "prompt_mask": mask.new_zeros(B, 0),
+    }
 
 
 def pair_scores(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -125,8 +135,9 @@ def pair_scores(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
     return scores[:, 0], scores[:, 1]
 
 
-def bt_update(rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarget],
-              micro_batch: MicroBatch | int) -> dict[str, float]:
+def bt_update(
+    rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch: MicroBatch | int
+) -> dict[str, float]:
     """One optimiser step on the pairs of `batch` (pair_tensors; gradients accumulated over micro-batches);
     returns the mean loss, accuracy and margin, with minibatch_update's grad norm and optimizer_steps /
     skipped_steps (a non-finite loss or gradient skips the step, as in the RL update)."""
@@ -136,8 +147,15 @@ def bt_update(rm: RewardModel, batch: dict[str, Tensor], targets: list[OptimTarg
         return loss * share, {"loss": loss.detach(), **stats}  # share: the pair mean over the whole batch
 
     rm.train()
-    stats = minibatch_update(batch, loss_fn, targets, num_epochs=1, minibatch_size=batch["input_ids"].shape[0],
-                             micro_batch=micro_batch, shuffle=False)
+    stats = minibatch_update(
+        batch,
+        loss_fn,
+        targets,
+        num_epochs=1,
+        minibatch_size=batch["input_ids"].shape[0],
+        micro_batch=micro_batch,
+        shuffle=False,
+    )
     rm.eval()
     return stats
 
@@ -160,8 +178,15 @@ class RewardModelTraining:
 
     progress = {"loss": "rm/loss", "acc": "rm/accuracy"}
 
-    def __init__(self, cfg: RewardModelConfig, ctx: StageContext, rm: RewardModel, target: OptimTarget,
-                 train_rows: list[dict], eval_rows: list[dict]):
+    def __init__(
+        self,
+        cfg: RewardModelConfig,
+        ctx: StageContext,
+        rm: RewardModel,
+        target: OptimTarget,
+        train_rows: list[dict],
+        eval_rows: list[dict],
+    ):
         self.cfg, self.rm, self.target = cfg, rm, target
         self.micro_batch = MicroBatch(cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries)  # halved on OOM
         self.policy, self.tokenizer, self.generator = ctx.policy, ctx.tokenizer, ctx.generator
@@ -179,9 +204,17 @@ class RewardModelTraining:
     def make_pairs(self, rows: list[dict], rng: random.Random, seeds: list[int] | None = None) -> list[PreferencePair]:
         samples = None
         if self.cfg.rejected == "policy_sample":  # the policy is not trained here: its samples stay "worse"
-            samples = generate_rollout(self.policy, self.tokenizer, rows, 1, self.cfg.max_new_tokens,
-                                       self.cfg.temperature, self.cfg.top_p, self.generator,
-                                       prompt_seeds=seeds).completions
+            samples = generate_rollout(
+                self.policy,
+                self.tokenizer,
+                rows,
+                1,
+                self.cfg.max_new_tokens,
+                self.cfg.temperature,
+                self.cfg.top_p,
+                self.generator,
+                prompt_seeds=seeds,
+            ).completions
         return build_pairs(rows, self.pool(rows), self.cfg.rejected, rng, self.cfg.truncate_frac, samples)
 
     # ---- what the loop uses (training.loop.Algorithm) -------------------------------------------

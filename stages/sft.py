@@ -79,7 +79,7 @@ def render_target(cot: str, response: str, prompt: str = "") -> str:
     """
     target = f"{THINK_OPEN}\n{cot}\n{THINK_CLOSE}\n{response}"
     if prompt.rstrip().endswith(THINK_OPEN):
-        return target[len(THINK_OPEN):].lstrip("\n")
+        return target[len(THINK_OPEN) :].lstrip("\n")
     return target
 
 
@@ -101,8 +101,9 @@ def build_examples(rows: list[dict], tokenizer, cfg: SFTConfig) -> list[SFTExamp
     for row in rows:
         cot = clip_text(tokenizer, row["cot"], cfg.max_cot_tokens)
         response = clip_text(tokenizer, row["reference"], cfg.max_response_tokens)
-        examples.append(encode_example(tokenizer, row["prompt"], render_target(cot, response, row["prompt"]),
-                                       cfg.max_length))
+        examples.append(
+            encode_example(tokenizer, row["prompt"], render_target(cot, response, row["prompt"]), cfg.max_length)
+        )
     return examples
 
 
@@ -117,12 +118,16 @@ def collate(examples: list[SFTExample], pad_id: int) -> dict[str, Tensor]:
     completion_ids = torch.full((B, tc), pad_id, dtype=torch.long)
     completion_mask = torch.zeros(B, tc, dtype=torch.long)
     for i, e in enumerate(examples):
-        prompt_ids[i, tp - len(e.prompt_ids):] = torch.tensor(e.prompt_ids)
-        prompt_mask[i, tp - len(e.prompt_ids):] = 1
+        prompt_ids[i, tp - len(e.prompt_ids) :] = torch.tensor(e.prompt_ids)
+        prompt_mask[i, tp - len(e.prompt_ids) :] = 1
         completion_ids[i, : len(e.target_ids)] = torch.tensor(e.target_ids)
         completion_mask[i, : len(e.target_ids)] = 1
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask}
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+    }
 
 
 def sft_loss(logp: Tensor, mask: Tensor, num_tokens: float) -> Tensor:
@@ -151,8 +156,9 @@ def evaluate_nll(policy, examples: list[SFTExample], pad_id: int, batch_size: in
     return total / max(tokens, 1.0)
 
 
-def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch: MicroBatch | int
-               ) -> dict[str, float]:
+def sft_update(
+    policy, batch: dict[str, Tensor], targets: list[OptimTarget], micro_batch: MicroBatch | int
+) -> dict[str, float]:
     """One optimiser step on `batch` (gradients accumulated over micro-batches); returns its stats,
     with minibatch_update's optimizer_steps / skipped_steps (a non-finite loss or gradient skips it)
     and its oom/ back-off counters."""
@@ -164,8 +170,15 @@ def sft_update(policy, batch: dict[str, Tensor], targets: list[OptimTarget], mic
         return loss, {"loss": loss.detach() * batch_tokens / max(float(micro["completion_mask"].sum()), 1.0)}
 
     policy.train()
-    stats = minibatch_update(batch, loss_fn, targets, num_epochs=1, minibatch_size=batch["completion_mask"].shape[0],
-                             micro_batch=micro_batch, shuffle=False)
+    stats = minibatch_update(
+        batch,
+        loss_fn,
+        targets,
+        num_epochs=1,
+        minibatch_size=batch["completion_mask"].shape[0],
+        micro_batch=micro_batch,
+        shuffle=False,
+    )
     policy.eval()
     return stats
 
@@ -175,8 +188,16 @@ class SFT:
 
     progress = {"loss": "sft/loss"}
 
-    def __init__(self, cfg: SFTConfig, policy: torch.nn.Module, pad_id: int, target: OptimTarget,
-                 held_out: list[SFTExample], eval_batch_size: int, max_oom_retries: int):
+    def __init__(
+        self,
+        cfg: SFTConfig,
+        policy: torch.nn.Module,
+        pad_id: int,
+        target: OptimTarget,
+        held_out: list[SFTExample],
+        eval_batch_size: int,
+        max_oom_retries: int,
+    ):
         self.cfg, self.policy, self.pad_id, self.target = cfg, policy, pad_id, target
         self.micro_batch = MicroBatch(cfg.micro_batch_size, max_oom_retries)  # halved on out of memory
         self.held_out, self.eval_batch_size = held_out, eval_batch_size
@@ -216,14 +237,28 @@ def build_sft(ctx: StageContext) -> Built:
     """SFT of ctx.policy on the data rows' chains of thought and responses (data.kind=sft)."""
     cfg, algo = ctx.cfg, ctx.cfg.algo
     if cfg.data.kind != "sft":
-        raise ValueError(f"algo=sft needs rows with a chain of thought and a response: data.kind=sft "
-                         f"(data=medical_o1), not data.kind={cfg.data.kind} (data={cfg.data.name})")
+        raise ValueError(
+            f"algo=sft needs rows with a chain of thought and a response: data.kind=sft "
+            f"(data=medical_o1), not data.kind={cfg.data.kind} (data={cfg.data.name})"
+        )
     train = build_examples(ctx.train_rows, ctx.tokenizer, algo)
     held_out = build_examples(ctx.eval_rows, ctx.tokenizer, algo)
     if ctx.logger is not None:
-        ctx.logger.log({"data/sft_truncated": float(sum(e.truncated for e in train + held_out)),
-                        "data/sft_target_tokens_mean": sum(len(e.target_ids) for e in train) / len(train)}, step=0)
+        ctx.logger.log(
+            {
+                "data/sft_truncated": float(sum(e.truncated for e in train + held_out)),
+                "data/sft_target_tokens_mean": sum(len(e.target_ids) for e in train) / len(train),
+            },
+            step=0,
+        )
     target, optimizer = actor_target(ctx.policy, cfg.trainer, lr=algo.lr)
-    sft = SFT(algo, ctx.policy, ctx.tokenizer.pad_token_id, target, held_out, cfg.trainer.eval_batch_size,
-              cfg.trainer.max_oom_retries)
+    sft = SFT(
+        algo,
+        ctx.policy,
+        ctx.tokenizer.pad_token_id,
+        target,
+        held_out,
+        cfg.trainer.eval_batch_size,
+        cfg.trainer.max_oom_retries,
+    )
     return Built(sft, {"actor": optimizer}, PromptSampler(train, algo.batch_size, seed=cfg.seed))

@@ -19,8 +19,16 @@ from training.loop import StageContext
 
 discover()  # every stage registers its config, so that Hydra can compose conf/algo/* (as run.py does)
 
-TINY = dict(source="random", tokenizer="embedded", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, init_seed=0)
+TINY = dict(
+    source="random",
+    tokenizer="embedded",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    init_seed=0,
+)
 
 
 @pytest.fixture(scope="session")
@@ -55,26 +63,56 @@ def letter_e_reward():
     return CombinedReward({"letter_e": 1.0}, extra={"letter_e": letter_e})
 
 
-def stage_context(policy, tokenizer, algo_cfg, reward_fn=None, seed: int = 0, train_rows=(), eval_rows=(),
-                  trainer: TrainerConfig | None = None) -> StageContext:
+def stage_context(
+    policy,
+    tokenizer,
+    algo_cfg,
+    reward_fn=None,
+    seed: int = 0,
+    train_rows=(),
+    eval_rows=(),
+    trainer: TrainerConfig | None = None,
+) -> StageContext:
     """What a registered builder receives, for a tiny model outside run.py (no logger, no run dir)."""
-    cfg = Config(model=ModelConfig(name="tiny_llama", **TINY), data=DataConfig(), reward=RewardConfig(),
-                 algo=algo_cfg, trainer=trainer or TrainerConfig(), logger=LoggerConfig(mode="disabled"), seed=seed)
-    return StageContext(cfg, run_dir=None, policy=policy, tokenizer=tokenizer, train_rows=list(train_rows),
-                        eval_rows=list(eval_rows), reward_fn=reward_fn, generator=torch.Generator().manual_seed(seed))
+    cfg = Config(
+        model=ModelConfig(name="tiny_llama", **TINY),
+        data=DataConfig(),
+        reward=RewardConfig(),
+        algo=algo_cfg,
+        trainer=trainer or TrainerConfig(),
+        logger=LoggerConfig(mode="disabled"),
+        seed=seed,
+    )
+    return StageContext(
+        cfg,
+        run_dir=None,
+        policy=policy,
+        tokenizer=tokenizer,
+        train_rows=list(train_rows),
+        eval_rows=list(eval_rows),
+        reward_fn=reward_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def say_rows(tokenizer, n: int = 4) -> list[dict]:
     """n chat prompts ("Say something i."), the learning tests' data."""
-    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(n)]
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Say something {i}."}], tokenize=False, add_generation_prompt=True
+            )
+        }
+        for i in range(n)
+    ]
 
 
 def learn(builder, algo_cfg, model, tokenizer, reward, steps: int, seed: int = 0, lr: float = 1e-2) -> list[dict]:
     """`steps` steps of a registered builder's algorithm on say_rows (reference, AdamW and sampler as run.py
     builds them); each step's metrics."""
     torch.manual_seed(seed)
-    ctx = stage_context(model, tokenizer, algo_cfg, reward, seed, train_rows=say_rows(tokenizer),
-                        trainer=TrainerConfig(lr=lr))
+    ctx = stage_context(
+        model, tokenizer, algo_cfg, reward, seed, train_rows=say_rows(tokenizer), trainer=TrainerConfig(lr=lr)
+    )
     built = builder(ctx)
     return [built.algorithm.step(built.sampler.draw()).metrics for _ in range(steps)]

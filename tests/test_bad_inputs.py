@@ -48,9 +48,13 @@ def with_value(base, key: str, value):
 def typed_cases() -> list[tuple[str, str, object]]:
     """(group, key, value): every numeric and boolean option of every group, with a value of the wrong type."""
     cases = []
-    for group, schema, algo in [("trainer", TrainerConfig, "grpo"), ("algo", GRPOConfig, "grpo"),
-                                ("algo", PPOConfig, "ppo"), ("data", DataConfig, "grpo"),
-                                ("model", ModelConfig, "grpo")]:
+    for group, schema, algo in [
+        ("trainer", TrainerConfig, "grpo"),
+        ("algo", GRPOConfig, "grpo"),
+        ("algo", PPOConfig, "ppo"),
+        ("data", DataConfig, "grpo"),
+        ("model", ModelConfig, "grpo"),
+    ]:
         for f in dataclasses.fields(schema):
             if f.type in ("int", "float", "bool", "int | None", "float | None"):
                 cases.append((algo, f"{group}.{f.name}", "zz9"))
@@ -62,19 +66,42 @@ def test_fuzzed_config_values_are_one_line_errors_naming_the_key(tmp_path, capsy
     cases = typed_cases()
     assert len(cases) > 40
     # values outside their choices or ranges
-    choices = {"trainer.lr_schedule": "constant, linear, cosine", "trainer.device": "auto, cpu, cuda",
-               "algo.loss_type": "grpo, bnpo, dr_grpo, dapo, gspo", "algo.scale_rewards": "group, batch, none",
-               "data.source": "auto, hub, local", "data.kind": "open, mcq, sft", "model.source": "embedded, hub",
-               "logger.mode": "offline, online, disabled", "algo.kl_estimator": "k1, k2, k3"}
+    choices = {
+        "trainer.lr_schedule": "constant, linear, cosine",
+        "trainer.device": "auto, cpu, cuda",
+        "algo.loss_type": "grpo, bnpo, dr_grpo, dapo, gspo",
+        "algo.scale_rewards": "group, batch, none",
+        "data.source": "auto, hub, local",
+        "data.kind": "open, mcq, sft",
+        "model.source": "embedded, hub",
+        "logger.mode": "offline, online, disabled",
+        "algo.kl_estimator": "k1, k2, k3",
+    }
     cases += [("grpo", key, "zz9") for key in choices] + [("ppo", "algo.kl_control", "zz9")]
     rng = random.Random(0)
-    ranges = ["trainer.max_steps", "trainer.keep_last", "trainer.save_every", "trainer.eval_batch_size",
-              "trainer.max_consecutive_skips", "trainer.warmup_steps", "algo.group_size", "algo.prompts_per_step",
-              "algo.max_new_tokens", "algo.minibatch_size", "algo.temperature", "algo.beta", "data.eval_size"]
+    ranges = [
+        "trainer.max_steps",
+        "trainer.keep_last",
+        "trainer.save_every",
+        "trainer.eval_batch_size",
+        "trainer.max_consecutive_skips",
+        "trainer.warmup_steps",
+        "algo.group_size",
+        "algo.prompts_per_step",
+        "algo.max_new_tokens",
+        "algo.minibatch_size",
+        "algo.temperature",
+        "algo.beta",
+        "data.eval_size",
+    ]
     cases += [("grpo", key, rng.choice([-1, -3, -1000])) for key in ranges]
     cases += [("ppo", key, -0.5) for key in ("algo.gamma", "algo.lam", "algo.vf_coef", "algo.clip_high")]
-    cases += [("grpo", "trainer.adam_betas", [0.9]), ("grpo", "seed", "abc"), ("grpo", "algo.name", "nope"),
-              ("grpo", "trainer.resume", str(tmp_path / "nowhere"))]
+    cases += [
+        ("grpo", "trainer.adam_betas", [0.9]),
+        ("grpo", "seed", "abc"),
+        ("grpo", "algo.name", "nope"),
+        ("grpo", "trainer.resume", str(tmp_path / "nowhere")),
+    ]
     for algo, key, value in cases:
         code, _ = run_cli(with_value(bases[algo], key, value), tmp_path / "run")
         err = capsys.readouterr().err
@@ -99,16 +126,28 @@ def test_misspelt_override_keys_list_the_valid_ones():
         check_override_keys(["-m", "algo.beta=0,0.1,x", "trainer.lora.target_modules=[q_proj,v_proj]"], "grpo")
     with pytest.raises(ConfigError, match=r"algo.scale_rewards is not an option of algo=ppo; .*group_size"):
         check_override_keys(["-m", "algo=ppo,grpo", "algo.scale_rewards=batch"], "grpo")
-    check_override_keys(["-m", "algo=ppo,grpo", "algo.beta=0", "+trainer.new=1", "reward.weights.format=2",
-                         "model=tiny_llama", "seed=0,1", "hydra.run.dir=x"], "grpo")
+    check_override_keys(
+        [
+            "-m",
+            "algo=ppo,grpo",
+            "algo.beta=0",
+            "+trainer.new=1",
+            "reward.weights.format=2",
+            "model=tiny_llama",
+            "seed=0,1",
+            "hydra.run.dir=x",
+        ],
+        "grpo",
+    )
 
 
 def bad_row(rng: random.Random, i: int) -> tuple[str, str | None]:
     """(a jsonl line, the reason it is skipped or None) for medical_o1_verifiable's two required fields."""
     q, a = "Open-ended Verifiable Question", "Ground-True Answer"
     good = {q: f"Which vitamin deficiency causes scurvy (case {i})?", a: "Vitamin C"}
-    kind = rng.choice(["good", "missing", "null", "empty", "blank", "number", "list", "dict", "too_long",
-                       "bad_json", "not_object"])
+    kind = rng.choice(
+        ["good", "missing", "null", "empty", "blank", "number", "list", "dict", "too_long", "bad_json", "not_object"]
+    )
     row = dict(good)
     field = rng.choice([q, a])
     if kind == "missing":
@@ -121,9 +160,17 @@ def bad_row(rng: random.Random, i: int) -> tuple[str, str | None]:
         return json.dumps(row)[:-5], "bad_json"
     if kind == "not_object":
         return json.dumps([row]), "missing_field"
-    reason = {"good": None, "missing": "missing_field", "null": "missing_field", "empty": "empty_text",
-              "blank": "empty_text", "number": "bad_type", "list": "bad_type", "dict": "bad_type",
-              "too_long": "prompt_too_long"}[kind]
+    reason = {
+        "good": None,
+        "missing": "missing_field",
+        "null": "missing_field",
+        "empty": "empty_text",
+        "blank": "empty_text",
+        "number": "bad_type",
+        "list": "bad_type",
+        "dict": "bad_type",
+        "too_long": "prompt_too_long",
+    }[kind]
     return json.dumps(row), reason
 
 
@@ -136,20 +183,26 @@ def test_fuzzed_rows_are_skipped_and_counted(tmp_path, tokenizer):
         if reason:
             expected[reason] = expected.get(reason, 0) + 1
     (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = validate(config([f"data.local_path={tmp_path / 'rows.jsonl'}", "data.eval_size=0",
-                           "data.max_prompt_tokens=256"]))
+    cfg = validate(
+        config([f"data.local_path={tmp_path / 'rows.jsonl'}", "data.eval_size=0", "data.max_prompt_tokens=256"])
+    )
     train, evals, skipped = load_data(cfg, tokenizer)
     assert skipped == expected
     assert len(train) == 300 - sum(expected.values()) and not evals
     assert all(row["question"].strip() and row["answer"] == "Vitamin C" for row in train)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("", "no valid rows for data=medical_o1_verifiable"),
-    ('{"Open-ended Verifiable Question": ""}\n[1, 2]\n{"broken\n', "skipped: {"),
-    ('{"Open-ended Verifiable Question": "' + "long " * 600 + '", "Ground-True Answer": "x"}\n',
-     "exceed data.max_prompt_tokens=384"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", "no valid rows for data=medical_o1_verifiable"),
+        ('{"Open-ended Verifiable Question": ""}\n[1, 2]\n{"broken\n', "skipped: {"),
+        (
+            '{"Open-ended Verifiable Question": "' + "long " * 600 + '", "Ground-True Answer": "x"}\n',
+            "exceed data.max_prompt_tokens=384",
+        ),
+    ],
+)
 def test_datasets_with_nothing_usable_are_one_line_errors(tmp_path, capsys, content, expected):
     (tmp_path / "rows.jsonl").write_text(content)
     line = one_line_error(capsys, [f"data.local_path={tmp_path / 'rows.jsonl'}"], tmp_path / "run")

@@ -15,11 +15,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"conf": 0, "models": 1, "rewards": 1, "data": 1, "parallel": 2, "training": 3, "algorithms": 4,
-          "stages": 5, "experiments": 6, "run": 6}
+LAYERS = {
+    "conf": 0,
+    "models": 1,
+    "rewards": 1,
+    "data": 1,
+    "parallel": 2,
+    "training": 3,
+    "algorithms": 4,
+    "stages": 5,
+    "experiments": 6,
+    "run": 6,
+}
 # calls that read or write files: none of them belongs in algorithms/ (the math, the rollout, the update)
-FILE_IO = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "save", "load", "dump", "mkdir",
-           "save_pretrained", "from_pretrained", "save_file", "load_file"}
+FILE_IO = {
+    "open",
+    "read_text",
+    "write_text",
+    "read_bytes",
+    "write_bytes",
+    "save",
+    "load",
+    "dump",
+    "mkdir",
+    "save_pretrained",
+    "from_pretrained",
+    "save_file",
+    "load_file",
+}
 
 
 def modules() -> list[Path]:
@@ -48,8 +71,11 @@ def imports(path: Path) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_point_down(path: Path):
     own = LAYERS[path.relative_to(ROOT).parts[0].removesuffix(".py")]
-    upward = [f"{path.relative_to(ROOT)}:{line} imports {m} (layer {layer_of(m)} > {own})"
-              for line, m in imports(path) if layer_of(m) > own]
+    upward = [
+        f"{path.relative_to(ROOT)}:{line} imports {m} (layer {layer_of(m)} > {own})"
+        for line, m in imports(path)
+        if layer_of(m) > own
+    ]
     assert not upward, "imports must point down a layer or stay in it:\n" + "\n".join(upward)
 
 
@@ -61,8 +87,10 @@ def test_algorithms_do_no_file_io(path: Path):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             if name in FILE_IO:
                 calls.append(f"{path.name}:{node.lineno} calls {name}()")
-    assert not calls, ("algorithms/ is the math, the rollout and the update; file I/O belongs in training/ or "
-                       "stages/:\n" + "\n".join(calls))
+    assert not calls, (
+        "algorithms/ is the math, the rollout and the update; file I/O belongs in training/ or "
+        "stages/:\n" + "\n".join(calls)
+    )
 
 
 def test_the_detector_sees_an_upward_import(tmp_path):

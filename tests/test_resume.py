@@ -23,18 +23,39 @@ from run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 2
-TINY = ["model=tiny_llama", "data.eval_size=2", "trainer.eval_batch_size=2", "logger.mode=disabled",
-        "trainer.log_samples=1", "trainer.threads=1", "data.source=local"]
+TINY = [
+    "model=tiny_llama",
+    "data.eval_size=2",
+    "trainer.eval_batch_size=2",
+    "logger.mode=disabled",
+    "trainer.log_samples=1",
+    "trainer.threads=1",
+    "data.source=local",
+]
 RL = ["algo.max_new_tokens=6", "algo.prompts_per_step=2"]
 ALGOS = {
     "grpo": ["algo=grpo", *RL, "algo.group_size=2", "algo.minibatch_size=2", "algo.num_iterations=2"],
     # adaptive KL: its beta is part of the state a resume must restore
-    "ppo": ["algo=ppo", *RL, "algo.group_size=2", "algo.minibatch_size=2", "algo.kl_control=adaptive",
-            "algo.target_kl=0.01", "algo.kl_horizon=10"],
+    "ppo": [
+        "algo=ppo",
+        *RL,
+        "algo.group_size=2",
+        "algo.minibatch_size=2",
+        "algo.kl_control=adaptive",
+        "algo.target_kl=0.01",
+        "algo.kl_horizon=10",
+    ],
     # dynamic sampling: the extra prompts a step draws move the sampler, whose position a resume restores; the
     # R1 reward on a random model scores most groups alike, so steps do draw more
-    "grpo_dynamic": ["algo=grpo", *RL, "algo.group_size=2", "algo.minibatch_size=2", "algo.dynamic_sampling=true",
-                     "algo.dynamic_sampling_max_draws=2", "reward=format_accuracy"],
+    "grpo_dynamic": [
+        "algo=grpo",
+        *RL,
+        "algo.group_size=2",
+        "algo.minibatch_size=2",
+        "algo.dynamic_sampling=true",
+        "algo.dynamic_sampling_max_draws=2",
+        "reward=format_accuracy",
+    ],
     # micro-batches of 1: gradient accumulation is part of what must replay exactly
     "sft": ["algo=sft", "data=medical_o1", "algo.batch_size=2", "algo.micro_batch_size=1"],
     # other_response: the pair rng (the algorithm's own state) picks each step's rejected responses from the
@@ -62,8 +83,9 @@ def train_metrics(run_dir: Path, key: str = "reward/total_mean") -> dict[int, di
         record = json.loads(line)
         if key in record:
             assert record["step"] not in out, f"step {record['step']} logged twice"
-            out[record["step"]] = {k: v for k, v in record.items()
-                                   if not k.startswith(("time/", "cpu_time/", "memory/", "eval/"))}
+            out[record["step"]] = {
+                k: v for k, v in record.items() if not k.startswith(("time/", "cpu_time/", "memory/", "eval/"))
+            }
     return out
 
 
@@ -132,8 +154,9 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
 
     # resume from the path it printed, into a new run dir; the result equals an uninterrupted run
     total = stopped_at + 1
-    assert train(tmp_path / "resumed", [*ALGOS["grpo"], f"trainer.max_steps={total}",
-                                        f"trainer.resume={checkpoint}"]) == 0
+    assert (
+        train(tmp_path / "resumed", [*ALGOS["grpo"], f"trainer.max_steps={total}", f"trainer.resume={checkpoint}"]) == 0
+    )
     assert train(tmp_path / "full", [*ALGOS["grpo"], f"trainer.max_steps={total}"]) == 0
     assert train_metrics(tmp_path / "resumed")[total] == train_metrics(tmp_path / "full")[total]
     assert_same_checkpoint(tmp_path / "full" / "checkpoints" / "final", tmp_path / "resumed" / "checkpoints" / "final")

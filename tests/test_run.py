@@ -11,14 +11,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny_llama", "trainer.max_steps=2", "algo.max_new_tokens=8", "algo.prompts_per_step=2",
-        "algo.group_size=2", "data.eval_size=2", "trainer.eval_batch_size=2"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.max_steps=2",
+    "algo.max_new_tokens=8",
+    "algo.prompts_per_step=2",
+    "algo.group_size=2",
+    "data.eval_size=2",
+    "trainer.eval_batch_size=2",
+]
 
 
 def run_py(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -29,10 +43,25 @@ def check_run_dir(run_dir: Path, steps: int) -> list[dict]:
     metrics = read_metrics(run_dir)
     train = [m for m in metrics if "reward/total_mean" in m]
     assert [m["step"] for m in train] == list(range(1, steps + 1))
-    for key in ("reward/total_mean", "advantages/std", "kl", "entropy", "clip_frac", "completion/length_mean",
-                "time/generate", "time/train", "tokens/generated", "tokens/generated_total", "eval/reward/total_mean",
-                "tokens/trained", "compute/actor_forward_tokens", "compute/flops", "compute/flops_total",
-                "time/train_total", "memory/peak_rss_mb"):
+    for key in (
+        "reward/total_mean",
+        "advantages/std",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "completion/length_mean",
+        "time/generate",
+        "time/train",
+        "tokens/generated",
+        "tokens/generated_total",
+        "eval/reward/total_mean",
+        "tokens/trained",
+        "compute/actor_forward_tokens",
+        "compute/flops",
+        "compute/flops_total",
+        "time/train_total",
+        "memory/peak_rss_mb",
+    ):
         assert key in train[-1], key
     assert (run_dir / "samples.jsonl").read_text().strip()
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
@@ -48,9 +77,17 @@ def check_summary(run_dir: Path, steps: int, rewards: list[str]) -> str:
     curves it points to."""
     summary = (run_dir / "summary.md").read_text()
     assert "reward/total_mean" in rewards and len(rewards) > 1, rewards
-    for part in (f"- run dir: `{run_dir}`", f"- steps: {steps}", "s/step)", "- peak memory:", "- tokens generated:",
-                 *(f"| {key} |" for key in rewards), "| held-out eval | before | after |",
-                 f"Curves: `{run_dir / 'curves.png'}`", f"`wandb sync {run_dir / 'wandb'}/offline-run-"):
+    for part in (
+        f"- run dir: `{run_dir}`",
+        f"- steps: {steps}",
+        "s/step)",
+        "- peak memory:",
+        "- tokens generated:",
+        *(f"| {key} |" for key in rewards),
+        "| held-out eval | before | after |",
+        f"Curves: `{run_dir / 'curves.png'}`",
+        f"`wandb sync {run_dir / 'wandb'}/offline-run-",
+    ):
         assert part in summary, part
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
@@ -109,9 +146,20 @@ def test_ppo_single_run_saves_the_critic(tmp_path):
     proc = run_py(["algo=ppo", *PPO_TINY, f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [m for m in check_run_dir(out, steps=2) if "reward/total_mean" in m][-1]
-    for key in ("value_loss", "explained_var", "value_clip_frac", "kl/sequence", "kl_coef", "returns/mean",
-                "grad_norm/actor", "grad_norm/critic", "time/critic", "time/reference",
-                "compute/critic_backward_tokens", "compute/reference_forward_tokens"):
+    for key in (
+        "value_loss",
+        "explained_var",
+        "value_clip_frac",
+        "kl/sequence",
+        "kl_coef",
+        "returns/mean",
+        "grad_norm/actor",
+        "grad_norm/critic",
+        "time/critic",
+        "time/reference",
+        "compute/critic_backward_tokens",
+        "compute/reference_forward_tokens",
+    ):
         assert key in last, key
     final = out / "checkpoints" / "final"
     assert (final / "critic" / "head.safetensors").exists() and (final / "critic" / "model.safetensors").exists()
@@ -133,9 +181,19 @@ def test_ppo_and_grpo_multirun(tmp_path):
 @pytest.mark.slow
 def test_reward_model_then_grpo_on_it(tmp_path):
     rm_run = tmp_path / "rm"
-    proc = run_py(["algo=reward_model", "model=tiny_llama", "trainer.max_steps=2", "algo.batch_size=2",
-                   "algo.max_response_tokens=32", "data.eval_size=2", "trainer.eval_batch_size=2",
-                   f"hydra.run.dir={rm_run}"], tmp_path)
+    proc = run_py(
+        [
+            "algo=reward_model",
+            "model=tiny_llama",
+            "trainer.max_steps=2",
+            "algo.batch_size=2",
+            "algo.max_response_tokens=32",
+            "data.eval_size=2",
+            "trainer.eval_batch_size=2",
+            f"hydra.run.dir={rm_run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(rm_run)
     assert [m["step"] for m in metrics if "rm/loss" in m] == [1, 2]
@@ -144,8 +202,10 @@ def test_reward_model_then_grpo_on_it(tmp_path):
 
     out = tmp_path / "grpo"
     args = [a for a in TINY if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=1"]
-    proc = run_py(["algo=grpo", "reward=reward_model", f"reward.path={rm_run / 'reward_model'}", *args,
-                   f"hydra.run.dir={out}"], tmp_path)
+    proc = run_py(
+        ["algo=grpo", "reward=reward_model", f"reward.path={rm_run / 'reward_model'}", *args, f"hydra.run.dir={out}"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = [m for m in check_run_dir(out, steps=1) if "reward/total_mean" in m][-1]
     assert last["reward/reward_model_mean"] == pytest.approx(last["reward/total_mean"])

@@ -12,16 +12,35 @@ from hydra import compose, initialize_config_dir
 
 from tests.test_run import ROOT, run_py
 
-TINY = ["model=tiny_llama", "trainer.max_steps=1", "algo.max_new_tokens=4", "algo.prompts_per_step=1",
-        "algo.group_size=2", "data.eval_size=1", "trainer.eval_batch_size=1", "logger.mode=disabled",
-        "trainer.save_final=false", "trainer.threads=1"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.max_steps=1",
+    "algo.max_new_tokens=4",
+    "algo.prompts_per_step=1",
+    "algo.group_size=2",
+    "data.eval_size=1",
+    "trainer.eval_batch_size=1",
+    "logger.mode=disabled",
+    "trainer.save_final=false",
+    "trainer.threads=1",
+]
 
 
 @pytest.mark.slow
 def test_optuna_trials_run_as_submitit_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_py(["-m", "experiment=tune_lr_beta", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
-                   "hydra.sweeper.n_jobs=2", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_py(
+        [
+            "-m",
+            "experiment=tune_lr_beta",
+            "hydra/launcher=submitit_local",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0_grpo_seed0", "1_grpo_seed0"]
@@ -30,8 +49,9 @@ def test_optuna_trials_run_as_submitit_jobs(tmp_path):
     chosen = []
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        chosen.append({o.split("=")[0]: float(o.split("=")[1]) for o in overrides
-                       if o.startswith(("trainer.lr=", "algo.beta="))})
+        chosen.append(
+            {o.split("=")[0]: float(o.split("=")[1]) for o in overrides if o.startswith(("trainer.lr=", "algo.beta="))}
+        )
         assert 1e-6 <= chosen[-1]["trainer.lr"] <= 1e-4 and 0 <= chosen[-1]["algo.beta"] <= 0.1
         assert (job / "summary.md").exists()
     assert chosen[0] != chosen[1]  # Optuna proposed two points

@@ -87,8 +87,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(directory: Path, step: int | None) -> None:
-    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
     body = json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1)
     with open(directory / MANIFEST, "w") as f:
         f.write(body)
@@ -137,8 +140,9 @@ def save_checkpoint(
     return directory
 
 
-def _write_files(tmp: Path, model, tokenizer, optimizers, state, extra_models, schedulers, generators,
-                 full_state) -> None:
+def _write_files(
+    tmp: Path, model, tokenizer, optimizers, state, extra_models, schedulers, generators, full_state
+) -> None:
     """Every file of a checkpoint but the manifest, into `tmp` (save_checkpoint's arguments)."""
     if full_state is None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -150,8 +154,10 @@ def _write_files(tmp: Path, model, tokenizer, optimizers, state, extra_models, s
     for name, extra in (extra_models or {}).items():
         extra.save(tmp / name, state_dict=None if full_state is None else full_state.extra_models[name])
     _torch_save(optimizer_states, tmp / "optimizer.pt")
-    _torch_save({"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
-                tmp / "training_state.pt")
+    _torch_save(
+        {"schedulers": [s.state_dict() for s in schedulers or []], "rng": rng_state(generators)},
+        tmp / "training_state.pt",
+    )
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -228,11 +234,15 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     if directory.name.startswith(".tmp-"):
-        raise CheckpointError(f"checkpoint {directory} is a partial write (the run stopped while saving it); "
-                              "resume from an earlier checkpoint")
+        raise CheckpointError(
+            f"checkpoint {directory} is a partial write (the run stopped while saving it); "
+            "resume from an earlier checkpoint"
+        )
     if not (directory / MANIFEST).is_file():
-        raise CheckpointError(f"checkpoint {directory} is incomplete: it has no {MANIFEST} (written last), so "
-                              "its write was interrupted or it predates verified checkpoints; resume from another one")
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete: it has no {MANIFEST} (written last), so "
+            "its write was interrupted or it predates verified checkpoints; resume from another one"
+        )
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
@@ -243,8 +253,10 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing")
         if path.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} has {path.stat().st_size} bytes, "
-                                  f"expected {meta['bytes']} (truncated?)")
+            raise CheckpointError(
+                f"checkpoint {directory} is corrupt: {name} has {path.stat().st_size} bytes, "
+                f"expected {meta['bytes']} (truncated?)"
+            )
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its checksum")
     return manifest
@@ -321,15 +333,19 @@ def load_checkpoint(
         saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         by_name = bool(saved.pop(SHARDED_KEY, False))
         if set(saved) != set(optimizers):
-            raise CheckpointError(f"checkpoint {directory} holds optimizers {sorted(saved)}, this run has "
-                                  f"{sorted(optimizers)} (saved by another algorithm?)")
+            raise CheckpointError(
+                f"checkpoint {directory} holds optimizers {sorted(saved)}, this run has "
+                f"{sorted(optimizers)} (saved by another algorithm?)"
+            )
         sharded = is_sharded(model)
         if by_name != sharded:
             saved_by, this_run = ("fsdp", "ddp or single") if by_name else ("single or ddp", "fsdp")
-            raise CheckpointError(f"checkpoint {directory} was written by trainer.strategy={saved_by}, whose optimizer "
-                                  f"states this run (trainer.strategy={this_run}) cannot take; resume it with the "
-                                  f"strategy that wrote it, or start from its weights (model.source=local "
-                                  f"model.path={directory})")
+            raise CheckpointError(
+                f"checkpoint {directory} was written by trainer.strategy={saved_by}, whose optimizer "
+                f"states this run (trainer.strategy={this_run}) cannot take; resume it with the "
+                f"strategy that wrote it, or start from its weights (model.source=local "
+                f"model.path={directory})"
+            )
         if sharded:
             weights = read_weights(directory)
             extra_weights = {name: extra.read_weights(directory / name) for name, extra in extra_models.items()}

@@ -23,8 +23,10 @@ class TrainingInterrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
-        super().__init__(f"stopped by {name} after step {step}; saved {where}"
-                         + (f"; continue with trainer.resume={checkpoint}" if checkpoint else ""))
+        super().__init__(
+            f"stopped by {name} after step {step}; saved {where}"
+            + (f"; continue with trainer.resume={checkpoint}" if checkpoint else "")
+        )
 
     @property
     def exit_code(self) -> int:
@@ -44,8 +46,12 @@ class GracefulStop:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread

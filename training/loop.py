@@ -120,16 +120,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> tor
 class Trainer:
     """Runs `algorithm.step` max_steps times; evaluates, logs and checkpoints on the way."""
 
-    def __init__(self, cfg: TrainerConfig, built: Built, logger: RunLogger, run_dir: Path, policy, tokenizer,
-                 generator: torch.Generator | None = None, seeded_sampling: bool = False):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        built: Built,
+        logger: RunLogger,
+        run_dir: Path,
+        policy,
+        tokenizer,
+        generator: torch.Generator | None = None,
+        seeded_sampling: bool = False,
+    ):
         self.cfg, self.algo, self.sampler, self.optimizers = cfg, built.algorithm, built.sampler, built.optimizers
         self.logger, self.run_dir, self.policy, self.tokenizer = logger, Path(run_dir), policy, tokenizer
         self.seeded_sampling = seeded_sampling  # each row's samples from its own seed (data.loading.Batch)
         self.generators = {"sampling": generator} if generator is not None else {}  # rollout + minibatch order
         self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers.values()]
         # running sums, resumed
-        self.totals: dict[str, float] = {"time/total": 0.0, "skipped_steps_total": 0.0,
-                                         "checkpoint/failed_saves_total": 0.0}
+        self.totals: dict[str, float] = {
+            "time/total": 0.0,
+            "skipped_steps_total": 0.0,
+            "checkpoint/failed_saves_total": 0.0,
+        }
         self.start_step = 1
         self.consecutive_skips = 0  # steps in a row whose every optimiser update was non-finite
         self.last_checkpoint: Path | None = None
@@ -139,13 +151,26 @@ class Trainer:
         full_state = gather_full_state(self.policy, self.algo.checkpoint_models(), self.optimizers)
         if not is_main_process():  # ddp: every rank holds the same weights (parallel.distributed)
             return None
-        state = {"step": step, "sampler": self.sampler.state_dict(), "totals": self.totals,
-                 "consecutive_skips": self.consecutive_skips, "algo": self.algo.state_dict(),
-                 "wandb_run_id": self.logger.run_id}  # a resumed run continues this wandb run
+        state = {
+            "step": step,
+            "sampler": self.sampler.state_dict(),
+            "totals": self.totals,
+            "consecutive_skips": self.consecutive_skips,
+            "algo": self.algo.state_dict(),
+            "wandb_run_id": self.logger.run_id,
+        }  # a resumed run continues this wandb run
         try:
-            path = save_checkpoint(self.run_dir / "checkpoints" / name, self.policy, self.tokenizer, self.optimizers,
-                                   state, self.algo.checkpoint_models(), self.schedulers, self.generators,
-                                   full_state)
+            path = save_checkpoint(
+                self.run_dir / "checkpoints" / name,
+                self.policy,
+                self.tokenizer,
+                self.optimizers,
+                state,
+                self.algo.checkpoint_models(),
+                self.schedulers,
+                self.generators,
+                full_state,
+            )
         except OSError as err:  # a full disk: the partial write is gone, the older checkpoints untouched
             self.save_failed(name, err)
             return None
@@ -157,14 +182,17 @@ class Trainer:
         """A checkpoint could not be written: stop with one line (trainer.checkpoint_errors=stop), or warn and
         go on training with the last complete checkpoint still the newest (=warn), counted in
         checkpoint/failed_saves_total."""
-        what = (f"could not write checkpoint {self.run_dir / 'checkpoints' / name} ({describe_os_error(err)}); "
-                f"the partial write was removed and {self.kept()}")
+        what = (
+            f"could not write checkpoint {self.run_dir / 'checkpoints' / name} ({describe_os_error(err)}); "
+            f"the partial write was removed and {self.kept()}"
+        )
         if self.cfg.checkpoint_errors == "warn":
             self.totals["checkpoint/failed_saves_total"] += 1
             log.warning("%s; training goes on (trainer.checkpoint_errors=warn)", what)
             return
-        raise TrainingError(f"{what}. Free disk space (or set trainer.keep_last lower), then continue with "
-                            f"{self.resume_hint()}")
+        raise TrainingError(
+            f"{what}. Free disk space (or set trainer.keep_last lower), then continue with {self.resume_hint()}"
+        )
 
     def kept(self) -> str:
         """What a stopped run leaves to resume from, for its error line."""
@@ -180,8 +208,9 @@ class Trainer:
     def resume(self, checkpoint: Path) -> int:
         """Continue from `checkpoint`: weights, optimisers, schedulers, RNGs, data position, counters,
         algorithm state. Returns its step; `fit` then runs the steps after it."""
-        state = load_checkpoint(checkpoint, self.policy, self.optimizers, self.algo.checkpoint_models(),
-                                self.schedulers, self.generators)
+        state = load_checkpoint(
+            checkpoint, self.policy, self.optimizers, self.algo.checkpoint_models(), self.schedulers, self.generators
+        )
         self.sampler.load_state_dict(state["sampler"])
         self.algo.load_state_dict(state["algo"])
         self.totals.update(state["totals"])
@@ -205,7 +234,8 @@ class Trainer:
         return TrainingError(
             f"{self.consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or gradient and "
             f"were skipped, so the run stopped (trainer.max_consecutive_skips={self.cfg.max_consecutive_skips}); "
-            f"{self.kept()}. Lower trainer.lr or check the rewards and data.")
+            f"{self.kept()}. Lower trainer.lr or check the rewards and data."
+        )
 
     @contextmanager
     def out_of_memory_stops(self, step: int) -> Iterator[None]:
@@ -215,30 +245,41 @@ class Trainer:
         try:
             yield
         except OutOfMemoryStop as err:
-            raise TrainingError(f"out of memory in step {step}: {err}; {self.kept()}. Shorten the sequences "
-                                f"(algo.max_new_tokens, SFT's algo.max_length) or turn on "
-                                f"trainer.gradient_checkpointing, then continue with {self.resume_hint()}") from err
+            raise TrainingError(
+                f"out of memory in step {step}: {err}; {self.kept()}. Shorten the sequences "
+                f"(algo.max_new_tokens, SFT's algo.max_length) or turn on "
+                f"trainer.gradient_checkpointing, then continue with {self.resume_hint()}"
+            ) from err
         except torch.OutOfMemoryError as err:
             error = " ".join(str(err).split())[:200]
-            raise TrainingError(f"out of memory in step {step} outside the update's micro-batches (sampling, a "
-                                f"no-grad pass or eval, which do not back off): {error}; {self.kept()}. Lower "
-                                f"algo.prompts_per_step, algo.group_size or algo.max_new_tokens (eval: "
-                                f"trainer.eval_batch_size), then continue with {self.resume_hint()}") from err
+            raise TrainingError(
+                f"out of memory in step {step} outside the update's micro-batches (sampling, a "
+                f"no-grad pass or eval, which do not back off): {error}; {self.kept()}. Lower "
+                f"algo.prompts_per_step, algo.group_size or algo.max_new_tokens (eval: "
+                f"trainer.eval_batch_size), then continue with {self.resume_hint()}"
+            ) from err
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
         if self.start_step > cfg.max_steps:
-            print(f"the checkpoint is at step {self.start_step - 1} >= trainer.max_steps={cfg.max_steps}: "
-                  "nothing to train (raise trainer.max_steps to continue)")
+            print(
+                f"the checkpoint is at step {self.start_step - 1} >= trainer.max_steps={cfg.max_steps}: "
+                "nothing to train (raise trainer.max_steps to continue)"
+            )
             return last
         if (cfg.eval_before or cfg.eval_every) and self.start_step == 1:
             with self.out_of_memory_stops(0):
                 before = self.algo.evaluate()
             if before:  # {}: no held-out rows
                 self.logger.log(before, step=0)
-        bar = tqdm(range(self.start_step, cfg.max_steps + 1), desc="train", dynamic_ncols=True,
-                   initial=self.start_step - 1, total=cfg.max_steps)
+        bar = tqdm(
+            range(self.start_step, cfg.max_steps + 1),
+            desc="train",
+            dynamic_ncols=True,
+            initial=self.start_step - 1,
+            total=cfg.max_steps,
+        )
         with GracefulStop() as stop:
             for step in bar:
                 start = time.perf_counter()
@@ -264,8 +305,9 @@ class Trainer:
                 self.logger.log_samples(step, out.samples[: cfg.log_samples])
                 if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.max_steps):
                     self.logger.log_samples_table(step, out.samples[: cfg.log_samples])
-                bar.set_postfix({label: f"{metrics[key]:.3g}" for label, key in self.algo.progress.items()
-                                 if key in metrics})
+                bar.set_postfix(
+                    {label: f"{metrics[key]:.3g}" for label, key in self.algo.progress.items() if key in metrics}
+                )
                 if diverged:  # no checkpoint of this state: the last good one stays the newest
                     raise self.diverged(step)
                 if (cfg.save_every and step % cfg.save_every == 0) or (stopping and step < cfg.max_steps):

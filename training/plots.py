@@ -33,8 +33,9 @@ def read_metrics_file(run_dir: Path) -> list[dict]:
 def step_rows(rows: list[dict]) -> list[dict]:
     """The records of training steps (step >= 1 and a time/step), in step order: not the step-0 data and
     eval lines."""
-    return sorted((r for r in rows if r.get("step", 0) >= 1 and r.get("time/step") is not None),
-                  key=lambda r: r["step"])
+    return sorted(
+        (r for r in rows if r.get("step", 0) >= 1 and r.get("time/step") is not None), key=lambda r: r["step"]
+    )
 
 
 def load_train_metrics(run_dir: Path) -> list[dict]:
@@ -46,8 +47,9 @@ def curve_keys(rows: list[dict]) -> list[str]:
     """The metrics whose course says how a run went: every reward component's mean (`reward/<part>_mean`,
     `total` first), else a supervised stage's `<stage>/loss` and `<stage>/accuracy`."""
     keys = {k for r in rows for k, v in r.items() if v is not None}
-    rewards = sorted(k for k in keys if k.startswith("reward/") and k.endswith("_mean")
-                     and k != "reward/kl_penalty_mean")  # the KL's share of the reward, not a component
+    rewards = sorted(
+        k for k in keys if k.startswith("reward/") and k.endswith("_mean") and k != "reward/kl_penalty_mean"
+    )  # the KL's share of the reward, not a component
     if rewards:
         return sorted(rewards, key=lambda k: k != "reward/total_mean")
     return sorted(k for k in keys if not k.startswith("eval/") and "/" in k and k.endswith(STAGE_CURVE_SUFFIXES))
@@ -72,10 +74,19 @@ def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path | None:
 
     steps = [r["step"] for r in rows]
     main_keys = curve_keys(rows)
-    panels = [("reward (parts unweighted; total weighted)" if main_keys and main_keys[0]
-               .startswith("reward/") else "loss / accuracy", main_keys)]
-    for title_, key in (("KL to reference (per token)", "kl"), ("completion length (tokens)", "completion/length_mean"),
-                        ("entropy (nats / token)", "entropy")):
+    panels = [
+        (
+            "reward (parts unweighted; total weighted)"
+            if main_keys and main_keys[0].startswith("reward/")
+            else "loss / accuracy",
+            main_keys,
+        )
+    ]
+    for title_, key in (
+        ("KL to reference (per token)", "kl"),
+        ("completion length (tokens)", "completion/length_mean"),
+        ("entropy (nats / token)", "entropy"),
+    ):
         if any(r.get(key) is not None for r in rows):
             panels.append((title_, [key]))
     panels = [(t, keys) for t, keys in panels if keys]

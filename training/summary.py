@@ -33,9 +33,17 @@ OUTPUT_FILES = ("answers.md", "eval.json", "samples.jsonl", "sft_rows.jsonl", "r
 
 def held_out_keys(record: dict) -> list[str]:
     """The eval/* keys of one record worth a line: reward components, format rate, accuracy, length, loss."""
-    keys = [k for k, v in record.items() if k.startswith("eval/") and v is not None and (
-        (k.startswith("eval/reward/") and k.endswith("_mean")) or k in EVAL_KEYS
-        or (k.count("/") >= 2 and k.endswith(STAGE_CURVE_SUFFIXES)))]  # a supervised stage's held-out loss, accuracy
+    keys = [
+        k
+        for k, v in record.items()
+        if k.startswith("eval/")
+        and v is not None
+        and (
+            (k.startswith("eval/reward/") and k.endswith("_mean"))
+            or k in EVAL_KEYS
+            or (k.count("/") >= 2 and k.endswith(STAGE_CURVE_SUFFIXES))
+        )
+    ]  # a supervised stage's held-out loss, accuracy
     return sorted(keys, key=lambda k: (k != "eval/reward/total_mean", not k.startswith("eval/reward/"), k))
 
 
@@ -61,8 +69,9 @@ def tokens_generated(rows: list[dict], steps: list[dict]) -> float | None:
     return sum(counts) if counts else None
 
 
-def summarize_run(run_dir: Path, stage: str, wall_s: float, wandb_offline_dir: str | None = None,
-                  plot: bool = True) -> dict[str, Any]:
+def summarize_run(
+    run_dir: Path, stage: str, wall_s: float, wandb_offline_dir: str | None = None, plot: bool = True
+) -> dict[str, Any]:
     """The summary of the finished run in `run_dir` (stage `stage`, `wall_s` seconds from start to end), as
     a json-ready dict; draws <run_dir>/curves.png when the run trained (`plot`)."""
     run_dir = Path(run_dir)
@@ -128,8 +137,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if before or after:
         if before and after:
             lines += ["", "| held-out eval | before | after |", "|---|---:|---:|"]
-            lines += [f"| {k.removeprefix('eval/')} | {_num(before.get(k))} | {_num(after.get(k))} |"
-                      for k in held_out_keys({**before, **after})]
+            lines += [
+                f"| {k.removeprefix('eval/')} | {_num(before.get(k))} | {_num(after.get(k))} |"
+                for k in held_out_keys({**before, **after})
+            ]
         else:
             lines += ["", "| held-out eval | value |", "|---|---:|"]
             lines += [f"| {k.removeprefix('eval/')} | {_num(v)} |" for k, v in (before or after).items()]

@@ -36,8 +36,14 @@ def sweep_summary(sweep_dir: Path) -> str:
     lines = [f"# Sweep {sweep_dir}", ""]
     for job in job_dirs(sweep_dir):
         summary = read_summary(job)
-        lines.append("- " + (summary_line(summary) if summary is not None
-                             else f"{job.name} | no summary: the job did not finish (see {job / 'run.log'})"))
+        lines.append(
+            "- "
+            + (
+                summary_line(summary)
+                if summary is not None
+                else f"{job.name} | no summary: the job did not finish (see {job / 'run.log'})"
+            )
+        )
     lines += ["", f"Compare: `python {COMPARE_SCRIPT} {sweep_dir}`", ""]
     return "\n".join(lines)
 

@@ -29,4 +29,5 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()} | {
-            f"cpu_time/{k}": v for k, v in self.cpu_seconds.items()}
+            f"cpu_time/{k}": v for k, v in self.cpu_seconds.items()
+        }

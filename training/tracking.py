@@ -30,8 +30,16 @@ class RunLogger:
     """Writes every metric to metrics.jsonl and to wandb; samples (prompt, completion, reward parts) to
     samples.jsonl."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_name: str, group: str,
-                 job_type: str | None = None, resume_id: str | None = None):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        run_name: str,
+        group: str,
+        job_type: str | None = None,
+        resume_id: str | None = None,
+    ):
         """`group`: the experiment (wandb's group) unless logger.group names one; `job_type`: the algorithm;
         `resume_id`: the wandb run id a resumed checkpoint saved, continued with resume="allow"."""
         self.run_dir = Path(run_dir)
@@ -47,8 +55,15 @@ class RunLogger:
             self.run_id = self.wandb_run.id
             define_plot_axes(self.wandb_run)
 
-    def start_wandb(self, cfg: LoggerConfig, config: dict[str, Any], run_name: str, group: str,
-                    job_type: str | None = None, resume_id: str | None = None):
+    def start_wandb(
+        self,
+        cfg: LoggerConfig,
+        config: dict[str, Any],
+        run_name: str,
+        group: str,
+        job_type: str | None = None,
+        resume_id: str | None = None,
+    ):
         """wandb.init in cfg.mode; an online run that cannot start falls back to an offline one."""
         import wandb
 
@@ -56,9 +71,17 @@ class RunLogger:
 
         def init(mode: str):
             return wandb.init(
-                project=cfg.project, entity=cfg.entity, group=cfg.group or group, job_type=job_type, name=run_name,
-                tags=list(cfg.tags), config=config, dir=str(self.run_dir), mode=mode,
-                id=resume_id, resume="allow" if resume_id else None,
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group or group,
+                job_type=job_type,
+                name=run_name,
+                tags=list(cfg.tags),
+                config=config,
+                dir=str(self.run_dir),
+                mode=mode,
+                id=resume_id,
+                resume="allow" if resume_id else None,
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=cfg.init_timeout_s),
             )
 
@@ -72,8 +95,12 @@ class RunLogger:
             reason = wandb_failure(err, cfg.init_timeout_s)
         run = init("offline")
         self.sync_later = self.offline_dir = run.settings.sync_dir
-        log.warning("wandb: no online run (%s); logging offline to %s instead, upload it later with `wandb sync %s`",
-                    reason, self.sync_later, self.sync_later)
+        log.warning(
+            "wandb: no online run (%s); logging offline to %s instead, upload it later with `wandb sync %s`",
+            reason,
+            self.sync_later,
+            self.sync_later,
+        )
         return run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -117,8 +144,10 @@ class RunLogger:
             self.wandb_run.finish()
             self.wandb_run = None
         if self.sync_later is not None:
-            print(f"wandb: this run was logged offline (no online run could start); upload it with "
-                  f"`wandb sync {self.sync_later}`")
+            print(
+                f"wandb: this run was logged offline (no online run could start); upload it with "
+                f"`wandb sync {self.sync_later}`"
+            )
             self.sync_later = None
 
 
@@ -146,8 +175,14 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def sample_records(prompts: list[str], completions: list[str], rewards: dict[str, Any], limit: int,
-                   advantages: Any = None, lengths: Any = None) -> list[dict]:
+def sample_records(
+    prompts: list[str],
+    completions: list[str],
+    rewards: dict[str, Any],
+    limit: int,
+    advantages: Any = None,
+    lengths: Any = None,
+) -> list[dict]:
     """The first `limit` samples with every reward part (and, when given, each one's advantage and completion
     length in tokens: [N] sequences), ready for samples.jsonl and the wandb samples table."""
     out = []
@@ -171,8 +206,16 @@ def samples_table(step: int, records: list[dict[str, Any]]) -> tuple[list[str], 
     parts = list(dict.fromkeys(name for r in records for name in r.get("rewards", {})))
     extras = [key for key in ("advantage", "length") if any(key in r for r in records)]
     columns = ["step", "prompt", "completion", *(f"reward/{p}" for p in parts), *extras]
-    rows = [[step, r["prompt"], r["completion"], *(r.get("rewards", {}).get(p) for p in parts),
-             *(r.get(key) for key in extras)] for r in records]
+    rows = [
+        [
+            step,
+            r["prompt"],
+            r["completion"],
+            *(r.get("rewards", {}).get(p) for p in parts),
+            *(r.get(key) for key in extras),
+        ]
+        for r in records
+    ]
     return columns, rows
 
 

@@ -42,19 +42,22 @@ class OptimTarget:
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
     """AdamW with the trainer's settings; `lr` overrides trainer.lr (PPO's critic)."""
-    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas),
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
 
 
-def optim_target(params: list[torch.nn.Parameter], cfg: TrainerConfig, name: str, lr: float | None = None
-                 ) -> tuple[OptimTarget, torch.optim.AdamW]:
+def optim_target(
+    params: list[torch.nn.Parameter], cfg: TrainerConfig, name: str, lr: float | None = None
+) -> tuple[OptimTarget, torch.optim.AdamW]:
     """`params` with their AdamW and the collective hooks of trainer.strategy (parallel.distributed.sync_hooks)."""
     optimizer = build_optimizer(params, cfg, lr=lr)
     return OptimTarget(optimizer, params, cfg.max_grad_norm, name, **sync_hooks(cfg.strategy)), optimizer
 
 
-def actor_target(policy: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None
-                 ) -> tuple[OptimTarget, torch.optim.AdamW]:
+def actor_target(
+    policy: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None
+) -> tuple[OptimTarget, torch.optim.AdamW]:
     """The policy's trainable parameters with their AdamW (lr: None = trainer.lr)."""
     return optim_target(actor_parameters(policy), cfg, "actor", lr)  # under LoRA: the actor's adapter only
 
@@ -95,12 +98,18 @@ class MicroBatch:
         if self.size == 1 or self.retries >= self.max_retries:
             raise OutOfMemoryStop(
                 f"the update ran out of memory at micro_batch_size={self.size} after {self.retries} halving(s) "
-                f"(trainer.max_oom_retries={self.max_retries}): {error}")
+                f"(trainer.max_oom_retries={self.max_retries}): {error}"
+            )
         smaller = self.size // 2
         self.retries += 1
-        log.warning("out of memory at micro_batch_size=%d: freed what could be freed, retrying the minibatch at "
-                    "micro_batch_size=%d (retry %d of trainer.max_oom_retries=%d)", self.size, smaller,
-                    self.retries, self.max_retries)
+        log.warning(
+            "out of memory at micro_batch_size=%d: freed what could be freed, retrying the minibatch at "
+            "micro_batch_size=%d (retry %d of trainer.max_oom_retries=%d)",
+            self.size,
+            smaller,
+            self.retries,
+            self.max_retries,
+        )
         self.size = smaller
 
     def state_dict(self) -> dict[str, int]:
@@ -126,8 +135,9 @@ def release_memory(targets: list[OptimTarget]) -> None:
 LossFn = Callable[[dict[str, Tensor], float, float], tuple[Tensor, dict[str, Tensor]]]
 
 
-def accumulate_gradients(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget],
-                         size: int) -> tuple[bool, list[dict[str, float]]]:
+def accumulate_gradients(
+    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], size: int
+) -> tuple[bool, list[dict[str, float]]]:
     """Forward and backward of the minibatch `mb_idx` of `batch` in micro-batches of `size`, the gradients
     accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the first
     non-finite loss, before its backward."""
@@ -147,8 +157,9 @@ def accumulate_gradients(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: Loss
     return True, micro_stats
 
 
-def accumulate_with_backoff(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget],
-                            micro_batch: MicroBatch) -> tuple[bool, list[dict[str, float]]]:
+def accumulate_with_backoff(
+    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], micro_batch: MicroBatch
+) -> tuple[bool, list[dict[str, float]]]:
     """accumulate_gradients, redone from zero gradients at half the micro-batch size after each
     out-of-memory error: gradient accumulation keeps the minibatch, so the update is the one an
     uninterrupted pass at the smaller size makes (to accumulation rounding)."""
@@ -160,8 +171,10 @@ def accumulate_with_backoff(batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: L
         except torch.OutOfMemoryError as err:
             error = " ".join(str(err).split())[:200]
             if targets[0].finite_sync is not None:  # fsdp: the other ranks wait in this pass's collectives
-                raise OutOfMemoryStop(f"the update ran out of memory under trainer.strategy=fsdp, where one rank "
-                                      f"cannot retry alone: {error}") from err
+                raise OutOfMemoryStop(
+                    f"the update ran out of memory under trainer.strategy=fsdp, where one rank "
+                    f"cannot retry alone: {error}"
+                ) from err
         # out here the error and its traceback, which held the failed pass's tensors, are gone
         release_memory(targets)
         micro_batch.back_off(error)

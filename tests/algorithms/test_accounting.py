@@ -15,9 +15,17 @@ def hand_rollout() -> Rollout:
     prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     completion_mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
     zeros = torch.zeros(2, 4)
-    return Rollout(prompt_ids=prompt_mask.clone(), prompt_mask=prompt_mask, completion_ids=completion_mask.clone(),
-                   completion_mask=completion_mask, logp=zeros, truncated=torch.tensor([True, False]),
-                   prompts=["a", "b"], completions=["x", "y"], rows=[{}, {}])
+    return Rollout(
+        prompt_ids=prompt_mask.clone(),
+        prompt_mask=prompt_mask,
+        completion_ids=completion_mask.clone(),
+        completion_mask=completion_mask,
+        logp=zeros,
+        truncated=torch.tensor([True, False]),
+        prompts=["a", "b"],
+        completions=["x", "y"],
+        rows=[{}, {}],
+    )
 
 
 def test_grpo_step_counts_by_hand():
@@ -44,11 +52,17 @@ def test_ppo_step_counts_critic_reward_model_and_old_logp_pass():
 
 def test_totals_accumulate_step_metrics_only():
     totals = {"time/total": 3.0}
-    accumulate_totals(totals, {"tokens/generated": 5.0, "compute/flops": 2.0, "time/train": 1.5,
-                               "time/step": 9.0, "reward/total_mean": 0.3})
+    accumulate_totals(
+        totals,
+        {"tokens/generated": 5.0, "compute/flops": 2.0, "time/train": 1.5, "time/step": 9.0, "reward/total_mean": 0.3},
+    )
     accumulate_totals(totals, {"tokens/generated": 7.0, "compute/flops": 4.0, "time/train": 0.5})
-    assert totals == {"time/total": 3.0, "tokens/generated_total": 12.0, "compute/flops_total": 6.0,
-                      "time/train_total": 2.0}
+    assert totals == {
+        "time/total": 3.0,
+        "tokens/generated_total": 12.0,
+        "compute/flops_total": 6.0,
+        "time/train_total": 2.0,
+    }
 
 
 class CountingScorer:

@@ -26,9 +26,17 @@ def fake_sample(batch, scores_of) -> tuple[Rollout, RewardOutput]:
     prompt_mask = torch.stack([(torch.arange(tp) >= tp - 1 - r["i"]).long() for r in batch.rows for _ in range(G)])
     completion_mask = torch.stack([(torch.arange(tc) <= j).long() for _ in batch.rows for j in range(G)])
     rows = [r for r in batch.rows for _ in range(G)]
-    rollout = Rollout(prompt_ids=prompt_mask * 7, prompt_mask=prompt_mask, completion_ids=completion_mask * 5,
-                      completion_mask=completion_mask, logp=-completion_mask.float(), truncated=torch.zeros(n).bool(),
-                      prompts=[f"p{r['i']}" for r in rows], completions=["c"] * n, rows=rows)
+    rollout = Rollout(
+        prompt_ids=prompt_mask * 7,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_mask * 5,
+        completion_mask=completion_mask,
+        logp=-completion_mask.float(),
+        truncated=torch.zeros(n).bool(),
+        prompts=[f"p{r['i']}" for r in rows],
+        completions=["c"] * n,
+        rows=rows,
+    )
     total = torch.tensor([s for r in batch.rows for s in scores_of(r)], dtype=torch.float32)
     return rollout, RewardOutput(total, {"accuracy": total.clone()}, {"accuracy": 1})
 
@@ -86,8 +94,9 @@ def test_grpo_with_dynamic_sampling_trains_on_informative_groups(tiny_model, tok
         return [0.0 if any(s in p for s in silent) else len(c) / 100 for p, c in zip(prompts, completions)]
 
     reward = CombinedReward({"half": 1.0}, extra={"half": half_signal})
-    cfg = GRPOConfig(dynamic_sampling=True, prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=4,
-                     max_new_tokens=6)
+    cfg = GRPOConfig(
+        dynamic_sampling=True, prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=4, max_new_tokens=6
+    )
     built = build_grpo(stage_context(tiny_model, tokenizer, cfg, reward, train_rows=say_rows(tokenizer)))
     metrics = [built.algorithm.step(built.sampler.draw()).metrics for _ in range(2)]
     for m in metrics:
@@ -112,8 +121,15 @@ def test_overlong_penalty_by_hand(length, expected):
 
 
 def test_overlong_penalty_enters_the_sequence_reward(tiny_model, tokenizer, letter_e_reward):
-    cfg = GRPOConfig(overlong_buffer=4, overlong_penalty=0.5, prompts_per_step=2, group_size=2, minibatch_size=4,
-                     micro_batch_size=4, max_new_tokens=6)
+    cfg = GRPOConfig(
+        overlong_buffer=4,
+        overlong_penalty=0.5,
+        prompts_per_step=2,
+        group_size=2,
+        minibatch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=6,
+    )
     built = build_grpo(stage_context(tiny_model, tokenizer, cfg, letter_e_reward, train_rows=say_rows(tokenizer)))
     rollout, scored = built.algorithm.sample_and_score(built.sampler.draw(), _timer())
     expected = overlong_penalty(rollout.completion_lengths, 6, 4, 0.5)

@@ -24,10 +24,28 @@ from rewards.combine import RewardOutput
 
 
 def test_combine_batches_hand_computed():
-    batches = [(8, {"reward/total_mean": 0.5, "completion/length_max": 40.0, "completion/length_min": 3.0,
-                    "tokens/generated": 200.0, "reward/format_failures": 1.0}),
-               (2, {"reward/total_mean": 1.0, "completion/length_max": 12.0, "completion/length_min": 1.0,
-                    "tokens/generated": 20.0, "reward/format_failures": 2.0})]
+    batches = [
+        (
+            8,
+            {
+                "reward/total_mean": 0.5,
+                "completion/length_max": 40.0,
+                "completion/length_min": 3.0,
+                "tokens/generated": 200.0,
+                "reward/format_failures": 1.0,
+            },
+        ),
+        (
+            2,
+            {
+                "reward/total_mean": 1.0,
+                "completion/length_max": 12.0,
+                "completion/length_min": 1.0,
+                "tokens/generated": 20.0,
+                "reward/format_failures": 2.0,
+            },
+        ),
+    ]
     assert combine_batches("reward/total_mean", batches, 10) == pytest.approx((8 * 0.5 + 2 * 1.0) / 10)
     assert combine_batches("completion/length_max", batches, 10) == 40.0
     assert combine_batches("completion/length_min", batches, 10) == 1.0
@@ -42,8 +60,9 @@ def pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
     return sum(any(s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (6, 0, 3), (6, 4, 3),
-                                     (8, 3, 8)])
+@pytest.mark.parametrize(
+    "n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (6, 0, 3), (6, 4, 3), (8, 3, 8)]
+)
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(pass_at_k_by_enumeration(n, c, k))
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
@@ -66,16 +85,33 @@ def test_majority_choice_votes_on_the_extracted_letters():
 def rollout_of(rows: list[dict], completions: list[str], k: int) -> Rollout:
     n = len(completions)
     z = torch.zeros(n, 1, dtype=torch.long)
-    return Rollout(z, z + 1, z, z + 1, z.float(), torch.zeros(n, dtype=torch.bool),
-                   ["p"] * n, completions, [r for r in rows for _ in range(k)])
+    return Rollout(
+        z,
+        z + 1,
+        z,
+        z + 1,
+        z.float(),
+        torch.zeros(n, dtype=torch.bool),
+        ["p"] * n,
+        completions,
+        [r for r in rows for _ in range(k)],
+    )
 
 
 def test_prompt_results_and_metrics_by_hand():
     options = {"A": "x", "B": "y", "C": "z"}
-    rows = [{"id": "0", "question": "q0", "answer": "B", "kind": "mcq", "options": options},
-            {"id": "1", "question": "q1", "answer": "A", "kind": "mcq", "options": options}]
-    completions = ["<think>t</think>B", "C", "B",  # prompt 0: 2 of 3 correct, majority B (correct)
-                   "C", "C", "A"]  # prompt 1: 1 of 3 correct, majority C (wrong)
+    rows = [
+        {"id": "0", "question": "q0", "answer": "B", "kind": "mcq", "options": options},
+        {"id": "1", "question": "q1", "answer": "A", "kind": "mcq", "options": options},
+    ]
+    completions = [
+        "<think>t</think>B",
+        "C",
+        "B",  # prompt 0: 2 of 3 correct, majority B (correct)
+        "C",
+        "C",
+        "A",
+    ]  # prompt 1: 1 of 3 correct, majority C (wrong)
     accuracy = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
     scored = RewardOutput(accuracy * 2, {"accuracy": accuracy}, {})
     records = prompt_results([(rollout_of(rows, completions, 3), scored)], k=3)
@@ -94,14 +130,21 @@ def test_prompt_results_and_metrics_by_hand():
 
 
 def test_k_samples_per_prompt_on_the_tiny_llama(tiny_model, tokenizer):
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Pick {i}: A or B?"}], tokenize=False,
-                                             add_generation_prompt=True) for i in range(3)]
-    rows = [{"id": str(i), "prompt": p, "question": p, "answer": "A", "kind": "mcq", "options": {"A": "a", "B": "b"}}
-            for i, p in enumerate(prompts)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Pick {i}: A or B?"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(3)
+    ]
+    rows = [
+        {"id": str(i), "prompt": p, "question": p, "answer": "A", "kind": "mcq", "options": {"A": "a", "B": "b"}}
+        for i, p in enumerate(prompts)
+    ]
     reward = CombinedReward({"format": 1.0, "accuracy": 1.0})
     sampling = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0}
-    metrics, batches = evaluate_policy(tiny_model, tokenizer, rows, reward, sampling, batch_size=2, seed=0,
-                                       samples_per_prompt=3)
+    metrics, batches = evaluate_policy(
+        tiny_model, tokenizer, rows, reward, sampling, batch_size=2, seed=0, samples_per_prompt=3
+    )
     assert sum(len(r.completions) for r, _ in batches) == 9  # 3 prompts x k = 3, group-contiguous
     assert all(r.rows[0] is r.rows[2] for r, _ in batches)
     assert {"pass@1", "pass@3", "maj@3", "format_rate", "reward/total_mean"} <= set(metrics)

@@ -14,10 +14,23 @@ from training.update import OptimTarget
 
 def train_grpo(model, tokenizer, reward, steps: int, beta: float, seed: int = 0) -> list[float]:
     torch.manual_seed(seed)
-    cfg = GRPOConfig(prompts_per_step=4, group_size=8, minibatch_size=16, micro_batch_size=16,
-                     max_new_tokens=12, beta=beta, num_iterations=2)
-    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(4)]
+    cfg = GRPOConfig(
+        prompts_per_step=4,
+        group_size=8,
+        minibatch_size=16,
+        micro_batch_size=16,
+        max_new_tokens=12,
+        beta=beta,
+        num_iterations=2,
+    )
+    rows = [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Say something {i}."}], tokenize=False, add_generation_prompt=True
+            )
+        }
+        for i in range(4)
+    ]
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     reference = copy.deepcopy(model).requires_grad_(False) if beta > 0 else None

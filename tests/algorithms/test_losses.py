@@ -92,8 +92,9 @@ def test_kl_estimate_rejects_unknown_kind_naming_the_choices():
 # ---------------------------------------------------------------- policy_loss: loop reference
 
 
-def reference_policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, loss_type, kl=None, beta=0.0,
-                          max_len=None, num_tokens=None):
+def reference_policy_loss(
+    logp, old_logp, adv, mask, clip_low, clip_high, loss_type, kl=None, beta=0.0, max_len=None, num_tokens=None
+):
     """Nested loops over sequences and tokens, straight from the definitions; differentiable in logp."""
     B, T = len(mask), len(mask[0])
 
@@ -140,8 +141,11 @@ def reference_policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, loss_t
         loss = total / (B * (max_len or T))
     elif loss_type == "dapo":
         loss = total / (num_tokens if num_tokens is not None else n_real)
-    return loss, {"clip_frac_low": low_count / n_real, "clip_frac_high": high_count / n_real,
-                  "clip_frac": (low_count + high_count) / n_real}
+    return loss, {
+        "clip_frac_low": low_count / n_real,
+        "clip_frac_high": high_count / n_real,
+        "clip_frac": (low_count + high_count) / n_real,
+    }
 
 
 def ragged_mask(lengths, T):
@@ -172,8 +176,9 @@ CASES = [
 def test_policy_loss_value_and_gradient_match_loop_reference(loss_type, per_token_adv, beta):
     seed = CASES.index((loss_type, per_token_adv, beta))
     logp, old_logp, adv, mask, kl = random_batch(seed=seed, per_token_adv=per_token_adv)
-    loss, stats = policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, loss_type=loss_type,
-                              kl=kl, beta=beta)
+    loss, stats = policy_loss(
+        logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, loss_type=loss_type, kl=kl, beta=beta
+    )
     ref, ref_stats = reference_policy_loss(logp, old_logp, adv, mask, 0.2, 0.28, loss_type, kl=kl, beta=beta)
     assert loss.dim() == 0
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
@@ -355,8 +360,14 @@ def test_weighted_micro_batch_losses_sum_to_the_minibatch_loss(loss_type):
     for part in (slice(0, 3), slice(3, 6)):
         # micro-batches trimmed to their own longest sequence, as a collator would
         t_max = int(mask[part].sum(1).max())
-        micro, _ = policy_loss(logp[part, :t_max], old_logp[part, :t_max], adv[part], mask[part, :t_max],
-                               **{**kwargs, "kl": kl[part, :t_max]}, **extra)
+        micro, _ = policy_loss(
+            logp[part, :t_max],
+            old_logp[part, :t_max],
+            adv[part],
+            mask[part, :t_max],
+            **{**kwargs, "kl": kl[part, :t_max]},
+            **extra,
+        )
         accumulated = accumulated + accumulation_weight(loss_type, 0.5) * micro
     torch.testing.assert_close(accumulated, full, atol=1e-10, rtol=1e-10)
     (g_full,) = torch.autograd.grad(full, logp)
@@ -368,8 +379,9 @@ def test_bnpo_micro_batches_with_unequal_token_counts_do_not_add_up():
     # documents the known limitation: bnpo's per-micro-batch token mean is not share-weightable
     logp, old_logp, adv, mask, _ = random_batch(seed=22, per_token_adv=False, B=4, T=6, lengths=[6, 6, 1, 1])
     full, _ = policy_loss(logp, old_logp, adv, mask, loss_type="bnpo")
-    parts = [policy_loss(logp[s], old_logp[s], adv[s], mask[s], loss_type="bnpo")[0]
-             for s in (slice(0, 2), slice(2, 4))]
+    parts = [
+        policy_loss(logp[s], old_logp[s], adv[s], mask[s], loss_type="bnpo")[0] for s in (slice(0, 2), slice(2, 4))
+    ]
     accumulated = sum(accumulation_weight("bnpo", 0.5) * p for p in parts)
     assert abs(accumulated.item() - full.item()) > 1e-3
 
@@ -387,8 +399,9 @@ def test_token_loss_weights_hand_values():
         "dapo": [[1 / 12, 1 / 12, 0], [1 / 12, 0, 0]],  # 1 / the minibatch's 12 tokens
     }
     for loss_type, values in expected.items():
-        torch.testing.assert_close(token_loss_weights(mask, loss_type, max_len=5, num_tokens=12),
-                                   torch.tensor(values), msg=loss_type)
+        torch.testing.assert_close(
+            token_loss_weights(mask, loss_type, max_len=5, num_tokens=12), torch.tensor(values), msg=loss_type
+        )
 
 
 def test_token_loss_weights_of_an_empty_row_are_zero_not_nan():

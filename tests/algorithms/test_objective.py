@@ -67,4 +67,3 @@ def test_fused_and_two_pass_routes_agree(tiny_model, loss_type, algo):
     if algo == "grpo":
         assert float(fused.stats["kl"]) > 0
     assert 0 < float(fused.stats["clip_frac"]) < 1  # both sides of the clip are exercised
-

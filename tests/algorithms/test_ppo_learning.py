@@ -21,17 +21,40 @@ from training.update import OptimTarget
 
 def train_ppo(model, tokenizer, reward, steps: int, seed: int = 0) -> list[dict[str, float]]:
     torch.manual_seed(seed)
-    cfg = PPOConfig(group_size=8, num_iterations=2, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
-                    temperature=0.1, beta=0.04, vf_coef=0.5, lam=0.95)
-    rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(4)]
+    cfg = PPOConfig(
+        group_size=8,
+        num_iterations=2,
+        minibatch_size=16,
+        micro_batch_size=16,
+        max_new_tokens=12,
+        temperature=0.1,
+        beta=0.04,
+        vf_coef=0.5,
+        lam=0.95,
+    )
+    rows = [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Say something {i}."}], tokenize=False, add_generation_prompt=True
+            )
+        }
+        for i in range(4)
+    ]
     critic = ValueModel.from_causal_lm(model)
     actor_params, critic_params = list(model.parameters()), list(critic.parameters())
-    targets = [OptimTarget(torch.optim.AdamW(actor_params, lr=1e-3), actor_params, 1.0, "actor"),
-               OptimTarget(torch.optim.AdamW(critic_params, lr=1e-3), critic_params, 1.0, "critic")]
+    targets = [
+        OptimTarget(torch.optim.AdamW(actor_params, lr=1e-3), actor_params, 1.0, "actor"),
+        OptimTarget(torch.optim.AdamW(critic_params, lr=1e-3), critic_params, 1.0, "critic"),
+    ]
     reference = copy.deepcopy(model).requires_grad_(False)
-    algo = PPO(cfg, stage_context(model, tokenizer, cfg, reward, seed), reference, targets, critic.eval(),
-               KLController(cfg.beta))
+    algo = PPO(
+        cfg,
+        stage_context(model, tokenizer, cfg, reward, seed),
+        reference,
+        targets,
+        critic.eval(),
+        KLController(cfg.beta),
+    )
     return [algo.step(Batch(rows)).metrics for _ in range(steps)]
 
 

@@ -63,14 +63,19 @@ def test_returns_by_hand():
     rewards = torch.tensor([[-0.05, -0.1, 0.85], [-0.25, 1.65, 7.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     # gamma = 1, a reverse cumulative sum: [0.7, 0.75, 0.85]; [1.4, 1.65, 0 (padding)]
-    torch.testing.assert_close(discounted_returns(rewards, mask, 1.0),
-                               torch.tensor([[0.7, 0.75, 0.85], [1.4, 1.65, 0.0]]))
+    torch.testing.assert_close(
+        discounted_returns(rewards, mask, 1.0), torch.tensor([[0.7, 0.75, 0.85], [1.4, 1.65, 0.0]])
+    )
     # gamma = 0.5 on [1, 2, 3, pad]: G2 = 3, G1 = 2 + 1.5 = 3.5, G0 = 1 + 1.75 = 2.75
-    torch.testing.assert_close(discounted_returns(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1, 1, 1, 0]]),
-                                                  0.5), torch.tensor([[2.75, 3.5, 3.0, 0.0]]))
+    torch.testing.assert_close(
+        discounted_returns(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1, 1, 1, 0]]), 0.5),
+        torch.tensor([[2.75, 3.5, 3.0, 0.0]]),
+    )
     # a masked position inside a row is skipped: [1, (5), 2] -> G2 = 2, G0 = 1 + 0.5 * 2 = 2
-    torch.testing.assert_close(discounted_returns(torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([[1, 0, 1]]), 0.5),
-                               torch.tensor([[2.0, 0.0, 2.0]]))
+    torch.testing.assert_close(
+        discounted_returns(torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([[1, 0, 1]]), 0.5),
+        torch.tensor([[2.0, 0.0, 2.0]]),
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -104,14 +109,27 @@ def test_reinforce_pp_defaults_spend_grpos_budget():
     cfg = ReinforcePPConfig()
     assert (cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens) == (8, 40)
     assert (cfg.baseline, cfg.loss_type, cfg.kl_estimator, cfg.gamma, cfg.whiten_advantages) == (
-        "none", "bnpo", "k1", 1.0, True)
+        "none",
+        "bnpo",
+        "k1",
+        1.0,
+        True,
+    )
 
 
 # ---- it learns ----------------------------------------------------------------------------------------
 def train_reinforce_pp(model, tokenizer, reward, steps: int, beta: float, seed: int = 0, **options) -> list[dict]:
     # 4 prompts x 8 samples, as GRPO's learning test (the default baseline, none, ignores the groups)
-    cfg = ReinforcePPConfig(prompts_per_step=4, group_size=8, minibatch_size=16, micro_batch_size=16,
-                            max_new_tokens=12, beta=beta, num_iterations=2, **options)
+    cfg = ReinforcePPConfig(
+        prompts_per_step=4,
+        group_size=8,
+        minibatch_size=16,
+        micro_batch_size=16,
+        max_new_tokens=12,
+        beta=beta,
+        num_iterations=2,
+        **options,
+    )
     return learn(build_reinforce_pp, cfg, model, tokenizer, reward, steps, seed)
 
 
@@ -125,13 +143,23 @@ def test_reinforce_pp_raises_reward_on_synthetic_task(tiny_model, tokenizer, let
 
 def test_reinforce_pp_learning_is_deterministic_and_logs_the_kl(tiny_model, tokenizer, letter_e_reward):
     twin = copy.deepcopy(tiny_model)
+
     def run(model):
         return train_reinforce_pp(model, tokenizer, letter_e_reward, steps=3, beta=0.02, baseline="group_mean")
 
     first = run(tiny_model)
     assert [m["reward/total_mean"] for m in first] == [m["reward/total_mean"] for m in run(twin)]
     for m in first:
-        for key in ("kl", "kl/sequence", "reward/kl_penalty_mean", "advantages/std", "returns/mean",
-                    "reward/zero_std_group_frac", "approx_kl", "clip_frac", "entropy"):
+        for key in (
+            "kl",
+            "kl/sequence",
+            "reward/kl_penalty_mean",
+            "advantages/std",
+            "returns/mean",
+            "reward/zero_std_group_frac",
+            "approx_kl",
+            "clip_frac",
+            "entropy",
+        ):
             assert math.isfinite(m[key]), (key, m[key])
         assert m["reward/kl_penalty_mean"] == pytest.approx(-0.02 * m["kl/sequence"], rel=1e-4, abs=1e-7)

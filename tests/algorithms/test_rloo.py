@@ -89,8 +89,16 @@ def test_rloo_defaults_spend_grpos_budget():
 
 # ---- it learns ----------------------------------------------------------------------------------------
 def train_rloo(model, tokenizer, reward, steps: int, beta: float, seed: int = 0, **options) -> list[dict]:
-    cfg = RLOOConfig(prompts_per_step=4, group_size=8, minibatch_size=16, micro_batch_size=16, max_new_tokens=12,
-                     beta=beta, num_iterations=2, **options)
+    cfg = RLOOConfig(
+        prompts_per_step=4,
+        group_size=8,
+        minibatch_size=16,
+        micro_batch_size=16,
+        max_new_tokens=12,
+        beta=beta,
+        num_iterations=2,
+        **options,
+    )
     return learn(build_rloo, cfg, model, tokenizer, reward, steps, seed)
 
 
@@ -106,14 +114,24 @@ def test_rloo_raises_reward_on_synthetic_task(tiny_model, tokenizer, letter_e_re
 
 def test_rloo_learning_is_deterministic_and_logs_the_kl(tiny_model, tokenizer, letter_e_reward):
     twin = copy.deepcopy(tiny_model)
+
     def run(model):
         return train_rloo(model, tokenizer, letter_e_reward, steps=3, beta=0.02, whiten_advantages=True)
 
     first = run(tiny_model)
     assert [m["reward/total_mean"] for m in first] == [m["reward/total_mean"] for m in run(twin)]
     for m in first:
-        for key in ("kl", "kl/sequence", "reward/kl_penalty_mean", "advantages/std", "advantages/abs_mean",
-                    "reward/zero_std_group_frac", "approx_kl", "clip_frac", "entropy"):
+        for key in (
+            "kl",
+            "kl/sequence",
+            "reward/kl_penalty_mean",
+            "advantages/std",
+            "advantages/abs_mean",
+            "reward/zero_std_group_frac",
+            "approx_kl",
+            "clip_frac",
+            "entropy",
+        ):
             assert math.isfinite(m[key]), (key, m[key])
         # the penalty is -beta times the summed k1
         assert m["reward/kl_penalty_mean"] == pytest.approx(-0.02 * m["kl/sequence"], rel=1e-4, abs=1e-7)

@@ -15,14 +15,22 @@ from models.lora import apply_lora
 
 
 def chat_rows(tokenizer, questions):
-    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                    add_generation_prompt=True), "q": q} for q in questions]
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            "q": q,
+        }
+        for q in questions
+    ]
 
 
 def test_rollout_layout_masks_and_logprobs(tiny_model, tokenizer):
     rows = chat_rows(tokenizer, ["Hi.", "A much longer question, so that left padding is needed here."])
-    rollout = generate_rollout(tiny_model, tokenizer, rows, group_size=3, max_new_tokens=10,
-                               generator=torch.Generator().manual_seed(0))
+    rollout = generate_rollout(
+        tiny_model, tokenizer, rows, group_size=3, max_new_tokens=10, generator=torch.Generator().manual_seed(0)
+    )
     assert rollout.completion_ids.shape[0] == 6
     assert [r["q"] for r in rollout.rows] == ["Hi."] * 3 + [rows[1]["q"]] * 3  # group-contiguous
     assert rollout.prompts[0] == rows[0]["prompt"] and rollout.prompts[3] == rows[1]["prompt"]
@@ -49,8 +57,14 @@ def eos_biased(model, tokenizer, bias: float) -> int:
 def test_completion_mask_stops_after_eos(tiny_model, tokenizer):
     # an EOS logit bias of +10 (about a 1/3 chance per token): some samples stop early, some never do
     eos = eos_biased(tiny_model, tokenizer, 10.0)
-    rollout = generate_rollout(tiny_model, tokenizer, chat_rows(tokenizer, ["Hi."]), group_size=16,
-                               max_new_tokens=3, generator=torch.Generator().manual_seed(1))
+    rollout = generate_rollout(
+        tiny_model,
+        tokenizer,
+        chat_rows(tokenizer, ["Hi."]),
+        group_size=16,
+        max_new_tokens=3,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert rollout.truncated.any(), "every sample stopped: the no-EOS branch below would be vacuous"
     assert (~rollout.truncated).any(), "no sample stopped: the check below would be vacuous"
     for ids, mask, truncated in zip(rollout.completion_ids, rollout.completion_mask, rollout.truncated):
@@ -94,14 +108,16 @@ def test_static_cache_chunks_and_compaction_draw_what_the_dynamic_cache_draws(ti
     reference = decode(tiny_model, tokenizer, RolloutConfig(cache="dynamic"))
     lengths = reference.completion_lengths
     assert lengths.min() < 8 and reference.truncated.any(), "no long tail: compaction would not be exercised"
-    for cfg in (RolloutConfig(compile="false", compact_below=0.0, pack="false"),  # static cache, model's modules
-                RolloutConfig(compile="false", compact_below=0.0, pack="true"),  # on oneDNN-packed weights
-                RolloutConfig(compile="false", pack="false"),  # + compaction at half the batch
-                RolloutConfig(compile="false", compact_below=0.99),  # compaction as soon as one row stops
-                RolloutConfig(compile="false", max_batch=5),  # chunks that split a group
-                RolloutConfig(compile="false", max_batch=2, compact_below=0.99),
-                RolloutConfig(compile="false", stop_check_every=3, compact_below=0.99),  # looks every 3rd step
-                RolloutConfig(compile="false", stop_check_every=5, max_batch=5)):
+    for cfg in (
+        RolloutConfig(compile="false", compact_below=0.0, pack="false"),  # static cache, model's modules
+        RolloutConfig(compile="false", compact_below=0.0, pack="true"),  # on oneDNN-packed weights
+        RolloutConfig(compile="false", pack="false"),  # + compaction at half the batch
+        RolloutConfig(compile="false", compact_below=0.99),  # compaction as soon as one row stops
+        RolloutConfig(compile="false", max_batch=5),  # chunks that split a group
+        RolloutConfig(compile="false", max_batch=2, compact_below=0.99),
+        RolloutConfig(compile="false", stop_check_every=3, compact_below=0.99),  # looks every 3rd step
+        RolloutConfig(compile="false", stop_check_every=5, max_batch=5),
+    ):
         assert_same_draws(decode(tiny_model, tokenizer, cfg), reference)
 
 
@@ -119,10 +135,19 @@ def test_compiled_step_draws_what_the_eager_step_draws(tiny_model, tokenizer):
         got = generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10], rollout=no_compaction)
     assert decoder._storage.keys(0).data_ptr() == memory
     # and a CUDA graph would take the cache's views (compaction's included) as static: no copy of it per replay
-    assert all(getattr(b, "_dynamo_static_input_type", None) == "unguarded"
-               for b in decoder._storage.rows(2).buffers())
-    assert_same_draws(got, generate_rollout(tiny_model, tokenizer, rows, 4, 8, prompt_seeds=[8, 9, 10],
-                                            rollout=RolloutConfig(compile="false", pack="false")))
+    assert all(getattr(b, "_dynamo_static_input_type", None) == "unguarded" for b in decoder._storage.rows(2).buffers())
+    assert_same_draws(
+        got,
+        generate_rollout(
+            tiny_model,
+            tokenizer,
+            rows,
+            4,
+            8,
+            prompt_seeds=[8, 9, 10],
+            rollout=RolloutConfig(compile="false", pack="false"),
+        ),
+    )
 
 
 def test_packed_weights_follow_updates_and_refuse_adapters(tiny_model, tokenizer):
@@ -138,8 +163,10 @@ def test_packed_weights_follow_updates_and_refuse_adapters(tiny_model, tokenizer
     with pytest.raises(ConfigError, match=r"not a plain nn\.Linear"):
         decode(policy, tokenizer, packed)
     # auto falls back to the modules (the adapters are part of the policy)
-    assert_same_draws(decode(policy, tokenizer, RolloutConfig(compile="false")),
-                      decode(policy, tokenizer, RolloutConfig(cache="dynamic")))
+    assert_same_draws(
+        decode(policy, tokenizer, RolloutConfig(compile="false")),
+        decode(policy, tokenizer, RolloutConfig(cache="dynamic")),
+    )
 
 
 def test_packed_bf16_weights_draw_what_the_modules_draw(tiny_model, tokenizer):
@@ -155,8 +182,9 @@ def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
     logits = probs.log().repeat(6000, 1)
     uniform = torch.rand(6000, generator=torch.Generator().manual_seed(0))
     token, logp = sample_token(logits, uniform, temperature=1.0, top_p=0.7)  # nucleus: tokens 0 and 1
-    torch.testing.assert_close(torch.bincount(token, minlength=4) / 6000.0, torch.tensor([0.625, 0.375, 0, 0]),
-                               atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        torch.bincount(token, minlength=4) / 6000.0, torch.tensor([0.625, 0.375, 0, 0]), atol=0.02, rtol=0
+    )
     torch.testing.assert_close(logp, probs.log()[token])  # not the renormalised nucleus
     hot, hot_logp = sample_token(logits, uniform, temperature=2.0, top_p=1.0)
     tempered = torch.softmax(probs.log() / 2.0, -1)
@@ -164,15 +192,18 @@ def test_sample_token_draws_from_the_nucleus_and_reports_the_untruncated_logp():
     torch.testing.assert_close(hot_logp, tempered.log()[hot])
 
 
-@pytest.mark.parametrize("rollout, message", [
-    (RolloutConfig(cache="paged"), "choose one of: static, dynamic"),
-    (RolloutConfig(compile="maybe"), "choose one of: auto, true, false"),
-    (RolloutConfig(max_batch=-1), "algo.rollout.max_batch"),
-    (RolloutConfig(compact_below=1.5), "algo.rollout.compact_below"),
-    (RolloutConfig(pack="yes"), "choose one of: auto, true, false"),
-    (RolloutConfig(stop_check_every=-1), "algo.rollout.stop_check_every"),
-    (RolloutConfig(pack="true", compile="true"), "set algo.rollout.compile=false or auto"),
-])
+@pytest.mark.parametrize(
+    "rollout, message",
+    [
+        (RolloutConfig(cache="paged"), "choose one of: static, dynamic"),
+        (RolloutConfig(compile="maybe"), "choose one of: auto, true, false"),
+        (RolloutConfig(max_batch=-1), "algo.rollout.max_batch"),
+        (RolloutConfig(compact_below=1.5), "algo.rollout.compact_below"),
+        (RolloutConfig(pack="yes"), "choose one of: auto, true, false"),
+        (RolloutConfig(stop_check_every=-1), "algo.rollout.stop_check_every"),
+        (RolloutConfig(pack="true", compile="true"), "set algo.rollout.compile=false or auto"),
+    ],
+)
 def test_bad_rollout_options_name_the_valid_values(rollout, message):
     with pytest.raises(ConfigError, match=message):
         PolicyGradientConfig(rollout=rollout)

@@ -86,8 +86,13 @@ def test_no_config_subclass_redeclares_a_default_unchanged():
                 continue
             own = {f.name: f for f in dataclasses.fields(base)}
             for f in dataclasses.fields(cls):
-                if f.name in own and f.name != "name" and f.default is not dataclasses.MISSING \
-                        and f.default == own[f.name].default and f.name in inspect.get_annotations(cls):
+                if (
+                    f.name in own
+                    and f.name != "name"
+                    and f.default is not dataclasses.MISSING
+                    and f.default == own[f.name].default
+                    and f.name in inspect.get_annotations(cls)
+                ):
                     same.append(f"{cls.__name__}.{f.name} = {f.default!r} (as in {base.__name__})")
     assert not same, f"defaults declared twice: {same}"
 

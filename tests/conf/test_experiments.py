@@ -73,8 +73,10 @@ def test_estimators_sweep_compares_four_estimators_at_one_budget():
     cfg = composed(["experiment=estimators"], hydra=True)
     assert dict(cfg.hydra.sweeper.params) == {"algo": "ppo,grpo,rloo,reinforce_pp", "seed": "0,1"}
     assert cfg.experiment_name == "estimators" and "multirun/estimators/" in cfg.hydra.sweep.dir
-    runs = {algo: validate(composed(["experiment=estimators", f"algo={algo}"]))
-            for algo in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    runs = {
+        algo: validate(composed(["experiment=estimators", f"algo={algo}"]))
+        for algo in ("ppo", "grpo", "rloo", "reinforce_pp")
+    }
     assert {algo: sequences_per_step(c.algo) for algo, c in runs.items()} == dict.fromkeys(runs, 8)
     assert {c.algo.max_new_tokens for c in runs.values()} == {40}
     assert {c.trainer.max_steps for c in runs.values()} == {28}
@@ -82,12 +84,19 @@ def test_estimators_sweep_compares_four_estimators_at_one_budget():
     first = runs["ppo"]
     for c in runs.values():  # only the algorithm differs
         assert (c.model, c.data, c.reward, c.trainer, c.experiment_name) == (
-            first.model, first.data, first.reward, first.trainer, "estimators")
+            first.model,
+            first.data,
+            first.reward,
+            first.trainer,
+            "estimators",
+        )
 
 
 def test_ppo_grpo_factors_is_one_grid_at_one_budget():
-    corners = [validate(composed(["experiment=ppo_grpo_factors", f"algo.baseline={b}", f"algo.kl_in={k}"]))
-               for b, k in (("critic", "reward"), ("group_mean", "loss"))]  # PPO's corner and GRPO's
+    corners = [
+        validate(composed(["experiment=ppo_grpo_factors", f"algo.baseline={b}", f"algo.kl_in={k}"]))
+        for b, k in (("critic", "reward"), ("group_mean", "loss"))
+    ]  # PPO's corner and GRPO's
     assert {(c.algo.name, sequences_per_step(c.algo), c.algo.group_size) for c in corners} == {("ppo", 8, 4)}
     assert [(c.algo.baseline, c.algo.kl_in) for c in corners] == [("critic", "reward"), ("group_mean", "loss")]
 
@@ -95,10 +104,13 @@ def test_ppo_grpo_factors_is_one_grid_at_one_budget():
 def test_mcq_compare_holds_out_40_questions_and_one_budget():
     from data.loading import load_examples
 
-    runs = {algo: validate(composed(["experiment=mcq_compare", f"algo={algo}"]))
-            for algo in ("ppo", "grpo", "rloo", "reinforce_pp")}
+    runs = {
+        algo: validate(composed(["experiment=mcq_compare", f"algo={algo}"]))
+        for algo in ("ppo", "grpo", "rloo", "reinforce_pp")
+    }
     assert {(sequences_per_step(c.algo), c.algo.prompts_per_step, c.algo.max_new_tokens) for c in runs.values()} == {
-        (8, 2, 12)}
+        (8, 2, 12)
+    }
     first = runs["ppo"]
     assert (first.data.name, first.data.kind, first.reward.name) == ("medical_mcq", "mcq", "format_accuracy")
     assert "letter" in first.data.system_prompt

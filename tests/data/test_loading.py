@@ -117,17 +117,27 @@ def test_small_dataset_keeps_a_train_row(tmp_path):
 
 
 def test_bad_open_rows_skipped_and_counted(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"q": "What is it?", "a": "A cat", "r": "It is a cat.", "c": "Fur, whiskers."},
-        {"q": "Optional fields absent?", "a": "Fine"},  # reference/cot are optional for kind=open
-        {"a": "no question"},  # missing_field
-        {"q": "null answer", "a": None},  # missing_field
-        {"q": "   ", "a": "blank question"},  # empty_text
-        {"q": "numeric answer", "a": 42},  # bad_type
-        {"q": "blank answer", "a": "\n\t"},  # empty_text
-    ])
-    cfg = data_cfg("medical_o1_verifiable", local_path="d.jsonl", question_field="q", answer_field="a",
-                   reference_field="r", cot_field="c", eval_size=0)
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"q": "What is it?", "a": "A cat", "r": "It is a cat.", "c": "Fur, whiskers."},
+            {"q": "Optional fields absent?", "a": "Fine"},  # reference/cot are optional for kind=open
+            {"a": "no question"},  # missing_field
+            {"q": "null answer", "a": None},  # missing_field
+            {"q": "   ", "a": "blank question"},  # empty_text
+            {"q": "numeric answer", "a": 42},  # bad_type
+            {"q": "blank answer", "a": "\n\t"},  # empty_text
+        ],
+    )
+    cfg = data_cfg(
+        "medical_o1_verifiable",
+        local_path="d.jsonl",
+        question_field="q",
+        answer_field="a",
+        reference_field="r",
+        cot_field="c",
+        eval_size=0,
+    )
     train, _, skipped = load_examples(cfg, tmp_path)
     assert skipped == {"missing_field": 2, "empty_text": 2, "bad_type": 1}
     by_id = {r["id"]: r for r in train}
@@ -138,16 +148,19 @@ def test_bad_open_rows_skipped_and_counted(tmp_path):
 
 def test_bad_mcq_rows_skipped_and_counted(tmp_path):
     opts = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": None}  # null entries are dropped
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"question": "Which drug?", "options": opts, "answer_idx": "B"},
-        {"question": "Lower-case letter?", "options": opts, "answer_idx": " c "},  # normalised to "C"
-        {"question": "Letter not offered?", "options": opts, "answer_idx": "E"},  # bad_answer_letter
-        {"question": "Null option is not offered?", "options": opts, "answer_idx": "D"},  # bad_answer_letter
-        {"question": "Options as text?", "options": "A. x B. y", "answer_idx": "A"},  # bad_options
-        {"question": "Empty option text?", "options": {"A": "", "B": "y"}, "answer_idx": "B"},  # bad_options
-        {"question": "No options?", "answer_idx": "A"},  # missing_field
-        {"question": "", "options": opts, "answer_idx": "A"},  # empty_text
-    ])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"question": "Which drug?", "options": opts, "answer_idx": "B"},
+            {"question": "Lower-case letter?", "options": opts, "answer_idx": " c "},  # normalised to "C"
+            {"question": "Letter not offered?", "options": opts, "answer_idx": "E"},  # bad_answer_letter
+            {"question": "Null option is not offered?", "options": opts, "answer_idx": "D"},  # bad_answer_letter
+            {"question": "Options as text?", "options": "A. x B. y", "answer_idx": "A"},  # bad_options
+            {"question": "Empty option text?", "options": {"A": "", "B": "y"}, "answer_idx": "B"},  # bad_options
+            {"question": "No options?", "answer_idx": "A"},  # missing_field
+            {"question": "", "options": opts, "answer_idx": "A"},  # empty_text
+        ],
+    )
     cfg = data_cfg("medical_mcq", local_path="d.jsonl", reference_field=None, eval_size=0)
     train, _, skipped = load_examples(cfg, tmp_path)
     assert skipped == {"bad_answer_letter": 2, "bad_options": 2, "missing_field": 1, "empty_text": 1}
@@ -159,11 +172,14 @@ def test_bad_mcq_rows_skipped_and_counted(tmp_path):
 
 
 def test_bad_sft_rows_skipped_and_counted(tmp_path):
-    write_jsonl(tmp_path / "d.jsonl", [
-        {"Question": "Q1", "Complex_CoT": "thinking", "Response": "answer"},
-        {"Question": "Q2", "Complex_CoT": " ", "Response": "answer"},  # empty_text: SFT needs the CoT
-        {"Question": "Q3", "Complex_CoT": "thinking"},  # missing_field: SFT needs the response
-    ])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"Question": "Q1", "Complex_CoT": "thinking", "Response": "answer"},
+            {"Question": "Q2", "Complex_CoT": " ", "Response": "answer"},  # empty_text: SFT needs the CoT
+            {"Question": "Q3", "Complex_CoT": "thinking"},  # missing_field: SFT needs the response
+        ],
+    )
     train, _, skipped = load_examples(data_cfg("medical_o1", local_path="d.jsonl"), tmp_path)
     assert skipped == {"empty_text": 1, "missing_field": 1}
     assert [(r["question"], r["cot"], r["answer"]) for r in train] == [("Q1", "thinking", "answer")]
@@ -220,8 +236,9 @@ def test_hub_unreachable_is_one_clear_error():
         "    print('MESSAGE', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MESSAGE" in out.stdout and "data.source=local" in out.stdout and "unreachable" in out.stdout
 
@@ -247,8 +264,11 @@ def test_render_prompt_without_chat_template(tokenizer):
 
 def test_attach_prompts_skips_long_prompts(tokenizer):
     cfg = data_cfg("medical_o1_verifiable", max_prompt_tokens=120)
-    rows = [{"id": "0", "question": "Short question?"}, {"id": "1", "question": "word " * 200},
-            {"id": "2", "question": "Another short one?"}]
+    rows = [
+        {"id": "0", "question": "Short question?"},
+        {"id": "1", "question": "word " * 200},
+        {"id": "2", "question": "Another short one?"},
+    ]
     kept, skipped = attach_prompts(rows, tokenizer, cfg)
     assert skipped == {"prompt_too_long": 1} and [r["id"] for r in kept] == ["0", "2"]
     assert kept[0]["prompt"] == render_prompt(tokenizer, "Short question?", cfg.system_prompt)
@@ -258,9 +278,15 @@ def test_attach_prompts_skips_long_prompts(tokenizer):
     assert attach_prompts([], tokenizer, cfg) == ([], {})
 
 
-@pytest.mark.parametrize("name, limit, too_long", [
-    ("medical_o1_verifiable", None, 0), ("medical_o1", None, 0), ("medical_mcq", None, 0), ("medical_mcq", 384, 3),
-])
+@pytest.mark.parametrize(
+    "name, limit, too_long",
+    [
+        ("medical_o1_verifiable", None, 0),
+        ("medical_o1", None, 0),
+        ("medical_mcq", None, 0),
+        ("medical_mcq", 384, 3),
+    ],
+)
 def test_sample_prompt_lengths(tokenizer, name, limit, too_long):
     cfg = data_cfg(name) if limit is None else data_cfg(name, max_prompt_tokens=limit)
     train, evals, _ = load_examples(cfg, ROOT)

@@ -17,8 +17,13 @@ def write_run(run_dir: Path, overrides: list[str], seed: int, rewards: list[floa
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
     lines = [json.dumps({"step": 0, "eval/reward/total_mean": 0.0})]
     for i, reward in enumerate(rewards):
-        row = {"step": i + 1, "reward/total_mean": reward, "tokens/generated_total": 10.0 * (i + 1),
-               "time/total": 2.0 * (i + 1), "memory/peak_rss_mb": 100.0 + seed}
+        row = {
+            "step": i + 1,
+            "reward/total_mean": reward,
+            "tokens/generated_total": 10.0 * (i + 1),
+            "time/total": 2.0 * (i + 1),
+            "memory/peak_rss_mb": 100.0 + seed,
+        }
         row.update({key: values[i] for key, values in series.items()})
         lines.append(json.dumps(row))
     lines.append(json.dumps({"step": len(rewards), "eval/reward/total_mean": rewards[-1] / 2}))
@@ -106,8 +111,13 @@ def three_methods(tmp_path: Path) -> Path:
         same = [v - e + noise[::-1][seed] for v in curve]  # the same seed noise, in another order
         write_run(tmp_path / f"r{seed}", ["algo=rloo", f"seed={seed}"], seed, same)
         lower = [0.05 * (i - 1) + e for i in range(8)]  # half the tokens per step: 0.1 per 10 tokens, 0.5 lower
-        write_run(tmp_path / f"p{seed}", ["algo=ppo", f"seed={seed}"], seed, lower,
-                  **{"tokens/generated_total": [5.0 * (i + 1) for i in range(8)]})
+        write_run(
+            tmp_path / f"p{seed}",
+            ["algo=ppo", f"seed={seed}"],
+            seed,
+            lower,
+            **{"tokens/generated_total": [5.0 * (i + 1) for i in range(8)]},
+        )
     return tmp_path
 
 
@@ -133,8 +143,13 @@ def test_factor_table_names_what_each_factor_moves(tmp_path):
         for baseline, level in (("critic", 0.0), ("group_mean", 0.4)):
             for kl_in, e in (("reward", 0.01), ("loss", -0.01)):
                 rewards = [level + 0.02 * seed + e] * 4
-                write_run(tmp_path / f"{baseline}_{kl_in}_{seed}", [f"algo.baseline={baseline}", f"algo.kl_in={kl_in}",
-                          f"seed={seed}"], seed, rewards, kl=[0.1 + 0.01 * seed] * 4)
+                write_run(
+                    tmp_path / f"{baseline}_{kl_in}_{seed}",
+                    [f"algo.baseline={baseline}", f"algo.kl_in={kl_in}", f"seed={seed}"],
+                    seed,
+                    rewards,
+                    kl=[0.1 + 0.01 * seed] * 4,
+                )
     runs = find_runs([tmp_path])
     label_runs(runs)
     assert len({r.label for r in runs}) == 4  # one row per combination
@@ -174,8 +189,11 @@ def test_ppo_grpo_factors_tiny_sweep_has_a_row_per_combination(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = main([str(sweep)]).read_text()
     table = text.split("\n\n")[1]
-    combos = [f"| algo.baseline={b} algo.kl_in={k} | 1 | 2 |" for b in ("critic", "group_mean", "leave_one_out")
-              for k in ("reward", "loss")]
+    combos = [
+        f"| algo.baseline={b} algo.kl_in={k} | 1 | 2 |"
+        for b in ("critic", "group_mean", "leave_one_out")
+        for k in ("reward", "loss")
+    ]
     assert sum(line.startswith("| algo.") for line in table.splitlines()) == 6 and all(c in table for c in combos)
     assert "## Factors" in text and "| algo.baseline | s/step |" in text and "| algo.kl_in | KL |" in text
     for run_dir in sweep.iterdir():  # a group baseline runs no critic; the critic one does

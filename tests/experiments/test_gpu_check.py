@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow  # eight run.py processes (each imports torch and transformers: ~7 s on 2 CPU cores)
 def test_tiny_gpu_check_passes_and_writes_the_report(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--tiny", "--out",
-                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     failed = {k: s.get("error") for k, s in report["sections"].items() if s["status"] != "pass"}
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-3000:])
@@ -28,7 +35,8 @@ def test_tiny_gpu_check_passes_and_writes_the_report(tmp_path):
     sections = report["sections"]
     assert sections["probe"]["result"]["real_logits_finite"] and sections["probe"]["result"]["logprobs_finite"]
     assert {(r["backend"], r["dtype"]) for r in sections["kernels"]["result"]["rows"]} == {
-        (b, d) for b in ("torch", "triton") for d in ("fp32", "bf16")}
+        (b, d) for b in ("torch", "triton") for d in ("fp32", "bf16")
+    }
     for algo in ("grpo", "ppo"):
         assert sections["embedded"]["result"][algo]["resume"]["bit_exact"]  # a CPU repeats itself exactly
         assert sections["8b"]["result"][algo]["tokens_generated"] > 0

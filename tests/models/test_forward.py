@@ -44,8 +44,9 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_pass(tiny_model, t
     tiny_model.train()  # as in the update
     for share in (True, False):
         tiny_model.zero_grad(set_to_none=True)
-        logp, entropy = completion_logprobs(tiny_model, input_ids, attention_mask, TC, temperature=0.7,
-                                            with_entropy=True, share_prompts=share)
+        logp, entropy = completion_logprobs(
+            tiny_model, input_ids, attention_mask, TC, temperature=0.7, with_entropy=True, share_prompts=share
+        )
         (logp * weights).sum().backward()
         results[share] = logp.detach(), entropy, {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
     (logp, entropy, grads), (plain_logp, plain_entropy, plain_grads) = results[True], results[False]

@@ -50,8 +50,17 @@ def reference(hidden, weight, tokens, token_loss, mask, temperature):
 
 def fused(hidden, weight, tokens, token_loss, mask, temperature, chunk, with_entropy=True):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, logp, entropy = fused_token_loss(h, w, tokens, token_loss, mask=mask, temperature=temperature,
-                                           with_entropy=with_entropy, chunk=chunk, backend="torch")
+    loss, logp, entropy = fused_token_loss(
+        h,
+        w,
+        tokens,
+        token_loss,
+        mask=mask,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk=chunk,
+        backend="torch",
+    )
     grad_h, grad_w = torch.autograd.grad(loss, (h, w))
     return loss.detach(), logp, entropy, grad_h, grad_w
 
@@ -89,8 +98,9 @@ def test_linear_loss_equals_fused_logprobs_then_weighted_sum():
 def test_frozen_lm_head_gets_no_gradient_and_hidden_still_does():
     hidden, weight, tokens, old_logp, advantages = inputs(seed=2)
     h = hidden.clone().requires_grad_(True)
-    loss, _, _ = fused_token_loss(h, weight, tokens, surrogate_loss(old_logp, advantages), with_entropy=True,
-                                  chunk=5, backend="torch")
+    loss, _, _ = fused_token_loss(
+        h, weight, tokens, surrogate_loss(old_logp, advantages), with_entropy=True, chunk=5, backend="torch"
+    )
     loss.backward()
     expected = reference(hidden, weight, tokens, surrogate_loss(old_logp, advantages), torch.ones(B, T), 1.0)
     torch.testing.assert_close(h.grad, expected[3].float(), atol=1e-5, rtol=1e-5)
@@ -160,13 +170,15 @@ def test_completion_token_loss_on_a_causal_lm_matches_logprobs_then_loss(tiny_mo
     old_logp = -torch.rand(3, tc, generator=gen) * 5
     advantages = torch.randn(3, tc, generator=gen)
     token_loss = surrogate_loss(old_logp, advantages)
-    loss, logp, entropy = completion_token_loss(tiny_model, input_ids, attention_mask, tc, token_loss, 0.9,
-                                                with_entropy=True)
+    loss, logp, entropy = completion_token_loss(
+        tiny_model, input_ids, attention_mask, tc, token_loss, 0.9, with_entropy=True
+    )
     loss.backward()
     fused_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
     tiny_model.zero_grad(set_to_none=True)
-    logp2, entropy2 = completion_logprobs(tiny_model, input_ids, attention_mask, tc, 0.9, with_entropy=True,
-                                          entropy_grad=True)
+    logp2, entropy2 = completion_logprobs(
+        tiny_model, input_ids, attention_mask, tc, 0.9, with_entropy=True, entropy_grad=True
+    )
     mask = attention_mask[:, -tc:]
     positions = mask.reshape(-1).nonzero().squeeze(1)
     loss2 = token_loss(logp2.reshape(-1)[positions], entropy2.reshape(-1)[positions], positions).sum()

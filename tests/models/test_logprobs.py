@@ -71,8 +71,9 @@ def test_token_logprobs_entropy_grad_matches_naive_entropy_gradient(temperature,
     logits, tokens = random_logits(seed=8)
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
-    _, entropy = token_logprobs(a, tokens, temperature=temperature, chunk_rows=chunk_rows, with_entropy=True,
-                                entropy_grad=True)
+    _, entropy = token_logprobs(
+        a, tokens, temperature=temperature, chunk_rows=chunk_rows, with_entropy=True, entropy_grad=True
+    )
     _, logp_all = naive_logprobs(b, tokens, temperature)
     expected = -(logp_all.exp() * logp_all).sum(-1)
     weights = torch.randn(B, T, generator=torch.Generator().manual_seed(10))
@@ -208,9 +209,15 @@ def grads_of(fn, hidden, weight, tokens, weights, ent_weights=None):
 def test_fused_logprobs_values_and_gradients_match_naive(temperature, chunk):
     hidden, weight, tokens = random_hidden(seed=11)
     weights = torch.randn(B, T, generator=torch.Generator().manual_seed(12))
-    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=chunk, temperature=temperature,
-                                                          with_entropy=True, backend="torch"),
-                     hidden, weight, tokens, weights)
+    fused = grads_of(
+        lambda h, w, t: fused_token_logprobs(
+            h, w, t, chunk=chunk, temperature=temperature, with_entropy=True, backend="torch"
+        ),
+        hidden,
+        weight,
+        tokens,
+        weights,
+    )
     naive = grads_of(lambda h, w, t: naive_linear_logprobs(h, w, t, temperature), hidden, weight, tokens, weights)
     assert fused[0].shape == (B, T) and fused[0].dtype == torch.float32
     for got, expected in zip(fused, naive):
@@ -222,11 +229,19 @@ def test_fused_entropy_gradient_matches_naive(temperature):
     hidden, weight, tokens = random_hidden(seed=13)
     gen = torch.Generator().manual_seed(14)
     weights, ent_weights = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
-    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=5, temperature=temperature,
-                                                          with_entropy=True, entropy_grad=True, backend="torch"),
-                     hidden, weight, tokens, weights, ent_weights)
-    naive = grads_of(lambda h, w, t: naive_linear_logprobs(h, w, t, temperature), hidden, weight, tokens, weights,
-                     ent_weights)
+    fused = grads_of(
+        lambda h, w, t: fused_token_logprobs(
+            h, w, t, chunk=5, temperature=temperature, with_entropy=True, entropy_grad=True, backend="torch"
+        ),
+        hidden,
+        weight,
+        tokens,
+        weights,
+        ent_weights,
+    )
+    naive = grads_of(
+        lambda h, w, t: naive_linear_logprobs(h, w, t, temperature), hidden, weight, tokens, weights, ent_weights
+    )
     for got, expected in zip(fused, naive):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -244,12 +259,17 @@ def test_fused_padding_mask_skips_padded_rows():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
     tokens = tokens.masked_fill(mask == 0, -100)  # padding may hold an id outside the vocabulary
     weights = torch.randn(B, T, generator=torch.Generator().manual_seed(17))
-    fused = grads_of(lambda h, w, t: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask,
-                                                          backend="torch"),
-                     hidden, weight, tokens, weights)
+    fused = grads_of(
+        lambda h, w, t: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask, backend="torch"),
+        hidden,
+        weight,
+        tokens,
+        weights,
+    )
     safe_tokens = tokens.masked_fill(mask == 0, 0)
-    naive = grads_of(lambda h, w, t: [x * mask for x in naive_linear_logprobs(h, w, safe_tokens)],
-                     hidden, weight, tokens, weights)
+    naive = grads_of(
+        lambda h, w, t: [x * mask for x in naive_linear_logprobs(h, w, safe_tokens)], hidden, weight, tokens, weights
+    )
     for got, expected in zip(fused, naive):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     logp, entropy, grad_hidden, _ = fused
@@ -293,8 +313,9 @@ def test_fused_bf16_inputs_reduce_in_fp32_and_return_bf16_gradients():
     torch.testing.assert_close(logp, fp32, atol=5e-2, rtol=5e-2)
     logp.sum().backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
-    _, _, grad_h, grad_w = grads_of(lambda a, b, t: naive_linear_logprobs(a, b, t, 0.7), hidden.float(),
-                                    weight.float(), tokens, torch.ones(B, T))
+    _, _, grad_h, grad_w = grads_of(
+        lambda a, b, t: naive_linear_logprobs(a, b, t, 0.7), hidden.float(), weight.float(), tokens, torch.ones(B, T)
+    )
     torch.testing.assert_close(h.grad.float(), grad_h, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(w.grad.float(), grad_w, atol=5e-2, rtol=5e-2)
 
@@ -375,8 +396,9 @@ def straightforward_completion_logprobs(model, input_ids, attention_mask, temper
 def test_completion_logprobs_match_full_forward_log_softmax_gather(tiny_model, tokenizer, temperature):
     input_ids, attention_mask = left_padded_batch(tokenizer.pad_token_id)
     with torch.no_grad():
-        logp, entropy = completion_logprobs(tiny_model, input_ids, attention_mask, TC, temperature=temperature,
-                                            with_entropy=True)
+        logp, entropy = completion_logprobs(
+            tiny_model, input_ids, attention_mask, TC, temperature=temperature, with_entropy=True
+        )
         expected, logp_all = straightforward_completion_logprobs(tiny_model, input_ids, attention_mask, temperature)
     assert logp.shape == (2, TC) and entropy.shape == (2, TC)
     torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)

@@ -26,19 +26,38 @@ from training.loop import StageContext
 
 
 def rows_for(tokenizer, n: int = 2) -> list[dict]:
-    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Say something {i}."}],
-                                                     tokenize=False, add_generation_prompt=True)} for i in range(n)]
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Say something {i}."}], tokenize=False, add_generation_prompt=True
+            )
+        }
+        for i in range(n)
+    ]
 
 
 def config(algo, **trainer) -> Config:
     trainer = {"lr": 1e-2, "lora": LoraOptions(enabled=True, rank=4, alpha=8), **trainer}
-    return Config(model=ModelConfig(name="tiny_llama", **TINY), data=DataConfig(), reward=RewardConfig(), algo=algo,
-                  trainer=TrainerConfig(**trainer), logger=LoggerConfig(mode="disabled"))
+    return Config(
+        model=ModelConfig(name="tiny_llama", **TINY),
+        data=DataConfig(),
+        reward=RewardConfig(),
+        algo=algo,
+        trainer=TrainerConfig(**trainer),
+        logger=LoggerConfig(mode="disabled"),
+    )
 
 
 def context(cfg: Config, policy, tokenizer, reward) -> StageContext:
-    return StageContext(cfg, None, policy=policy, tokenizer=tokenizer, train_rows=rows_for(tokenizer), reward_fn=reward,
-                        generator=torch.Generator().manual_seed(0))
+    return StageContext(
+        cfg,
+        None,
+        policy=policy,
+        tokenizer=tokenizer,
+        train_rows=rows_for(tokenizer),
+        reward_fn=reward,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def test_adapter_of_names():
@@ -49,8 +68,7 @@ def test_adapter_of_names():
 
 def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_reward, tmp_path):
     base = copy.deepcopy(tiny_model)
-    cfg = config(PPOConfig(group_size=2, minibatch_size=4, micro_batch_size=2, max_new_tokens=6, beta=0.1,
-                           vf_coef=1.0))
+    cfg = config(PPOConfig(group_size=2, minibatch_size=4, micro_batch_size=2, max_new_tokens=6, beta=0.1, vf_coef=1.0))
     policy = prepare_policy(tiny_model, cfg.model, cfg.trainer)
     assert isinstance(policy, PeftModel)
     built = build_ppo(context(cfg, policy, tokenizer, letter_e_reward))
@@ -63,7 +81,8 @@ def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_
     named = dict(policy.named_parameters())
     assert actor_ids == {id(p) for n, p in named.items() if adapter_of(n) == ACTOR}
     assert critic_ids == {id(p) for n, p in named.items() if adapter_of(n) == CRITIC} | {
-        id(p) for p in algo.critic.head.parameters()}
+        id(p) for p in algo.critic.head.parameters()
+    }
 
     for _ in range(2):
         algo.step(Batch(rows_for(tokenizer)))
@@ -92,8 +111,11 @@ def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_
 
 
 def test_grpo_lora_bf16_checkpointing(tokenizer, letter_e_reward):
-    cfg = config(GRPOConfig(prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=2,
-                            max_new_tokens=6), precision="bf16", gradient_checkpointing=True)
+    cfg = config(
+        GRPOConfig(prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=2, max_new_tokens=6),
+        precision="bf16",
+        gradient_checkpointing=True,
+    )
     model_cfg = model_config_for(cfg.model, cfg.trainer)
     assert model_cfg.dtype == "bfloat16"
     policy = prepare_policy(load_causal_lm(model_cfg, tokenizer), model_cfg, cfg.trainer)

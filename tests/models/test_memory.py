@@ -41,26 +41,45 @@ def build(algo_name: str, lora: bool, dtype: str, tokenizer, reward):
     trainer = TrainerConfig(lora=LoraOptions(enabled=lora, rank=4, alpha=8))
     loaded = model_config_for(model_cfg, trainer)
     policy = prepare_policy(load_causal_lm(loaded, tokenizer), model_cfg, trainer)
-    ctx = stage_context(policy, tokenizer, config(group_size=2, max_new_tokens=6), reward,
-                        train_rows=chat_rows(tokenizer), trainer=trainer)
+    ctx = stage_context(
+        policy,
+        tokenizer,
+        config(group_size=2, max_new_tokens=6),
+        reward,
+        train_rows=chat_rows(tokenizer),
+        trainer=trainer,
+    )
     built = get_stage(algo_name).build(ctx)
     return built.algorithm, built.optimizers, loaded.dtype
 
 
 def chat_rows(tokenizer) -> list[dict]:
-    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False,
-                                                     add_generation_prompt=True)}]
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi."}], tokenize=False, add_generation_prompt=True
+            )
+        }
+    ]
 
 
-@pytest.mark.parametrize("algo_name, lora, dtype", [("ppo", False, "float32"), ("ppo", True, "bfloat16"),
-                                                     ("grpo", False, "bfloat16"), ("grpo", True, "float32")])
+@pytest.mark.parametrize(
+    "algo_name, lora, dtype",
+    [("ppo", False, "float32"), ("ppo", True, "bfloat16"), ("grpo", False, "bfloat16"), ("grpo", True, "float32")],
+)
 def test_weights_grads_and_optimizer_bytes_are_exact(algo_name, lora, dtype, tokenizer, letter_e_reward):
     algo, optimizers, weights_dtype = build(algo_name, lora, dtype, tokenizer, letter_e_reward)
     assert weights_dtype == ("float32" if not lora else dtype)  # full fine-tuning: fp32 master weights
     kept = get_stage(algo_name).models  # what the registry says the algorithm keeps besides the actor
     arch = architecture(ModelConfig(name="tiny_llama", **TINY), vocab_size=len(tokenizer))
-    projected = project(arch, DTYPE_BYTES[weights_dtype], 4 if lora else None, list(LoraOptions().target_modules),
-                        reference="reference" in kept, critic="critic" in kept)
+    projected = project(
+        arch,
+        DTYPE_BYTES[weights_dtype],
+        4 if lora else None,
+        list(LoraOptions().target_modules),
+        reference="reference" in kept,
+        critic="critic" in kept,
+    )
     assert (algo.reference is not None) == ("reference" in kept) and (algo.critic is not None) == ("critic" in kept)
     models = [m for m in (algo.policy, algo.reference, algo.critic) if m is not None]
     assert storage_bytes(p for m in models for p in m.parameters()) == sum(m.weights for m in projected)
@@ -139,8 +158,14 @@ def rl_algorithms() -> tuple[str, ...]:
 
 
 def test_memory_cli_prints_the_8b_tables():
-    proc = subprocess.run([sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.findall(r"^## (\S+)$", out, flags=re.MULTILINE) == [name.upper() for name in rl_algorithms()]
@@ -150,8 +175,15 @@ def test_memory_cli_prints_the_8b_tables():
 
 
 def test_memory_cli_divides_the_static_memory_over_fsdp_gpus():
-    args = [sys.executable, "-m", "models.memory", "model=r1_distill_llama_8b", "trainer=h100",
-            "trainer.lora.enabled=false", "trainer.strategy=fsdp"]
+    args = [
+        sys.executable,
+        "-m",
+        "models.memory",
+        "model=r1_distill_llama_8b",
+        "trainer=h100",
+        "trainer.lora.enabled=false",
+        "trainer.strategy=fsdp",
+    ]
     outs = []
     for extra in ([], ["--gpus", "8"]):
         proc = subprocess.run(args + extra, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -170,8 +202,16 @@ def test_rollout_kv_line_sizes_the_cache_a_compiled_step_keeps():
     from conf.schema import compose_config
     from models.memory import GiB, rollout_kv_line
 
-    cfg = compose_config(["algo=grpo", "algo.prompts_per_step=4", "algo.group_size=4", "algo.rollout.max_batch=8",
-                          "data.max_prompt_tokens=100", "algo.max_new_tokens=40"])
+    cfg = compose_config(
+        [
+            "algo=grpo",
+            "algo.prompts_per_step=4",
+            "algo.group_size=4",
+            "algo.rollout.max_batch=8",
+            "data.max_prompt_tokens=100",
+            "algo.max_new_tokens=40",
+        ]
+    )
     line = rollout_kv_line(cfg, kv_bytes_per_token=2**20)
     assert "8 sequences decoded at once x 140 tokens" in line and "256 when the step is compiled" in line
     assert f"= {8 * 256 * 2**20 / GiB:.2f} GiB" in line and "16 sequences per step in 2 chunk(s)" in line

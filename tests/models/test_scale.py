@@ -61,8 +61,9 @@ def test_bf16_full_fine_tuning_keeps_fp32_master_weights_and_trains_like_fp32(to
     assert changed(one_adamw_step(bare, bf16)) < 0.5
 
 
-@pytest.mark.parametrize("lora, trains, expected", [(False, True, "float32"), (True, True, "bfloat16"),
-                                                     (False, False, "bfloat16")])
+@pytest.mark.parametrize(
+    "lora, trains, expected", [(False, True, "float32"), (True, True, "bfloat16"), (False, False, "bfloat16")]
+)
 def test_which_weights_keep_fp32_masters(lora, trains, expected):
     model_cfg = ModelConfig(name="tiny_llama", **TINY)
     trainer = TrainerConfig(precision="bf16", lora=LoraOptions(enabled=lora))

@@ -14,8 +14,10 @@ from models.fused_loss import fused_token_loss
 from models.logprobs import fused_token_logprobs, token_logprobs
 
 if not torch.cuda.is_available() and not knobs.runtime.interpret:
-    pytest.skip("no GPU and TRITON_INTERPRET is off (tests/conftest.py sets it before triton is imported)",
-                allow_module_level=True)
+    pytest.skip(
+        "no GPU and TRITON_INTERPRET is off (tests/conftest.py sets it before triton is imported)",
+        allow_module_level=True,
+    )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, T, H, V = 2, 5, 16, 300  # V = 300 is not a power of two: the kernels' tail mask is exercised
@@ -48,9 +50,15 @@ def test_triton_fused_matches_naive(temperature, entropy_grad):
     hidden, weight, tokens, g_logp, g_ent = inputs(seed=1)
     g_ent = g_ent if entropy_grad else None
     got = value_and_grads(
-        lambda h, w, t: fused_token_logprobs(h, w, t, chunk=3, temperature=temperature, with_entropy=True,
-                                             entropy_grad=entropy_grad, backend="triton"),
-        hidden, weight, tokens, g_logp, g_ent)
+        lambda h, w, t: fused_token_logprobs(
+            h, w, t, chunk=3, temperature=temperature, with_entropy=True, entropy_grad=entropy_grad, backend="triton"
+        ),
+        hidden,
+        weight,
+        tokens,
+        g_logp,
+        g_ent,
+    )
     expected = value_and_grads(lambda h, w, t: naive(h, w, t, temperature), hidden, weight, tokens, g_logp, g_ent)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -61,8 +69,9 @@ def test_triton_from_logits_matches_naive(temperature):
     hidden, weight, tokens, g_logp, g_ent = inputs(seed=2)
     logits = (hidden @ weight.T).detach()
     got_in, expected_in = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    logp, entropy = token_logprobs(got_in, tokens, temperature, chunk_rows=4, with_entropy=True, entropy_grad=True,
-                                   backend="triton")
+    logp, entropy = token_logprobs(
+        got_in, tokens, temperature, chunk_rows=4, with_entropy=True, entropy_grad=True, backend="triton"
+    )
     logp_all = torch.log_softmax(expected_in / temperature, dim=-1)
     expected = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
     expected_entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -79,9 +88,15 @@ def test_triton_matches_torch_backend_with_padding_and_bf16():
     results = {}
     for backend in ("torch", "triton"):
         results[backend] = value_and_grads(
-            lambda h, w, t, backend=backend: fused_token_logprobs(h, w, t, chunk=2, with_entropy=True, mask=mask,
-                                                                  backend=backend),
-            hidden, weight, tokens, g_logp, None)
+            lambda h, w, t, backend=backend: fused_token_logprobs(
+                h, w, t, chunk=2, with_entropy=True, mask=mask, backend=backend
+            ),
+            hidden,
+            weight,
+            tokens,
+            g_logp,
+            None,
+        )
     (logp, entropy, grad_h, grad_w), (logp_t, entropy_t, grad_h_t, grad_w_t) = results["triton"], results["torch"]
     torch.testing.assert_close(logp, logp_t, atol=1e-5, rtol=1e-5)  # fp32 reductions of the same bf16 logits
     torch.testing.assert_close(entropy, entropy_t, atol=1e-5, rtol=1e-5)
@@ -96,9 +111,14 @@ def test_triton_vocabulary_spanning_several_blocks():
     # V above the kernels' 4096-wide block: the online logsumexp must carry across blocks
     hidden, weight, tokens, g_logp, g_ent = inputs(seed=4, vocab=5000)
     hidden, tokens, g_logp, g_ent = hidden[:1, :2], tokens[:1, :2], g_logp[:1, :2], g_ent[:1, :2]
-    got = value_and_grads(lambda h, w, t: fused_token_logprobs(h, w, t, with_entropy=True, entropy_grad=True,
-                                                               backend="triton"),
-                          hidden, weight, tokens, g_logp, g_ent)
+    got = value_and_grads(
+        lambda h, w, t: fused_token_logprobs(h, w, t, with_entropy=True, entropy_grad=True, backend="triton"),
+        hidden,
+        weight,
+        tokens,
+        g_logp,
+        g_ent,
+    )
     expected = value_and_grads(lambda h, w, t: naive(h, w, t, 1.0), hidden, weight, tokens, g_logp, g_ent)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -114,8 +134,9 @@ def test_triton_fused_loss_matches_naive(temperature):
         return torch.exp(logp) * flat_a[positions] + entropy * flat_b[positions]
 
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, logp, entropy = fused_token_loss(h, w, tokens, token_loss, temperature=temperature, with_entropy=True,
-                                           chunk=3, backend="triton")
+    loss, logp, entropy = fused_token_loss(
+        h, w, tokens, token_loss, temperature=temperature, with_entropy=True, chunk=3, backend="triton"
+    )
     got = (loss, logp, entropy, *torch.autograd.grad(loss, (h, w)))
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp2, entropy2 = naive(h2, w2, tokens, temperature)

@@ -48,8 +48,14 @@ def _collectives(rank: int, init_file: str, results: dict) -> None:
             "adv_batch": sharded_group_advantages(rewards[half], 2, "batch"),
             "adv_group": sharded_group_advantages(rewards[half], 2, "group"),
         }
-        metrics = {"loss": float(rank), "completion/length_max": float(rank), "completion/length_min": float(rank),
-                   "tokens/generated": 10.0, "reward/format_failures": 1.0, "time/generate": float(rank + 1)}
+        metrics = {
+            "loss": float(rank),
+            "completion/length_max": float(rank),
+            "completion/length_min": float(rank),
+            "tokens/generated": 10.0,
+            "reward/format_failures": 1.0,
+            "time/generate": float(rank + 1),
+        }
         out["metrics"] = reduce_metrics(metrics)
         param = torch.nn.Parameter(torch.zeros(3))
         param.grad = torch.full((3,), float(rank + 1))
@@ -78,9 +84,18 @@ def test_collectives_match_one_process(tmp_path):
         torch.testing.assert_close(results[r]["mean"], x_masked_mean)
     torch.testing.assert_close(both("adv_batch"), group_advantages(rewards, 2, "batch"))
     torch.testing.assert_close(both("adv_group"), group_advantages(rewards, 2, "group"))
-    assert results[0]["metrics"] == results[1]["metrics"] == {
-        "loss": 0.5, "completion/length_max": 1.0, "completion/length_min": 0.0, "tokens/generated": 20.0,
-        "reward/format_failures": 2.0, "time/generate": 2.0}
+    assert (
+        results[0]["metrics"]
+        == results[1]["metrics"]
+        == {
+            "loss": 0.5,
+            "completion/length_max": 1.0,
+            "completion/length_min": 0.0,
+            "tokens/generated": 20.0,
+            "reward/format_failures": 2.0,
+            "time/generate": 2.0,
+        }
+    )
     assert results[0]["finite"] and results[1]["finite"]
     assert not results[0]["finite_one_failed"] and not results[1]["finite_one_failed"]
     for r in range(WORLD):  # averaged twice: (1 + 2) / 2 = 1.5, then 1.5; (1 + 0) / 2 = 0.5, then 0.5
@@ -91,13 +106,15 @@ def test_collectives_match_one_process(tmp_path):
 def _nan_on_one_rank(rank: int, init_file: str, results: dict) -> None:
     """A ddp update whose every micro-batch is non-finite on rank 1 only: that rank reports no loss statistics."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))  # a desynchronised collective fails, not hangs
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )  # a desynchronised collective fails, not hangs
     try:
         torch.manual_seed(0)
         layer = torch.nn.Linear(3, 1)
-        target = OptimTarget(torch.optim.AdamW(layer.parameters(), lr=0.1), list(layer.parameters()), 1.0,
-                             **sync_hooks("ddp"))
+        target = OptimTarget(
+            torch.optim.AdamW(layer.parameters(), lr=0.1), list(layer.parameters()), 1.0, **sync_hooks("ddp")
+        )
         batch = {"x": torch.randn(4, 3), "prompt_mask": torch.ones(4, 1), "completion_mask": torch.ones(4, 3)}
 
         def loss_fn(micro, share, tokens):
@@ -136,8 +153,12 @@ def test_sharded_sampler_splits_the_global_batch_and_seeds_do_not_depend_on_the_
 def test_per_prompt_noise_does_not_depend_on_the_batch():
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     together = draw_uniforms(3, 2, 5, gens([1, 2, 3]), torch.device("cpu"))  # 3 prompts x G=2, 5 steps
-    apart = torch.cat([draw_uniforms(1, 2, 5, gens([1]), torch.device("cpu")),
-                       draw_uniforms(2, 2, 5, gens([2, 3]), torch.device("cpu"))])
+    apart = torch.cat(
+        [
+            draw_uniforms(1, 2, 5, gens([1]), torch.device("cpu")),
+            draw_uniforms(2, 2, 5, gens([2, 3]), torch.device("cpu")),
+        ]
+    )
     assert together.shape == (6, 5) and torch.equal(together, apart)
 
 
@@ -145,8 +166,9 @@ def test_draws_follow_the_distribution():
     logits = torch.tensor([[0.1, 0.6, 0.3]]).log().repeat(8000, 1)
     uniform = draw_uniforms(1, 8000, 1, [torch.Generator().manual_seed(0)], torch.device("cpu"))[:, 0]
     token, logp = sample_token(logits, uniform, temperature=1.0, top_p=1.0)
-    torch.testing.assert_close(torch.bincount(token, minlength=3) / 8000.0, torch.tensor([0.1, 0.6, 0.3]),
-                               atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        torch.bincount(token, minlength=3) / 8000.0, torch.tensor([0.1, 0.6, 0.3]), atol=0.02, rtol=0
+    )
     torch.testing.assert_close(logp, torch.tensor([0.1, 0.6, 0.3]).log()[token])
 
 
@@ -156,21 +178,27 @@ def _sharded_passes(rank: int, init_file: str, results: dict) -> None:
     rank 0's batch repeats a prompt, rank 1's does not."""
     torch.set_num_threads(1)
     # a rank stuck in a collective the other never joins fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         cfg = ModelConfig(name="tiny_llama", **TINY_MODEL)
         tokenizer = load_tokenizer(cfg)
         model = load_causal_lm(cfg, tokenizer)
         rows = [{"prompt": p} for p in (["Hi.", "Hello there."] if rank == 0 else ["Bye.", "See you soon."])]
-        sampling = {"rows": rows, "group_size": 2 - rank, "max_new_tokens": 4 + 5 * rank,
-                    "prompt_seeds": [rank, 7 + rank]}
+        sampling = {
+            "rows": rows,
+            "group_size": 2 - rank,
+            "max_new_tokens": 4 + 5 * rank,
+            "prompt_seeds": [rank, 7 + rank],
+        }
 
         def passes() -> tuple[torch.Tensor, torch.Tensor]:
             rollout = generate_rollout(model, tokenizer, **sampling)
             with torch.no_grad():
-                logp, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
-                                              rollout.completion_ids.shape[1])
+                logp, _ = completion_logprobs(
+                    model, rollout.input_ids, rollout.attention_mask, rollout.completion_ids.shape[1]
+                )
             return rollout.completion_ids, logp
 
         plain = passes()
@@ -193,24 +221,56 @@ def test_sharded_model_samples_and_scores_like_the_unsharded_one(tmp_path):
 
 # ---- torchrun ------------------------------------------------------------------------------------
 
-TINY = ["model=tiny_llama", "trainer.max_steps=2", "algo.max_new_tokens=8", "algo.prompts_per_step=2",
-        "algo.minibatch_size=4", "algo.micro_batch_size=2", "data.eval_size=2", "trainer.eval_batch_size=2",
-        "trainer.threads=1", "trainer.device=cpu", "trainer.lr=1e-3",
-        # a reward that varies on a random model's text (DAPO's overlong penalty on its ~10-15 tokens of
-        # characters), so the advantages are not all 0
-        "+reward.weights.length=1.0", "+reward.options.length.max_tokens=14", "+reward.options.length.buffer=10"]
+TINY = [
+    "model=tiny_llama",
+    "trainer.max_steps=2",
+    "algo.max_new_tokens=8",
+    "algo.prompts_per_step=2",
+    "algo.minibatch_size=4",
+    "algo.micro_batch_size=2",
+    "data.eval_size=2",
+    "trainer.eval_batch_size=2",
+    "trainer.threads=1",
+    "trainer.device=cpu",
+    "trainer.lr=1e-3",
+    # a reward that varies on a random model's text (DAPO's overlong penalty on its ~10-15 tokens of
+    # characters), so the advantages are not all 0
+    "+reward.weights.length=1.0",
+    "+reward.options.length.max_tokens=14",
+    "+reward.options.length.buffer=10",
+]
 
 
 def launch(args: list[str], run_dir: Path, nproc: int | None) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     if nproc is None:
         cmd = [sys.executable, str(ROOT / "run.py")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "run.py")]
-    proc = subprocess.run([*cmd, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "run.py"),
+        ]
+    proc = subprocess.run(
+        [*cmd, *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -219,8 +279,9 @@ def train_metrics(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "loss" in m]
 
 
-def compare_one_and_two_processes(tmp_path: Path, args: list[str], keys: tuple[str, ...],
-                                  strategy: str = "ddp") -> None:
+def compare_one_and_two_processes(
+    tmp_path: Path, args: list[str], keys: tuple[str, ...], strategy: str = "ddp"
+) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     launch([*args, "trainer.prompt_seeded_sampling=true"], one, None)
     launch([*args, f"trainer.strategy={strategy}"], two, nproc=2)
@@ -248,29 +309,40 @@ def compare_one_and_two_processes(tmp_path: Path, args: list[str], keys: tuple[s
 
 @pytest.mark.slow
 def test_torchrun_grpo_matches_one_process(tmp_path):
-    compare_one_and_two_processes(tmp_path, ["algo=grpo", "algo.group_size=2", *TINY],
-                                  ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"))
+    compare_one_and_two_processes(
+        tmp_path,
+        ["algo=grpo", "algo.group_size=2", *TINY],
+        ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"),
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_ppo_matches_one_process(tmp_path):
-    compare_one_and_two_processes(tmp_path, ["algo=ppo", "algo.group_size=2", *TINY],
-                                  ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor",
-                                   "grad_norm/critic", "returns/mean"))
+    compare_one_and_two_processes(
+        tmp_path,
+        ["algo=ppo", "algo.group_size=2", *TINY],
+        ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor", "grad_norm/critic", "returns/mean"),
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_fsdp_grpo_matches_one_process(tmp_path):
-    compare_one_and_two_processes(tmp_path, ["algo=grpo", "algo.group_size=2", *TINY],
-                                  ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"),
-                                  strategy="fsdp")
+    compare_one_and_two_processes(
+        tmp_path,
+        ["algo=grpo", "algo.group_size=2", *TINY],
+        ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"),
+        strategy="fsdp",
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_fsdp_ppo_matches_one_process(tmp_path):
-    compare_one_and_two_processes(tmp_path, ["algo=ppo", "algo.group_size=2", *TINY],
-                                  ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor",
-                                   "grad_norm/critic", "returns/mean"), strategy="fsdp")
+    compare_one_and_two_processes(
+        tmp_path,
+        ["algo=ppo", "algo.group_size=2", *TINY],
+        ("loss", "pg_loss", "value_loss", "kl", "grad_norm/actor", "grad_norm/critic", "returns/mean"),
+        strategy="fsdp",
+    )
 
 
 @pytest.mark.slow
@@ -287,10 +359,20 @@ def test_torchrun_fsdp_resume_is_exact_and_other_strategies_refuse_its_optimizer
         w1, w2 = (load_file(d / "checkpoints" / "final" / sub) for d in (full, resumed))
         assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), sub
     single = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args[:-1], f"trainer.resume={full / 'checkpoints' / 'step_1'}",
-         f"hydra.run.dir={tmp_path / 'single'}"],
-        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *args[:-1],
+            f"trainer.resume={full / 'checkpoints' / 'step_1'}",
+            f"hydra.run.dir={tmp_path / 'single'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert single.returncode == 2
     assert "written by trainer.strategy=fsdp" in single.stderr and "resume it with the strategy" in single.stderr
 
@@ -332,8 +414,14 @@ def test_strategy_errors_say_what_to_do(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="choose one of: ddp"):
         init_distributed("single", "cpu")
-    cfg = Config(model=ModelConfig(), data=DataConfig(), reward=RewardConfig(), trainer=TrainerConfig(),
-                 algo=GRPOConfig(prompts_per_step=4, minibatch_size=6), logger=LoggerConfig())
+    cfg = Config(
+        model=ModelConfig(),
+        data=DataConfig(),
+        reward=RewardConfig(),
+        trainer=TrainerConfig(),
+        algo=GRPOConfig(prompts_per_step=4, minibatch_size=6),
+        logger=LoggerConfig(),
+    )
     assert local_algo_config(cfg, 2).algo.minibatch_size == 3
     with pytest.raises(ConfigError, match=r"algo.minibatch_size=6 does not split over 4 ranks"):
         local_algo_config(cfg, 4)

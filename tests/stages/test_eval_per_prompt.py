@@ -26,13 +26,29 @@ class RecordingLogger:
 
 def test_eval_writes_per_prompt_results_for_paired_comparisons(tiny_model, tokenizer, tmp_path):
     options = {"A": "aspirin", "B": "heparin"}
-    rows = [{"id": str(i), "question": f"Q{i}? A or B", "answer": "A", "reference": "aspirin", "cot": "",
-             "options": options, "kind": "mcq",
-             "prompt": tokenizer.apply_chat_template([{"role": "user", "content": f"Q{i}? A or B"}], tokenize=False,
-                                                     add_generation_prompt=True)} for i in range(3)]
-    ctx = stage_context(tiny_model, tokenizer, EvalConfig(max_new_tokens=4, eval_samples=2, num_answers=0,
-                                                          fixed_questions=[], questions=[]),
-                        CombinedReward({"format": 1.0, "accuracy": 1.0}), train_rows=rows[:1], eval_rows=rows)
+    rows = [
+        {
+            "id": str(i),
+            "question": f"Q{i}? A or B",
+            "answer": "A",
+            "reference": "aspirin",
+            "cot": "",
+            "options": options,
+            "kind": "mcq",
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Q{i}? A or B"}], tokenize=False, add_generation_prompt=True
+            ),
+        }
+        for i in range(3)
+    ]
+    ctx = stage_context(
+        tiny_model,
+        tokenizer,
+        EvalConfig(max_new_tokens=4, eval_samples=2, num_answers=0, fixed_questions=[], questions=[]),
+        CombinedReward({"format": 1.0, "accuracy": 1.0}),
+        train_rows=rows[:1],
+        eval_rows=rows,
+    )
     ctx.run_dir, ctx.logger = tmp_path, RecordingLogger()
     metrics = run_eval(ctx)
     assert {"eval/pass@1", "eval/pass@2", "eval/maj@2", "eval/format_rate", "eval/accuracy"} <= set(metrics)

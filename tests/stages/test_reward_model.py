@@ -95,8 +95,9 @@ def test_pair_tensors_score_as_the_reward_scores_texts(tiny_model, tokenizer):
     with torch.no_grad():
         chosen, rejected = pair_scores(rm, {k: v[torch.tensor([2, 0])] for k, v in batch.items()})
         for row, i in enumerate((2, 0)):
-            expected = rm.score(**encode_texts(tokenizer, [pairs[i].prompt] * 2,
-                                               [pairs[i].chosen, pairs[i].rejected], rm.device))  # [2]
+            expected = rm.score(
+                **encode_texts(tokenizer, [pairs[i].prompt] * 2, [pairs[i].chosen, pairs[i].rejected], rm.device)
+            )  # [2]
             torch.testing.assert_close(torch.stack([chosen[row], rejected[row]]), expected, rtol=1e-5, atol=1e-5)
 
 

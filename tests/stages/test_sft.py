@@ -40,8 +40,12 @@ SYSTEM = "Think inside <think> </think> tags, then answer."
 
 def sample_row(tokenizer) -> dict:
     raw = json.loads((ROOT / "data" / "medical_o1_demo.jsonl").read_text().splitlines()[0])
-    return {"question": raw["Question"], "cot": raw["Complex_CoT"], "reference": raw["Response"],
-            "prompt": render_prompt(tokenizer, raw["Question"], SYSTEM)}
+    return {
+        "question": raw["Question"],
+        "cot": raw["Complex_CoT"],
+        "reference": raw["Response"],
+        "prompt": render_prompt(tokenizer, raw["Question"], SYSTEM),
+    }
 
 
 def test_render_target_and_prefilled_think():
@@ -79,12 +83,16 @@ def test_loss_matches_cross_entropy_with_ignored_prompt(tiny_model, tokenizer):
 
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    labels = torch.where(torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], 1).bool(),
-                         ids, torch.full_like(ids, -100))
+    labels = torch.where(
+        torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], 1).bool(),
+        ids,
+        torch.full_like(ids, -100),
+    )
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = tiny_model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                ignore_index=-100)
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -111,8 +119,9 @@ def test_micro_batches_make_the_same_step_as_the_full_batch(tiny_model, tokenize
     """Targets of unequal length: accumulating 1-row micro-batches must equal one 3-row batch (plain SGD,
     so that the step is the gradient itself)."""
     rows = [render_prompt(tokenizer, q, SYSTEM) for q in ("A?", "Bb bb?", "C c?")]
-    examples = [encode_example(tokenizer, p, f"<think>\n{'x ' * (3 + 4 * i)}\n</think>\nok", 512)
-                for i, p in enumerate(rows)]
+    examples = [
+        encode_example(tokenizer, p, f"<think>\n{'x ' * (3 + 4 * i)}\n</think>\nok", 512) for i, p in enumerate(rows)
+    ]
     batch = collate(examples, tokenizer.pad_token_id)
     updated = []
     for micro_batch_size in (3, 1):
@@ -128,8 +137,15 @@ def test_sft_overfits_a_handful_of_rows(tiny_model, tokenizer):
     torch.manual_seed(0)
     questions = ["What lowers fever?", "Which organ makes insulin?", "What does the heart pump?", "Name a bone."]
     answers = ["Paracetamol lowers fever.", "The pancreas.", "Blood.", "The femur."]
-    rows = [{"question": q, "cot": f"The question asks: {q.lower()} I recall the fact.", "reference": a,
-             "prompt": render_prompt(tokenizer, q, SYSTEM)} for q, a in zip(questions, answers)]
+    rows = [
+        {
+            "question": q,
+            "cot": f"The question asks: {q.lower()} I recall the fact.",
+            "reference": a,
+            "prompt": render_prompt(tokenizer, q, SYSTEM),
+        }
+        for q, a in zip(questions, answers)
+    ]
     examples = build_examples(rows, tokenizer, SFTConfig())
     batch = collate(examples, tokenizer.pad_token_id)
     target, _ = actor_target(tiny_model, TrainerConfig(lr=3e-3))
@@ -146,8 +162,15 @@ def test_sft_rows_from_the_data_loader(tokenizer):
     """data=medical_o1 rows carry what build_examples reads; no sample row is truncated at 512 tokens."""
     from data.loading import attach_prompts, load_examples
 
-    cfg = DataConfig(name="medical_o1", kind="sft", source="local", question_field="Question",
-                     answer_field="Response", eval_size=2, max_rows=8)
+    cfg = DataConfig(
+        name="medical_o1",
+        kind="sft",
+        source="local",
+        question_field="Question",
+        answer_field="Response",
+        eval_size=2,
+        max_rows=8,
+    )
     train, _, _ = load_examples(cfg, ROOT)
     train, _ = attach_prompts(train, tokenizer, cfg)
     examples = build_examples(train, tokenizer, SFTConfig(max_cot_tokens=64, max_response_tokens=64))
@@ -155,13 +178,27 @@ def test_sft_rows_from_the_data_loader(tokenizer):
     assert all(isinstance(e, SFTExample) and e.target_ids[-1] == tokenizer.eos_token_id for e in examples)
 
 
-def sft_trainer(tokenizer, policy, run_dir: Path, overrides: list[str], data: str = "medical_o1"
-                ) -> tuple[Trainer, RunLogger]:
+def sft_trainer(
+    tokenizer, policy, run_dir: Path, overrides: list[str], data: str = "medical_o1"
+) -> tuple[Trainer, RunLogger]:
     """What run.py builds for algo=sft on 8 rows of `data`, around `policy`."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=[
-            "algo=sft", f"data={data}", "model=tiny_llama", "data.source=local", "data.max_rows=8",
-            "data.eval_size=2", "logger.mode=disabled", "algo.batch_size=2", *overrides]))
+        cfg = validate(
+            compose(
+                config_name="config",
+                overrides=[
+                    "algo=sft",
+                    f"data={data}",
+                    "model=tiny_llama",
+                    "data.source=local",
+                    "data.max_rows=8",
+                    "data.eval_size=2",
+                    "logger.mode=disabled",
+                    "algo.batch_size=2",
+                    *overrides,
+                ],
+            )
+        )
     train_rows, eval_rows, _ = load_data(cfg, tokenizer)
     logger = RunLogger(cfg.logger, run_dir, {}, run_name="test", group="test")
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -194,8 +231,9 @@ def test_non_finite_sft_steps_are_skipped_then_stop_the_run(tmp_path, tiny_model
     with torch.no_grad():
         tiny_model.get_input_embeddings().weight[:] = float("nan")
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    trainer, logger = sft_trainer(tokenizer, tiny_model, tmp_path, ["trainer.max_steps=5",
-                                                                    "trainer.max_consecutive_skips=2"])
+    trainer, logger = sft_trainer(
+        tokenizer, tiny_model, tmp_path, ["trainer.max_steps=5", "trainer.max_consecutive_skips=2"]
+    )
     with pytest.raises(TrainingError, match="2 consecutive steps"):
         trainer.fit()
     logger.finish()

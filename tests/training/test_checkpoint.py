@@ -31,8 +31,14 @@ def trained(model) -> torch.optim.AdamW:
 
 
 def save(root, name, model, tokenizer, optimizer, step, generator=None):
-    return save_checkpoint(root / name, model, tokenizer, {"actor": optimizer}, {"step": step},
-                           generators={"sampling": generator} if generator else None)
+    return save_checkpoint(
+        root / name,
+        model,
+        tokenizer,
+        {"actor": optimizer},
+        {"step": step},
+        generators={"sampling": generator} if generator else None,
+    )
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, tokenizer):
@@ -126,8 +132,15 @@ def test_rng_states_round_trip(tmp_path, tiny_model, tokenizer):
     generator = torch.Generator().manual_seed(7)
     torch.randn(3, generator=generator)
     save(tmp_path, "ckpt", tiny_model, tokenizer, optimizer, 1, generator)
-    draws = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)),  # noqa: E731
-                     float(torch.rand(1, generator=generator)))
+
+    def draws():
+        return (
+            random.random(),
+            float(np.random.rand()),
+            float(torch.rand(1)),
+            float(torch.rand(1, generator=generator)),
+        )
+
     expected = draws()
     draws()
     load_checkpoint(tmp_path / "ckpt", tiny_model, {"actor": optimizer}, generators={"sampling": generator})

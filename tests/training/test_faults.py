@@ -57,15 +57,15 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ out of memory
 
 
-def test_an_oom_in_the_update_halves_the_micro_batch_and_matches_an_update_at_that_size(tmp_path, tokenizer,
-                                                                                           caplog):
+def test_an_oom_in_the_update_halves_the_micro_batch_and_matches_an_update_at_that_size(tmp_path, tokenizer, caplog):
     oom, oom_log = make_trainer(tokenizer, tmp_path / "oom", [*GRPO, "trainer.max_steps=2"])
     hook = OOMAt(oom.policy.model, update_calls={1})  # step 1's update, its first forward
     with caplog.at_level(logging.WARNING):
         oom.fit()
     oom_log.finish()
-    small, small_log = make_trainer(tokenizer, tmp_path / "small", [*GROUPS["grpo"], "algo.micro_batch_size=2",
-                                                                     "trainer.max_steps=2"])
+    small, small_log = make_trainer(
+        tokenizer, tmp_path / "small", [*GROUPS["grpo"], "algo.micro_batch_size=2", "trainer.max_steps=2"]
+    )
     small.fit()
     small_log.finish()
 
@@ -89,8 +89,12 @@ def test_retrying_a_minibatch_discards_its_partial_gradients_and_steps_once():
     optimiser steps once per minibatch."""
     torch.manual_seed(0)
     # the rollout layout minibatch_update slices (x 3-D: not a token column that trim_padding cuts)
-    batch = {"x": torch.randn(8, 3, 1), "y": torch.randn(8), "prompt_mask": torch.ones(8, 1),
-             "completion_mask": torch.ones(8, 1)}
+    batch = {
+        "x": torch.randn(8, 3, 1),
+        "y": torch.randn(8),
+        "prompt_mask": torch.ones(8, 1),
+        "completion_mask": torch.ones(8, 1),
+    }
 
     def run(micro_batch, fail_at=()):
         model = torch.nn.Linear(3, 1)
@@ -106,8 +110,9 @@ def test_retrying_a_minibatch_discards_its_partial_gradients_and_steps_once():
             loss = ((model(micro["x"].squeeze(-1)).squeeze(-1) - micro["y"]) ** 2).mean()
             return loss * share, {"loss": loss.detach()}
 
-        stats = minibatch_update(batch, loss_fn, [target], num_epochs=1, minibatch_size=4, micro_batch=micro_batch,
-                                 shuffle=False)
+        stats = minibatch_update(
+            batch, loss_fn, [target], num_epochs=1, minibatch_size=4, micro_batch=micro_batch, shuffle=False
+        )
         return model, stats, calls[0]
 
     micro = MicroBatch(2, max_retries=2)
@@ -141,8 +146,9 @@ def test_micro_batch_limits_and_resume():
 
 
 def test_oom_at_micro_batch_1_stops_with_one_line_naming_the_last_checkpoint(tmp_path, tokenizer):
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS["grpo"], "algo.micro_batch_size=2",
-                                                         "trainer.max_steps=4", "trainer.save_every=1"])
+    trainer, logger = make_trainer(
+        tokenizer, tmp_path, [*GROUPS["grpo"], "algo.micro_batch_size=2", "trainer.max_steps=4", "trainer.save_every=1"]
+    )
     OOMAt(trainer.policy.model, update_from=5)  # steps 1, 2: two micro-batches each; then every update forward
     with pytest.raises(TrainingError) as stop:
         trainer.fit()
@@ -161,8 +167,11 @@ def test_oom_at_micro_batch_1_stops_with_one_line_naming_the_last_checkpoint(tmp
 def test_an_oom_outside_the_update_stops_with_one_line(tmp_path, tokenizer):
     trainer, logger = make_trainer(tokenizer, tmp_path, [*GRPO, "trainer.max_steps=2"])
     OOMAt(trainer.policy.model, other_calls={1})  # the first sampling forward
-    with pytest.raises(TrainingError, match=r"out of memory in step 1 outside the update's micro-batches .*"
-                                            r"no checkpoint was written"):
+    with pytest.raises(
+        TrainingError,
+        match=r"out of memory in step 1 outside the update's micro-batches .*"
+        r"no checkpoint was written",
+    ):
         trainer.fit()
     logger.finish()
 
@@ -205,8 +214,9 @@ def full_disk_in_safetensors(monkeypatch, fail_on: int) -> None:
 
 
 @pytest.mark.parametrize("inject", [full_disk_in_torch_save, full_disk_in_safetensors])
-def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_stops_with_one_line(tmp_path, tokenizer,
-                                                                                    monkeypatch, inject):
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_stops_with_one_line(
+    tmp_path, tokenizer, monkeypatch, inject
+):
     trainer, logger = make_trainer(tokenizer, tmp_path, [*GRPO, "trainer.max_steps=3", "trainer.save_every=1"])
     inject(monkeypatch, fail_on=3 if inject is full_disk_in_torch_save else 2)  # in step 2's checkpoint
     with pytest.raises(TrainingError) as stop:
@@ -227,8 +237,9 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_stops_with_one_l
 
 
 def test_checkpoint_errors_warn_goes_on_training(tmp_path, tokenizer, monkeypatch, caplog):
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GRPO, "trainer.max_steps=3", "trainer.save_every=1",
-                                                         "trainer.checkpoint_errors=warn"])
+    trainer, logger = make_trainer(
+        tokenizer, tmp_path, [*GRPO, "trainer.max_steps=3", "trainer.save_every=1", "trainer.checkpoint_errors=warn"]
+    )
     full_disk_in_torch_save(monkeypatch, fail_on=3)  # step 2's checkpoint
     with caplog.at_level(logging.WARNING):
         trainer.fit()
@@ -288,8 +299,9 @@ def test_wandb_online_without_a_reachable_server_logs_offline(tmp_path, monkeypa
 def test_wandb_online_without_an_api_key_runs_offline(tmp_path, monkeypatch, caplog, capsys, fresh_wandb):
     no_wandb_server_env(monkeypatch, tmp_path, api_key=None)
     with caplog.at_level(logging.WARNING):
-        code, _ = run_cli(config([*GRPO, "trainer.max_steps=1", "trainer.save_final=false", "logger.mode=online"]),
-                          tmp_path)
+        code, _ = run_cli(
+            config([*GRPO, "trainer.max_steps=1", "trainer.save_final=false", "logger.mode=online"]), tmp_path
+        )
     out = capsys.readouterr()
     assert code == 0, out.err[-2000:]
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wandb:")]

@@ -24,5 +24,7 @@ def test_signals_set_a_flag_then_a_second_ctrl_c_aborts():
 def test_interrupted_message_and_exit_code(tmp_path):
     stop = TrainingInterrupted(signal.SIGTERM, 7, tmp_path / "step_7")
     assert stop.exit_code == 143
-    assert str(stop) == (f"stopped by SIGTERM after step 7; saved checkpoint {tmp_path / 'step_7'}; "
-                         f"continue with trainer.resume={tmp_path / 'step_7'}")
+    assert str(stop) == (
+        f"stopped by SIGTERM after step 7; saved checkpoint {tmp_path / 'step_7'}; "
+        f"continue with trainer.resume={tmp_path / 'step_7'}"
+    )

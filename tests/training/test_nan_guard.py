@@ -25,10 +25,20 @@ from training.loop import StageContext, Trainer
 from training.tracking import RunLogger
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model=tiny_llama", "algo.max_new_tokens=6", "algo.prompts_per_step=2", "data.eval_size=2",
-        "trainer.eval_batch_size=2", "logger.mode=disabled", "data.source=local", "trainer.log_samples=0"]
-GROUPS = {"grpo": ["algo=grpo", "algo.group_size=2", "algo.minibatch_size=4"],
-          "ppo": ["algo=ppo", "algo.group_size=2", "algo.minibatch_size=4"]}
+TINY = [
+    "model=tiny_llama",
+    "algo.max_new_tokens=6",
+    "algo.prompts_per_step=2",
+    "data.eval_size=2",
+    "trainer.eval_batch_size=2",
+    "logger.mode=disabled",
+    "data.source=local",
+    "trainer.log_samples=0",
+]
+GROUPS = {
+    "grpo": ["algo=grpo", "algo.group_size=2", "algo.minibatch_size=4"],
+    "ppo": ["algo=ppo", "algo.group_size=2", "algo.minibatch_size=4"],
+}
 
 
 def config(overrides: list[str]):
@@ -58,8 +68,16 @@ def make_trainer(tokenizer, run_dir: Path, overrides: list[str], wrap=lambda r: 
     train_rows, _eval_rows, _ = load_data(cfg, tokenizer)
     reward = wrap(build_reward(cfg.reward))
     logger = RunLogger(cfg.logger, run_dir, {}, run_name="test", group="test")
-    ctx = StageContext(cfg, run_dir, policy=policy, tokenizer=tokenizer, train_rows=train_rows, reward_fn=reward,
-                       logger=logger, generator=generator)  # no eval rows: evaluate() has nothing to do
+    ctx = StageContext(
+        cfg,
+        run_dir,
+        policy=policy,
+        tokenizer=tokenizer,
+        train_rows=train_rows,
+        reward_fn=reward,
+        logger=logger,
+        generator=generator,
+    )  # no eval rows: evaluate() has nothing to do
     built = get_stage(cfg.algo.name).build(ctx)
     return Trainer(cfg.trainer, built, logger, run_dir, policy, tokenizer, generator), logger
 
@@ -69,9 +87,12 @@ def logged(run_dir: Path) -> dict[int, dict]:
 
 
 def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path, tokenizer):
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS["grpo"], "trainer.max_steps=3",
-                                                         "trainer.save_every=1", "trainer.keep_last=0"],
-                                   wrap=lambda r: NaNRewardAt(r, {2}))
+    trainer, logger = make_trainer(
+        tokenizer,
+        tmp_path,
+        [*GROUPS["grpo"], "trainer.max_steps=3", "trainer.save_every=1", "trainer.keep_last=0"],
+        wrap=lambda r: NaNRewardAt(r, {2}),
+    )
     trainer.fit()
     logger.finish()
     metrics = logged(tmp_path)
@@ -82,15 +103,19 @@ def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path, tokenizer):
     weights = [load_file(steps / f"step_{s}" / "model.safetensors") for s in (1, 2, 3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
     assert all(torch.isfinite(w).all() for w in weights[2].values())
-    adam_steps = [float(torch.load(steps / f"step_{s}" / "optimizer.pt")["actor"]["state"][0]["step"])
-                  for s in (1, 2, 3)]
+    adam_steps = [
+        float(torch.load(steps / f"step_{s}" / "optimizer.pt")["actor"]["state"][0]["step"]) for s in (1, 2, 3)
+    ]
     assert adam_steps == [1, 1, 2]  # step 3 updated again
 
 
 def test_consecutive_nan_steps_stop_the_run_with_the_checkpoint_intact(tmp_path, tokenizer):
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS["ppo"], "trainer.max_steps=6",
-                                                         "trainer.save_every=1", "trainer.max_consecutive_skips=2"],
-                                   wrap=lambda r: NaNRewardAt(r, {3, 4, 5, 6}))
+    trainer, logger = make_trainer(
+        tokenizer,
+        tmp_path,
+        [*GROUPS["ppo"], "trainer.max_steps=6", "trainer.save_every=1", "trainer.max_consecutive_skips=2"],
+        wrap=lambda r: NaNRewardAt(r, {3, 4, 5, 6}),
+    )
     with pytest.raises(TrainingError, match=r"2 consecutive steps \(up to step 4\).*last checkpoint is .*step_3"):
         trainer.fit()
     logger.finish()
@@ -106,9 +131,21 @@ def test_divergence_is_one_line_through_run_py(tmp_path, capsys):
     # a learning rate that sends the weights to 1e30 makes every later loss non-finite: a real divergence
     # (the entropy bonus has a gradient even while every reward, hence every advantage, is 0)
     # (PPO's actor and critic learning rates follow trainer.lr when null)
-    code, _ = run_cli(config([*GROUPS["ppo"], "trainer.lr=1e30", "algo.actor_lr=null", "algo.critic_lr=null",
-                              "algo.ent_coef=1.0", "trainer.max_steps=10", "trainer.max_consecutive_skips=2",
-                              "trainer.save_every=1"]), tmp_path)
+    code, _ = run_cli(
+        config(
+            [
+                *GROUPS["ppo"],
+                "trainer.lr=1e30",
+                "algo.actor_lr=null",
+                "algo.critic_lr=null",
+                "algo.ent_coef=1.0",
+                "trainer.max_steps=10",
+                "trainer.max_consecutive_skips=2",
+                "trainer.save_every=1",
+            ]
+        ),
+        tmp_path,
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("error:")]
@@ -129,8 +166,12 @@ def eos_first(model, tokenizer):
 def test_degenerate_batches_give_no_nan(tmp_path, tokenizer, tiny_model, algo, completions):
     policy = eos_first(tiny_model, tokenizer) if completions == "empty" else tiny_model
     # reward=keyword on a word the tiny model never writes: every group's rewards are identical
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS[algo], "trainer.max_steps=2", "reward=keyword",
-                                                         "reward.options.keyword.keyword=zyzzyva"], policy=policy)
+    trainer, logger = make_trainer(
+        tokenizer,
+        tmp_path,
+        [*GROUPS[algo], "trainer.max_steps=2", "reward=keyword", "reward.options.keyword.keyword=zyzzyva"],
+        policy=policy,
+    )
     rollouts = []
     sample = trainer.algo.sample  # records each step's rollout
     trainer.algo.sample = lambda *args: (out := sample(*args), rollouts.append(out[0]))[0]
@@ -159,8 +200,12 @@ def flaky(prompts, completions, id, **_):
 def test_a_raising_or_nan_reward_scores_zero_and_is_counted_in_training(tmp_path, tokenizer):
     from rewards import CombinedReward
 
-    trainer, logger = make_trainer(tokenizer, tmp_path, [*GROUPS["grpo"], "trainer.max_steps=3"],
-                                   wrap=lambda _: CombinedReward({"flaky": 1.0}, extra={"flaky": flaky}))
+    trainer, logger = make_trainer(
+        tokenizer,
+        tmp_path,
+        [*GROUPS["grpo"], "trainer.max_steps=3"],
+        wrap=lambda _: CombinedReward({"flaky": 1.0}, extra={"flaky": flaky}),
+    )
     replay = PromptSampler(trainer.sampler.rows, 2, seed=0)  # the prompts each step drew, G=2 samples each
     expected = [2 * sum(int(r["id"]) % 2 == 1 or int(r["id"]) % 4 == 0 for r in replay.next_batch()) for _ in range(3)]
     trainer.fit()

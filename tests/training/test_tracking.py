@@ -13,9 +13,19 @@ from run import run_cli
 from tests.wandb_records import history, of_type, offline_run
 
 ROOT = Path(__file__).resolve().parents[2]
-GRPO = ["algo=grpo", "model=tiny_llama", "algo.max_new_tokens=4", "algo.prompts_per_step=1", "algo.group_size=2",
-        "data.eval_size=1", "trainer.eval_batch_size=1", "trainer.threads=1", "logger.mode=offline",
-        "trainer.log_samples=2", "experiment_name=tracking_test"]
+GRPO = [
+    "algo=grpo",
+    "model=tiny_llama",
+    "algo.max_new_tokens=4",
+    "algo.prompts_per_step=1",
+    "algo.group_size=2",
+    "data.eval_size=1",
+    "trainer.eval_batch_size=1",
+    "trainer.threads=1",
+    "logger.mode=offline",
+    "trainer.log_samples=2",
+    "experiment_name=tracking_test",
+]
 
 
 def config(overrides: list[str]):
@@ -50,8 +60,16 @@ def test_samples_table_axes_and_resume_into_the_same_wandb_run(tmp_path, fresh_w
     # the samples table of the last step: one column per reward part, the advantage, the length
     assert step_1["samples/_type"] == "table-file"
     table = json.loads((first_dir / "files" / step_1["samples/path"]).read_text())
-    for column in ("step", "prompt", "completion", "reward/total", "reward/format", "reward/similarity",
-                   "advantage", "length"):
+    for column in (
+        "step",
+        "prompt",
+        "completion",
+        "reward/total",
+        "reward/format",
+        "reward/similarity",
+        "advantage",
+        "length",
+    ):
         assert column in table["columns"], column
     assert len(table["data"]) == 2 and all(isinstance(row[-1], int) for row in table["data"])
 
