@@ -12,6 +12,7 @@ from algorithms.advantages import masked_mean
 from algorithms.rollout import Rollout, generate_rollout
 from models.logprobs import completion_logprobs
 from rewards.combine import RewardOutput
+from rewards.reasoning import reasoning_stats
 from training.timers import PhaseTimer
 
 
@@ -117,8 +118,11 @@ def rollout_metrics(
         "completion/length_max": float(lengths.max()),
         "completion/length_min": float(lengths.min()),
         "completion/truncated_frac": float(rollout.truncated.float().mean()),
+        "completion/eos_frac": 1.0 - float(rollout.truncated.float().mean()),  # stopped by EOS, not the budget
         "tokens/generated": float(lengths.sum()),
     }
+    # median words in the think block, share re-checking itself ("wait", "let me check"): R1's "aha" signs
+    metrics.update({f"completion/{k}": v for k, v in reasoning_stats(rollout.prompts, rollout.completions).items()})
     for name, values in parts.items():
         metrics[f"reward/{name}_mean"] = float(values.mean())
         metrics[f"reward/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0

@@ -13,9 +13,11 @@ from algorithms.rollout import Rollout, generate_rollout
 from rewards.accuracy import extract_choice, gold_choice
 from rewards.combine import RewardOutput
 from rewards.format import is_think_format, with_prefill
+from rewards.reasoning import reasoning_stats
 from rewards.text import extract_answer
 
 PASS_PART = "accuracy"  # the reward part that decides whether a sample passes (pass@k)
+STRICT_PART = "format_strict"  # the reasoned R1 format (rewards.format): its rate and pass@k when a component
 
 
 def combine_batches(key: str, batches: list[tuple[int, dict[str, float]]], total: int) -> float:
@@ -66,6 +68,7 @@ def prompt_results(batches: list[tuple[Rollout, RewardOutput]], k: int, pass_thr
     records = []
     for rollout, scored in batches:
         passed = scored.parts[PASS_PART] >= pass_threshold if PASS_PART in scored.parts else None  # [N]
+        strict = scored.parts[STRICT_PART] >= 1.0 if STRICT_PART in scored.parts else None  # [N]
         for start in range(0, len(rollout.completions), k):
             group = slice(start, start + k)
             row, prompts, completions = rollout.rows[start], rollout.prompts[group], rollout.completions[group]
@@ -80,6 +83,9 @@ def prompt_results(batches: list[tuple[Rollout, RewardOutput]], k: int, pass_thr
             if passed is not None:
                 c = int(passed[group].sum())
                 record.update({"passed": c, "pass@1": c / k, f"pass@{k}": pass_at_k(k, c, k)})
+            if strict is not None:  # the reasoned format (rewards.format_strict): share, and any of the k
+                c = int(strict[group].sum())
+                record.update({"format_strict_rate": c / k, f"format_strict_pass@{k}": pass_at_k(k, c, k)})
             if row.get("kind") == "mcq":
                 majority = majority_choice(completions, row.get("options"))
                 record.update(
@@ -95,7 +101,8 @@ def prompt_results(batches: list[tuple[Rollout, RewardOutput]], k: int, pass_thr
 
 def pass_metrics(records: list[dict], k: int) -> dict[str, float]:
     """Means over prompts of `prompt_results`: format_rate; pass@1 (and pass@k, k > 1) when the rewards
-    have an accuracy part; maj@k over the multiple-choice prompts (k > 1)."""
+    have an accuracy part; format_strict_rate (and format_strict_pass@k, k > 1) when they have a format_strict
+    part; maj@k over the multiple-choice prompts (k > 1)."""
     if not records:
         return {}
     out = {"format_rate": sum(r["format_rate"] for r in records) / len(records)}
@@ -104,6 +111,12 @@ def pass_metrics(records: list[dict], k: int) -> dict[str, float]:
         out["pass@1"] = sum(r["pass@1"] for r in scored) / len(scored)
         if k > 1:
             out[f"pass@{k}"] = sum(r[f"pass@{k}"] for r in scored) / len(scored)
+    strict = [r for r in records if "format_strict_rate" in r]
+    if strict:
+        out["format_strict_rate"] = sum(r["format_strict_rate"] for r in strict) / len(strict)
+        if k > 1:
+            key = f"format_strict_pass@{k}"
+            out[key] = sum(r[key] for r in strict) / len(strict)
     mcq = [r for r in records if "majority" in r]
     if mcq and k > 1:
         out[f"maj@{k}"] = sum(r["majority_correct"] for r in mcq) / len(mcq)
@@ -140,4 +153,8 @@ def evaluate_policy(
         return {}, []
     metrics = {key: combine_batches(key, batches, len(rows)) for key in batches[0][1] if not key.endswith("_std")}
     metrics.update(pass_metrics(prompt_results(scored_batches, k, pass_threshold), k))
+    # a median is not a mean of batch medians: over every sample at once
+    prompts = [p for rollout, _ in scored_batches for p in rollout.prompts]
+    completions = [c for rollout, _ in scored_batches for c in rollout.completions]
+    metrics.update({f"completion/{k}": v for k, v in reasoning_stats(prompts, completions).items()})
     return metrics, scored_batches

@@ -148,16 +148,17 @@ class PolicyGradient:
     def load_state_dict(self, state: dict) -> None:
         self.micro_batch.load_state_dict(state.get("micro_batch"))  # absent from older checkpoints
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> StepOutput:
         """algo.eval_samples samples per held-out prompt with a fixed seed, so evals at different steps are
-        comparable: the reward parts, format rate, pass@1 (and pass@k, maj@k with k > 1)."""
+        comparable: the reward parts, format rates, pass@1 (and pass@k, maj@k with k > 1), and every sample
+        (with its row's id and reward parts) for eval_samples.jsonl."""
         sampling = {
             "max_new_tokens": self.cfg.max_new_tokens,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
             "rollout": self.cfg.rollout,
         }
-        metrics, _ = evaluate_policy(
+        metrics, batches = evaluate_policy(
             self.policy,
             self.tokenizer,
             self.eval_rows,
@@ -168,7 +169,18 @@ class PolicyGradient:
             self.cfg.eval_samples,
             self.cfg.pass_threshold,
         )
-        return {f"eval/{key}": value for key, value in metrics.items()}
+        samples = []
+        for rollout, scored in batches:
+            parts = {"total": scored.total, **scored.parts}
+            records = sample_records(
+                rollout.prompts,
+                rollout.completions,
+                parts,
+                len(rollout.completions),
+                lengths=rollout.completion_lengths,
+            )
+            samples += [{"id": row.get("id"), **record} for row, record in zip(rollout.rows, records)]
+        return StepOutput({f"eval/{key}": value for key, value in metrics.items()}, samples)
 
     # ---- the shared pieces of a step ---------------------------------------------------------------
     def sample_and_score(self, batch: Batch, timer: PhaseTimer) -> tuple[Rollout, RewardOutput]:

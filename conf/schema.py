@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf.checks import ConfigError, check_choice, check_range
+from conf.options import option
 from conf.registry import UnknownStage, get_stage, stage_names
 
 
@@ -93,6 +94,11 @@ class DataConfig:
     cot_field: str | None = "Complex_CoT"
     options_field: str | None = None
     system_prompt: str = ""
+    prefill: str = option(
+        "",
+        "text appended after the chat template's generation prompt, where the model starts writing (e.g. "
+        "'<think>\\n' opens the think block for it); not repeated when the template already ends with it",
+    )
     max_prompt_tokens: int = 384  # longer prompts are skipped and counted
     max_rows: int | None = None  # cap on rows read (after the split), for quick runs
     eval_size: int = 16  # held-out rows, chosen by a seeded permutation

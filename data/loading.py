@@ -247,8 +247,21 @@ def load_examples(cfg: DataConfig, root: Path) -> tuple[list[dict], list[dict], 
     return train_rows, eval_rows, dict(skipped)
 
 
-def render_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
-    """The prompt text the model continues, from its own chat template (no system turn if empty)."""
+def render_prompt(tokenizer: Any, question: str, system_prompt: str, prefill: str = "") -> str:
+    """The prompt text the model continues, from its own chat template (no system turn if empty), then
+    `prefill` (data.prefill) unless the template's generation prompt already ends with it."""
+    return with_prefill_text(_chat_prompt(tokenizer, question, system_prompt), prefill)
+
+
+def with_prefill_text(prompt: str, prefill: str) -> str:
+    """`prompt` + `prefill`; once only: R1-Distill's template already ends its generation prompt with
+    `<think>\\n`, so data.prefill="<think>\\n" leaves it as it is (whitespace aside)."""
+    if not prefill or prompt.rstrip().endswith(prefill.strip()):
+        return prompt
+    return prompt + prefill
+
+
+def _chat_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
     messages = [{"role": "user", "content": question}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -273,7 +286,7 @@ def attach_prompts(rows: list[dict], tokenizer: Any, cfg: DataConfig) -> tuple[l
     """
     if not rows:
         return [], {}
-    prompts = [render_prompt(tokenizer, r["question"], cfg.system_prompt) for r in rows]
+    prompts = [render_prompt(tokenizer, r["question"], cfg.system_prompt, cfg.prefill) for r in rows]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     kept = [{**r, "prompt": p} for r, p, n in zip(rows, prompts, lengths) if n <= cfg.max_prompt_tokens]
     skipped = {"prompt_too_long": len(rows) - len(kept)} if len(kept) < len(rows) else {}

@@ -274,7 +274,7 @@ class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_samples(self, step: int, records: list[dict]) -> None:
+    def log_samples(self, step: int, records: list[dict], held_out: bool = False) -> None:
         pass
 
     def log_samples_table(self, step: int, records: list[dict], key: str = "samples") -> None:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
+from conf.checks import check_range
+from rewards.reasoning import dominant_script, is_reasoned_format, split_think, with_prefill
 from rewards.registry import register
 from rewards.text import THINK_CLOSE, THINK_OPEN
 
-
-def with_prefill(prompt: str, completion: str) -> str:
-    """The completion as the model wrote it, including a `<think>` that the chat template prefilled.
-
-    Some templates (DeepSeek-R1-Distill's) end the prompt with `<think>\\n`, so the model starts
-    inside the think block; it must not be penalised for not opening one. A completion that opens
-    it anyway is taken as is.
-    """
-    if prompt.rstrip().endswith(THINK_OPEN) and not completion.lstrip().startswith(THINK_OPEN):
-        return THINK_OPEN + completion
-    return completion
+__all__ = ["format_reward", "format_soft_reward", "format_strict_reward", "is_think_format", "with_prefill"]
 
 
 def is_think_format(text: str) -> bool:
@@ -23,15 +15,10 @@ def is_think_format(text: str) -> bool:
 
     Leading/trailing whitespace is ignored; nothing may precede `<think>`. Empty reasoning is
     rejected because `<think></think>answer` is the cheapest way to collect this reward without
-    reasoning at all.
+    reasoning at all (`format_strict` closes the cheaper ways still open here).
     """
-    text = text.strip()
-    if not text.startswith(THINK_OPEN):
-        return False
-    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
-        return False
-    reasoning, _, answer = text[len(THINK_OPEN) :].partition(THINK_CLOSE)
-    return bool(reasoning.strip()) and bool(answer.strip())
+    parts = split_think(text)
+    return parts is not None and bool(parts[0].strip()) and bool(parts[1].strip())
 
 
 @register("format")
@@ -63,3 +50,31 @@ def format_soft_reward(prompts: list[str], completions: list[str], **_) -> list[
         credit = (opened >= 0) + (closed >= 0) + (0 <= opened < closed) + bool(answer.strip())
         scores.append(0.25 * credit)
     return scores
+
+
+@register("format_strict")
+def format_strict_reward(
+    prompts: list[str],
+    completions: list[str],
+    question: list[str] | None = None,
+    min_words: int = 15,
+    min_script_share: float = 0.9,
+    min_distinct: float = 0.3,
+    **_,
+) -> list[float]:
+    """The R1 format that cannot be had without reasoning: 1.0 when `rewards.reasoning.is_reasoned_format`
+    holds for the completion (prefill applied), else 0.0.
+
+    The plain `format` reward is satisfied by tag debris: a policy trained on it learned to open with
+    `" </think</think>"` and babble, a "reasoning" of 0-1 words. This one asks for one block of at least
+    `min_words` words, no tag fragments in it or in the answer, `min_distinct` of the words distinct, and
+    `min_script_share` of them in the script of the question (of the prompt when the rows have none).
+    """
+    check_range("reward.options.format_strict.min_words", min_words, 1)
+    check_range("reward.options.format_strict.min_script_share", min_script_share, 0.0, 1.0)
+    check_range("reward.options.format_strict.min_distinct", min_distinct, 0.0, 1.0)
+    sources = question if question else prompts
+    return [
+        float(is_reasoned_format(with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct))
+        for p, c, q in zip(prompts, completions, sources, strict=True)
+    ]

@@ -2,43 +2,9 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
-from functools import lru_cache
-
 from conf.schema import check_choice, check_range
+from rewards.reasoning import SCRIPTS, dominant_script, reasoning_text, script_fraction, with_prefill
 from rewards.registry import register
-
-# Script -> prefixes of the Unicode character names of its letters.
-SCRIPTS: dict[str, tuple[str, ...]] = {
-    "latin": ("LATIN",),
-    "cyrillic": ("CYRILLIC",),
-    "greek": ("GREEK",),
-    "arabic": ("ARABIC",),
-    "hebrew": ("HEBREW",),
-    "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL"),
-}
-
-_WORD = re.compile(r"[^\W\d_]+")  # runs of letters: digits, underscores and punctuation split words
-_TAG = re.compile(r"</?think>")
-
-
-@lru_cache(maxsize=65536)
-def _char_in_script(ch: str, script: str) -> bool:
-    return unicodedata.name(ch, "").startswith(SCRIPTS[script])
-
-
-def script_fraction(text: str, script: str = "latin") -> float:
-    """Fraction in [0, 1] of the letter-run words of `text` written only in `script`; 0 if none.
-
-    The `<think>` tags are removed first: they are markup, not language, and would otherwise give
-    every formatted completion free Latin words.
-    """
-    words = _WORD.findall(_TAG.sub(" ", text))
-    if not words:
-        return 0.0
-    hits = sum(all(_char_in_script(ch, script) for ch in word) for word in words)
-    return hits / len(words)
 
 
 @register("language")
@@ -49,10 +15,28 @@ def language(prompts: list[str], completions: list[str], script: str = "latin", 
     in the chain of thought as a reward. Here a word is a run of letters and it counts as target
     language when every letter belongs to `script` (latin covers ASCII and accented letters);
     scripts: latin | cyrillic | greek | arabic | hebrew | cjk (unsegmented CJK counts runs, not
-    words). An empty completion scores 0.
+    words). An empty completion scores 0. `language_consistency` judges the reasoning alone, in the
+    question's own script.
     """
     check_choice("reward.options.language.script", script, tuple(SCRIPTS))
     return [script_fraction(c, script) for c in completions]
+
+
+@register("language_consistency")
+def language_consistency(
+    prompts: list[str], completions: list[str], question: list[str] | None = None, **_
+) -> list[float]:
+    """R1's language-consistency reward as the R1 report defines it (DeepSeek-AI 2025, sec. 2.3.2): the
+    proportion of the chain of thought's words in the target language, in [0, 1], where the target is the
+    script most of the question's words are written in (`rewards.reasoning.dominant_script`; the prompt's
+    when the rows carry no question). The chain of thought is the think block (prefill applied; to the end
+    when it never closes); a completion without one scores 0, so this never pays for skipping the block.
+    """
+    sources = question if question else prompts
+    return [
+        script_fraction(reasoning_text(with_prefill(p, c)), dominant_script(q))
+        for p, c, q in zip(prompts, completions, sources, strict=True)
+    ]
 
 
 def approx_tokens(text: str) -> float:

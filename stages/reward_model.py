@@ -231,11 +231,11 @@ class RewardModelTraining:
         metrics.update(timer.metrics())
         return StepOutput(metrics)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> StepOutput:
         if not self.eval_pairs:
-            return {}
+            return StepOutput({})
         metrics = evaluate_pairs(self.rm, self.tokenizer, self.eval_pairs, self.eval_batch_size)
-        return {f"eval/rm/{key}": value for key, value in metrics.items()}
+        return StepOutput({f"eval/rm/{key}": value for key, value in metrics.items()})
 
     def checkpoint_models(self) -> dict[str, torch.nn.Module]:
         return {"reward_model": self.rm}  # the loop saves the policy itself; the trained model goes beside it

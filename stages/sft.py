@@ -216,10 +216,12 @@ class SFT:
         metrics.update(timer.metrics())
         return StepOutput(metrics)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> StepOutput:
         if not self.held_out:
-            return {}
-        return {"eval/sft/loss": evaluate_nll(self.policy, self.held_out, self.pad_id, self.eval_batch_size)}
+            return StepOutput({})
+        return StepOutput(
+            {"eval/sft/loss": evaluate_nll(self.policy, self.held_out, self.pad_id, self.eval_batch_size)}
+        )
 
     def checkpoint_models(self) -> dict[str, torch.nn.Module]:
         return {}  # the policy is saved by the loop

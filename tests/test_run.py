@@ -85,6 +85,9 @@ def check_summary(run_dir: Path, steps: int, rewards: list[str]) -> str:
         "- tokens generated:",
         *(f"| {key} |" for key in rewards),
         "| held-out eval | before | after |",
+        "## Held-out samples",
+        "- before (step 0;",
+        f"- after (step {steps};",
         f"Curves: `{run_dir / 'curves.png'}`",
         f"`wandb sync {run_dir / 'wandb'}/offline-run-",
     ):
@@ -100,6 +103,31 @@ def test_grpo_single_run(tmp_path):
     proc = run_py(["algo=grpo", *TINY, f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_run_dir(out, steps=2)
+
+
+@pytest.mark.slow
+def test_r1_zero_preset_on_the_tiny_model(tmp_path):
+    """experiment=r1_zero: the prefilled prompt, the rule-based rewards only, and the held-out reasoning metrics."""
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if not a.startswith("algo.group_size")] + ["trainer.eval_every=1", "algo.eval_samples=2"]
+    proc = run_py(["experiment=r1_zero", *tiny, "trainer.save_final=true", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = check_run_dir(out, steps=2)
+    last = metrics[-1]
+    for key in (
+        "format_strict_rate",
+        "format_strict_pass@2",
+        "completion/think_words_median",
+        "completion/eos_frac",
+        "completion/recheck_frac",
+        "reward/language_consistency_mean",
+        "reward/format_strict_mean",
+    ):
+        assert f"eval/{key}" in last, key
+    assert "reward/similarity_mean" not in last and "reward/format_soft_mean" not in last  # rule-based only
+    evals = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert sorted({e["step"] for e in evals}) == [0, 1, 2] and len(evals) == 3 * 2 * 2  # 2 questions x k = 2
+    assert all(e["prompt"].endswith("<think>\n") for e in evals)  # data.prefill
 
 
 @pytest.mark.slow

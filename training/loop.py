@@ -50,7 +50,8 @@ class Algorithm(Protocol):
     # raises, and the loop stops the run with one line naming the last checkpoint
     def step(self, batch: Batch) -> StepOutput: ...
 
-    def evaluate(self) -> dict[str, float]: ...  # held-out metrics, keys under eval/; {} = nothing to evaluate
+    # held-out metrics (keys under eval/; {} = nothing to evaluate) and sample records for eval_samples.jsonl
+    def evaluate(self) -> StepOutput: ...
 
     def checkpoint_models(self) -> dict[str, torch.nn.Module]: ...  # trained models besides the policy
 
@@ -271,8 +272,9 @@ class Trainer:
         if (cfg.eval_before or cfg.eval_every) and self.start_step == 1:
             with self.out_of_memory_stops(0):
                 before = self.algo.evaluate()
-            if before:  # {}: no held-out rows
-                self.logger.log(before, step=0)
+            if before.metrics:  # {}: no held-out rows
+                self.logger.log(before.metrics, step=0)
+                self.logger.log_samples(0, before.samples, held_out=True)
         bar = tqdm(
             range(self.start_step, cfg.max_steps + 1),
             desc="train",
@@ -298,11 +300,15 @@ class Trainer:
                     metrics["memory/peak_cuda_mb"] = cuda_mb
                 stopping = stop.signum is not None
                 evaluate = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0 and not stopping)
+                held_out: list[dict] = []
                 if evaluate:
                     with self.out_of_memory_stops(step):
-                        metrics.update(self.algo.evaluate())
+                        evaluated = self.algo.evaluate()
+                    metrics.update(evaluated.metrics)
+                    held_out = evaluated.samples
                 self.logger.log(metrics, step)
                 self.logger.log_samples(step, out.samples[: cfg.log_samples])
+                self.logger.log_samples(step, held_out, held_out=True)
                 if cfg.log_samples_every and (step % cfg.log_samples_every == 0 or step == cfg.max_steps):
                     self.logger.log_samples_table(step, out.samples[: cfg.log_samples])
                 bar.set_postfix(

@@ -22,11 +22,19 @@ from training.plots import (
     read_metrics_file,
     step_rows,
 )
+from training.tracking import EVAL_SAMPLES_FILE
 
 SUMMARY_FILE = "summary.md"
 SUMMARY_JSON = "summary.json"
 # held-out metrics shown before -> after besides every reward component's mean
-EVAL_KEYS = ("eval/format_rate", "eval/accuracy", "eval/completion/length_mean")
+EVAL_KEYS = (
+    "eval/format_rate",
+    "eval/format_strict_rate",
+    "eval/accuracy",
+    "eval/completion/length_mean",
+    "eval/completion/think_words_median",
+    "eval/completion/eos_frac",
+)
 # files a stage writes that a reader opens next, named in the summary when they exist
 OUTPUT_FILES = ("answers.md", "eval.json", "samples.jsonl", "sft_rows.jsonl", "reward_model", "checkpoints/final")
 
@@ -41,6 +49,7 @@ def held_out_keys(record: dict) -> list[str]:
         and (
             (k.startswith("eval/reward/") and k.endswith("_mean"))
             or k in EVAL_KEYS
+            or k.startswith(("eval/pass@", "eval/format_strict_pass@"))
             or (k.count("/") >= 2 and k.endswith(STAGE_CURVE_SUFFIXES))
         )
     ]  # a supervised stage's held-out loss, accuracy
@@ -54,6 +63,38 @@ def eval_before_after(rows: list[dict]) -> tuple[dict[str, float], dict[str, flo
     before = next((r for r in evals if r.get("step", 0) == 0), {})
     after = next((r for r in reversed(evals) if r.get("step", 0) >= 1), {})
     return ({k: before[k] for k in held_out_keys(before)}, {k: after[k] for k in held_out_keys(after)})
+
+
+SHOWN_SAMPLES = 3  # held-out questions whose samples the summary shows before and after training
+SHOWN_CHARS = 600  # of each completion
+
+
+def held_out_samples(run_dir: Path, shown: int = SHOWN_SAMPLES) -> dict[str, list[dict]]:
+    """The first sample of the first `shown` held-out questions at the first eval and at the last one
+    (eval_samples.jsonl): {"before": [...], "after": [...]}, the same questions in the same order; {} when
+    the run evaluated no samples, or only once (then "before" alone)."""
+    path = Path(run_dir) / EVAL_SAMPLES_FILE
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return {}
+    first_step, last_step = records[0]["step"], records[-1]["step"]
+
+    def firsts(step: int) -> dict[Any, dict]:
+        out: dict[Any, dict] = {}
+        for r in records:
+            if r["step"] == step:
+                out.setdefault(r.get("id"), r)
+        return out
+
+    before = firsts(first_step)
+    ids = list(before)[:shown]
+    out = {"before": [before[i] for i in ids]}
+    if last_step != first_step:
+        after = firsts(last_step)
+        out["after"] = [after[i] for i in ids if i in after]
+    return out
 
 
 def last_value(rows: list[dict], key: str) -> float | None:
@@ -101,6 +142,7 @@ def summarize_run(
         "peak_cuda_mb": peak_cuda,
         "tokens_generated": tokens_generated(rows, steps),
         "curves_png": str(curves_png) if curves_png else None,
+        "held_out_samples": held_out_samples(run_dir),
         "outputs": [str(run_dir / name) for name in OUTPUT_FILES if (run_dir / name).exists()],
         "wandb_sync": f"wandb sync {wandb_offline_dir}" if wandb_offline_dir else None,
     }
@@ -145,6 +187,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines += ["", "| held-out eval | value |", "|---|---:|"]
             lines += [f"| {k.removeprefix('eval/')} | {_num(v)} |" for k, v in (before or after).items()]
     lines.append("")
+    lines += _samples_markdown(s.get("held_out_samples") or {})
     if s["curves_png"]:
         lines += [f"Curves: `{s['curves_png']}`", ""]
     if s["outputs"]:
@@ -152,6 +195,38 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if s["wandb_sync"]:
         lines += [f"wandb (offline): `{s['wandb_sync']}`", ""]
     return "\n".join(lines)
+
+
+def _samples_markdown(samples: dict[str, list[dict]]) -> list[str]:
+    """Held-out samples at the first and the last eval, question by question."""
+    if not samples:
+        return []
+    lines = ["## Held-out samples", ""]
+    after = {r.get("id"): r for r in samples.get("after", [])}
+    for record in samples["before"]:
+        lines += [f"**{record.get('id')}** `{_tail(record['prompt'], 160)}`", ""]
+        for label, r in (("before", record), ("after", after.get(record.get("id")))):
+            if r is None:
+                continue
+            rewards = ", ".join(f"{k} {v:.2f}" for k, v in r.get("rewards", {}).items())
+            lines += [
+                f"- {label} (step {r['step']}; {rewards}):",
+                "",
+                "  ```",
+                *("  " + line for line in _head(r["completion"], SHOWN_CHARS).splitlines()),
+                "  ```",
+                "",
+            ]
+    return lines
+
+
+def _head(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + " [...]"
+
+
+def _tail(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else "[...] " + text[-n:]
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> str:

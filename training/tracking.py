@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from conf.schema import LoggerConfig
 
 log = logging.getLogger(__name__)
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 
 
 class RunLogger:
@@ -46,6 +47,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = _open_append(self.run_dir / "metrics.jsonl")
         self.samples_file = _open_append(self.run_dir / "samples.jsonl")
+        self.eval_samples_file = _open_append(self.run_dir / EVAL_SAMPLES_FILE)  # held-out samples of every eval
         self.wandb_run = None
         self.run_id: str | None = None  # the wandb run's id (saved in checkpoints); None without wandb
         self.offline_dir: str | None = None  # an offline run's directory, for `wandb sync`
@@ -109,9 +111,11 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=step)
 
-    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+    def log_samples(self, step: int, records: list[dict[str, Any]], held_out: bool = False) -> None:
+        """Sample records to samples.jsonl, or with `held_out` (an eval's samples) to eval_samples.jsonl."""
+        file = self.eval_samples_file if held_out else self.samples_file
         for record in records:
-            self.samples_file.write(json.dumps({"step": step, **record}) + "\n")
+            file.write(json.dumps({"step": step, **record}) + "\n")
 
     def log_samples_table(self, step: int, records: list[dict[str, Any]], key: str = "samples") -> None:
         """Sample records (sample_records) as a wandb table under `key` at `step`."""
@@ -127,9 +131,9 @@ class RunLogger:
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` from metrics.jsonl and samples.jsonl: a run resumed from
-        the checkpoint of `step` redoes them, and each step should appear once."""
-        for name in ("metrics_file", "samples_file"):
+        """Drop records of steps after `step` from metrics.jsonl, samples.jsonl and eval_samples.jsonl: a run
+        resumed from the checkpoint of `step` redoes them, and each step should appear once."""
+        for name in ("metrics_file", "samples_file", "eval_samples_file"):
             file = getattr(self, name)
             file.close()
             path = Path(file.name)
@@ -140,6 +144,7 @@ class RunLogger:
     def finish(self) -> None:
         self.metrics_file.close()
         self.samples_file.close()
+        self.eval_samples_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -129,6 +129,19 @@ def test_prompt_results_and_metrics_by_hand():
     assert "pass@1" not in pass_metrics(prompt_results([(rollout_of(rows, completions, 3), no_accuracy)], 3), 3)
 
 
+def test_strict_format_rate_and_pass_at_k_by_hand():
+    rows = [{"id": "0", "question": "q0"}, {"id": "1", "question": "q1"}]
+    strict = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # prompt 0: 1 of 4; prompt 1: 2 of 4
+    scored = RewardOutput(strict, {"format_strict": strict}, {})
+    records = prompt_results([(rollout_of(rows, ["x"] * 8, 4), scored)], k=4)
+    assert [r["format_strict_rate"] for r in records] == [0.25, 0.5]
+    assert [r["format_strict_pass@4"] for r in records] == [1.0, 1.0]
+    metrics = pass_metrics(records, 4)
+    assert metrics["format_strict_rate"] == pytest.approx(0.375) and metrics["format_strict_pass@4"] == 1.0
+    none = RewardOutput(strict, {"format": strict}, {})  # no strict part: no strict metrics
+    assert "format_strict_rate" not in pass_metrics(prompt_results([(rollout_of(rows, ["x"] * 8, 4), none)], 4), 4)
+
+
 def test_k_samples_per_prompt_on_the_tiny_llama(tiny_model, tokenizer):
     prompts = [
         tokenizer.apply_chat_template(
@@ -148,6 +161,7 @@ def test_k_samples_per_prompt_on_the_tiny_llama(tiny_model, tokenizer):
     assert sum(len(r.completions) for r, _ in batches) == 9  # 3 prompts x k = 3, group-contiguous
     assert all(r.rows[0] is r.rows[2] for r, _ in batches)
     assert {"pass@1", "pass@3", "maj@3", "format_rate", "reward/total_mean"} <= set(metrics)
+    assert {"completion/think_words_median", "completion/recheck_frac", "completion/eos_frac"} <= set(metrics)
     assert 0.0 <= metrics["pass@1"] <= metrics["pass@3"] <= 1.0
     one, _ = evaluate_policy(tiny_model, tokenizer, rows, reward, sampling, batch_size=2, seed=0)
     assert "pass@1" in one and "pass@3" not in one and "maj@1" not in one  # k = 1: today's single sample

@@ -262,6 +262,17 @@ def test_render_prompt_without_chat_template(tokenizer):
     assert render_prompt(plain, "Q?", "") == "User: Q?\n\nAssistant:"
 
 
+def test_prefill_follows_the_generation_prompt(tokenizer):
+    prompt = render_prompt(tokenizer, "What causes scurvy?", "", prefill="<think>\n")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    r1_distill = copy.deepcopy(tokenizer)  # a template whose generation prompt opens the block itself
+    r1_distill.chat_template = "{% for m in messages %}<|User|>{{ m.content }}{% endfor %}<|Assistant|><think>\n"
+    once = render_prompt(r1_distill, "Q?", "", prefill="<think>\n")
+    assert once == render_prompt(r1_distill, "Q?", "") and once.count("<think>") == 1  # not repeated
+    kept, _ = attach_prompts([{"id": "0", "question": "Q?"}], tokenizer, data_cfg("medical_o1", prefill="<think>\n"))
+    assert kept[0]["prompt"].endswith("assistant\n<think>\n")
+
+
 def test_attach_prompts_skips_long_prompts(tokenizer):
     cfg = data_cfg("medical_o1_verifiable", max_prompt_tokens=120)
     rows = [
