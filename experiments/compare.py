@@ -31,10 +31,21 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from experiments.stats import LEVEL, mean_over, value_at
-from experiments.verdicts import Metric, common_budget, factor_table, interval_table, pair_verdicts, token_curve
+from experiments.verdicts import (
+    Metric,
+    common_budget,
+    eval_curve,
+    factor_table,
+    interval_table,
+    pair_verdicts,
+    reach_section,
+    token_curve,
+)
 from training.plots import read_metrics_file
 
 REWARD = "reward/total_mean"
+# the held-out metric and threshold whose time to reach the report measures, when runs logged it
+REACH = ("eval/format_strict_rate", 0.5)
 
 
 @dataclass
@@ -135,6 +146,9 @@ COLUMNS = [
     Column("pass@1", lambda r: last_of(r.evals, "eval/pass@1")),
     Column("pass@k", lambda r: last_at_k(r, "eval/pass@")),
     Column("maj@k", lambda r: last_at_k(r, "eval/maj@")),
+    Column("strict format", lambda r: last_of(r.evals, "eval/format_strict_rate")),
+    Column("think words", lambda r: last_of(r.evals, "eval/completion/think_words_median"), 1),
+    Column("re-check share", lambda r: last_quarter_mean(r, "completion/recheck_frac")),
     Column("KL", lambda r: last_quarter_mean(r, "kl"), 4),
     Column("entropy", lambda r: last_quarter_mean(r, "entropy")),
     Column("length", lambda r: mean_of(r, "completion/length_mean"), 1),
@@ -201,9 +215,12 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def conclusion_metrics(runs: list[Run]) -> tuple[dict[str, Metric], dict[str, Metric], dict[str, Metric]]:
+def conclusion_metrics(
+    runs: list[Run], reach: tuple[str, float] | None = REACH
+) -> tuple[dict[str, Metric], dict[str, Metric], dict[str, Metric]]:
     """(per-method intervals, pair verdicts, factor effects): the metrics each section reports. Rewards at
-    equal generated tokens are read at the largest token count all runs reach."""
+    equal generated tokens are read at the largest token count all runs reach; with `reach` (a held-out
+    metric the runs logged) its last value and its mean over the generated tokens every run reached (AUC)."""
     by_title = {c.title: c.fn for c in COLUMNS}
     rewards: dict[str, Metric] = {}
     budget = common_budget(runs, REWARD)
@@ -213,16 +230,31 @@ def conclusion_metrics(runs: list[Run]) -> tuple[dict[str, Metric], dict[str, Me
         rewards[f"mean reward over {start:.0f}-{end:.0f} tokens (AUC)"] = lambda r: mean_over(
             *token_curve(r, REWARD), start, end
         )
-    quality = {**rewards, **{t: by_title[t] for t in ("eval reward", "pass@1", "pass@k", "maj@k")}}
+    held_out: dict[str, Metric] = {}
+    key = reach[0] if reach else None
+    if key is not None and any(eval_curve(r, key)[0] for r in runs):
+        name = key.removeprefix("eval/")
+        held_out[f"final {name}"] = lambda r: (eval_curve(r, key)[1] or [None])[-1]
+        ends = [eval_curve(r, key)[0][-1] for r in runs if eval_curve(r, key)[0]]
+        end = min(ends)
+        held_out[f"{name} AUC over 0-{end:.0f} tokens"] = lambda r: (
+            mean_over(*eval_curve(r, key), 0.0, end) if eval_curve(r, key)[0] else None
+        )
+    quality = {
+        **rewards,
+        **held_out,
+        **{t: by_title[t] for t in ("eval reward", "pass@1", "pass@k", "maj@k")},
+    }
     cost = {t: by_title[t] for t in ("s/step", "TFLOPs", "peak RSS (MB)", "peak CUDA (MB)")}
     intervals = {"final reward": by_title["final reward"], **quality, **cost}
     factors = {"final reward": by_title["final reward"], **quality, "KL": by_title["KL"], **cost}
     return intervals, quality, factors
 
 
-def conclusions(runs: list[Run]) -> list[str]:
-    """The report's markdown after the table: intervals, pair verdicts, factor effects."""
-    intervals, pairs, factors = conclusion_metrics(runs)
+def conclusions(runs: list[Run], reach: tuple[str, float] | None = REACH) -> list[str]:
+    """The report's markdown after the table: intervals, pair verdicts, the time to reach a held-out
+    threshold (`reach`, when the runs logged it), factor effects."""
+    intervals, pairs, factors = conclusion_metrics(runs, reach)
     digits = {c.title: c.digits for c in COLUMNS}
     groups = group_runs(runs)
     lines = [
@@ -244,6 +276,9 @@ def conclusions(runs: list[Run]) -> list[str]:
             *verdicts,
             "",
         ]
+    reached = reach_section(groups, *reach) if reach else []
+    if reached:
+        lines += [f"## Time to reach {reach[0]} >= {reach[1]:g}", "", *reached, ""]
     table = factor_table(runs, factors, digits)
     if table:
         lines += ["## Factors (main effects, the other factors pooled)", "", *table, ""]
@@ -269,6 +304,7 @@ class Plot:
     title: str = ""
     xlabel: str = "step"
     skipped: list[str] = field(default_factory=list)
+    held_out: bool = False  # the y of the held-out evals (eval/*) rather than of the training steps
 
 
 PLOTS = [
@@ -284,10 +320,29 @@ PLOTS = [
     Plot("kl", "kl", title="KL to the reference (k1 per token)"),
     Plot("entropy", "entropy", title="policy entropy per token (nats)"),
     Plot("length", "completion/length_mean", title="completion length (tokens)"),
+    # R1's "aha" signs, reported, not tuned for: does the reasoning grow, does it start to re-check itself?
+    Plot("think_words", "completion/think_words_median", title="median words in the think block"),
+    Plot("recheck", "completion/recheck_frac", title='share of completions that re-check ("wait", "let me check")'),
+    Plot(
+        "format_strict_vs_tokens",
+        "eval/format_strict_rate",
+        x="tokens/generated_total",
+        title="held-out strict format rate vs generated tokens",
+        xlabel="generated tokens",
+        held_out=True,
+    ),
+    Plot(
+        "format_strict_vs_step",
+        "eval/format_strict_rate",
+        title="held-out strict format rate",
+        held_out=True,
+    ),
 ]
 
 
-def curve(run: Run, x: str, y: str) -> tuple[list[float], list[float]]:
+def curve(run: Run, x: str, y: str, held_out: bool = False) -> tuple[list[float], list[float]]:
+    if held_out:
+        return eval_curve(run, y, x)
     points = [(r[x], r[y]) for r in run.train if r.get(x) is not None and r.get(y) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -295,14 +350,14 @@ def curve(run: Run, x: str, y: str) -> tuple[list[float], list[float]]:
 def plot(runs: list[Run], spec: Plot, out: Path, window: int) -> Path | None:
     """One PNG: each seed thin, each method's mean over seeds (where all its seeds have the step) thick."""
     groups = group_runs(runs)
-    if not any(curve(r, spec.x, spec.y)[0] for r in runs):
+    if not any(curve(r, spec.x, spec.y, spec.held_out)[0] for r in runs):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, members) in enumerate(groups.items()):
         color = colors[i % len(colors)]
-        curves = [curve(r, spec.x, spec.y) for r in members]
-        curves = [(xs, smooth(ys, window)) for xs, ys in curves if xs]
+        curves = [curve(r, spec.x, spec.y, spec.held_out) for r in members]
+        curves = [(xs, ys if spec.held_out else smooth(ys, window)) for xs, ys in curves if xs]
         for xs, ys in curves:
             ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
         if curves:
@@ -310,7 +365,8 @@ def plot(runs: list[Run], spec: Plot, out: Path, window: int) -> Path | None:
             mean_x = [sum(xs[j] for xs, _ in curves) / len(curves) for j in range(n)]
             mean_y = [sum(ys[j] for _, ys in curves) / len(curves) for j in range(n)]
             ax.plot(mean_x, mean_y, color=color, linewidth=2, label=f"{label} (n={len(curves)})")
-    ax.set(title=spec.title + (f", moving average of {window}" if window > 1 else ""), xlabel=spec.xlabel)
+    smoothed = window > 1 and not spec.held_out  # evals are few, and each already a mean over prompts
+    ax.set(title=spec.title + (f", moving average of {window}" if smoothed else ""), xlabel=spec.xlabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / f"{spec.name}.png"
@@ -319,7 +375,9 @@ def plot(runs: list[Run], spec: Plot, out: Path, window: int) -> Path | None:
     return path
 
 
-def write_report(runs: list[Run], out: Path, title: str, window: int | None = None) -> Path:
+def write_report(
+    runs: list[Run], out: Path, title: str, window: int | None = None, reach: tuple[str, float] | None = REACH
+) -> Path:
     """report.md with the table and the plots, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     longest = max((len(r.train) for r in runs), default=0)
@@ -333,7 +391,7 @@ def write_report(runs: list[Run], out: Path, title: str, window: int | None = No
         "last held-out eval (pass@k, maj@k: k = algo.eval_samples); KL, entropy: last-quarter means; "
         "mean ± sample std over seeds.",
         "",
-        *conclusions(runs),
+        *conclusions(runs, reach),
     ]
     for spec in PLOTS:
         path = plot(runs, spec, out, window)
@@ -358,14 +416,28 @@ def main(argv: list[str] | None = None) -> Path:
         metavar="KEY",
         help="more override keys that do not set a method apart (always ignored: " + ", ".join(OUTPUT_ONLY) + ")",
     )
+    parser.add_argument(
+        "--reach",
+        default=f"{REACH[0]}={REACH[1]:g}",
+        metavar="KEY=VALUE",
+        help="the held-out metric and threshold whose generated tokens to reach are compared (log-rank, "
+        "censored), when the runs logged it; 'none' to leave it out (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    reach = None
+    if args.reach != "none":
+        key, _, value = args.reach.partition("=")
+        try:
+            reach = (key, float(value))
+        except ValueError:
+            parser.error(f"--reach {args.reach!r}: expected KEY=VALUE, e.g. {REACH[0]}={REACH[1]:g}")
     runs = [r for r in find_runs(args.paths) if r.train]
     if not runs:
         parser.error(f"no run with training metrics (metrics.jsonl) under {', '.join(map(str, args.paths))}")
     label_runs(runs, OUTPUT_ONLY + tuple(args.ignore))
-    report = write_report(runs, args.out or args.paths[0] / "report", args.title, args.smooth)
+    report = write_report(runs, args.out or args.paths[0] / "report", args.title, args.smooth, reach)
     print(markdown_table(runs))
-    print("\n".join(["", *conclusions(runs)]))
+    print("\n".join(["", *conclusions(runs, reach)]))
     print(f"report: {report}")
     return report
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from experiments.stats import LEVEL, Difference, mean_ci, verdict, welch
+from experiments.stats import LEVEL, Difference, Survival, km_median, logrank_test, mean_ci, verdict, welch
 
 TOKENS = "tokens/generated_total"
 Metric = Callable[[Any], float | None]
@@ -126,3 +126,77 @@ def largest_effect(level_values: dict[str, list[float]]) -> tuple[tuple[str, str
     hi = max(means, key=means.__getitem__)
     lo = min((v for v in means if v != hi), key=means.__getitem__)
     return (hi, lo), welch(level_values[hi], level_values[lo])
+
+
+# ---- held-out curves and the time a run takes to reach a threshold on one -------------------------------
+
+
+def eval_curve(run: Any, key: str, x: str = TOKENS) -> tuple[list[float], list[float]]:
+    """(x, key) at each held-out eval that logged `key`: x is the generated tokens so far (`TOKENS`, 0 at the
+    eval before the first step) or "step". The evals after a step are logged in that step's row."""
+    before = [r for r in run.evals if r.get("step") == 0 and r.get(key) is not None]
+    points = [(0.0, before[0][key])] if before else []
+    points += [(float(r[x]), r[key]) for r in run.train if r.get(key) is not None and r.get(x) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def time_to_reach(run: Any, key: str, threshold: float, x: str = TOKENS) -> tuple[float, bool] | None:
+    """(x at the first held-out eval whose `key` is >= threshold, True), or (x at the last eval, False) when
+    none is: right-censored, the run needed more than that. None when the run logged no `key`."""
+    xs, ys = eval_curve(run, key, x)
+    if not xs:
+        return None
+    for xv, yv in zip(xs, ys):
+        if yv >= threshold:
+            return xv, True
+    return xs[-1], False
+
+
+def survival(runs: list[Any], key: str, threshold: float, x: str = TOKENS) -> Survival:
+    pairs = [p for p in (time_to_reach(r, key, threshold, x) for r in runs) if p is not None]
+    return Survival([t for t, _ in pairs], [reached for _, reached in pairs])
+
+
+def reach_section(groups: dict[str, list[Any]], key: str, threshold: float) -> list[str]:
+    """Markdown: per method, how many seeds reached `key` >= threshold, the Kaplan-Meier median generated
+    tokens and steps to get there; one log-rank verdict per pair of methods (censored runs count as
+    'more than their last eval', not as their last eval); [] when no run logged `key`."""
+    data = {label: survival(runs, key, threshold) for label, runs in groups.items()}
+    if not any(s.n for s in data.values()):
+        return []
+    steps = {label: survival(runs, key, threshold, "step") for label, runs in groups.items()}
+    lines = [
+        f"| method | seeds | reached {key} >= {threshold:g} | median tokens to reach | median steps to reach |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def median(s: Survival) -> str:
+        m = km_median(s)
+        if m is not None:
+            return f"{m:,.0f}"
+        longest = max((t for t, r in zip(s.times, s.reached) if not r), default=None)
+        return f"not reached (> {longest:,.0f})" if longest is not None else "-"
+
+    for label, s in data.items():
+        lines.append(f"| {label} | {s.n} | {sum(s.reached)} of {s.n} | {median(s)} | {median(steps[label])} |")
+    lines += [
+        "",
+        "Log-rank test on generated tokens to reach the threshold, runs that never reach it right-censored "
+        "at their last eval; two-sided p by exact permutation of the method labels.",
+        "",
+    ]
+    for (a, sa), (b, sb) in itertools.combinations(data.items(), 2):
+        if not sa.n or not sb.n:
+            continue
+        test = logrank_test(sa, sb)
+        if test is None:
+            lines.append(f"- {a} vs {b}: not testable (no run of either reached the threshold)")
+            continue
+        z, p = test
+        seeds = f"{sa.n} vs {sb.n} seeds"
+        if p < 1 - LEVEL:
+            faster, slower = (a, b) if z > 0 else (b, a)
+            lines.append(f"- {faster} reaches it sooner than {slower} (log-rank z {abs(z):.2f}, p = {p:.3f}, {seeds})")
+        else:
+            lines.append(f"- {a} vs {b}: no difference detected with {seeds} (log-rank z {z:+.2f}, p = {p:.3f})")
+    return lines

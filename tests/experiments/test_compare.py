@@ -215,3 +215,64 @@ def test_output_only_and_ignored_overrides_do_not_split_a_method(tmp_path):
     label_runs(runs)  # the default ignores only what changes the output, not trainer.threads
     assert "algo=grpo trainer.threads=1" in {r.label for r in runs}
     assert len({r.label for r in runs if r.label.startswith("algo=grpo")}) == 2
+
+
+# ---- time to a held-out threshold, censored ------------------------------------------------------------
+
+
+def test_logrank_against_scipy_and_by_permutation():
+    from scipy.stats import CensoredData, logrank
+
+    from experiments.stats import Survival, km_median, logrank_test, logrank_z
+
+    a = Survival([2, 4, 4, 6, 9], [True, True, False, True, False])
+    b = Survival([3, 5, 7, 8, 10], [True, False, True, True, False])
+
+    def censored(s):
+        return CensoredData(
+            uncensored=[t for t, r in zip(s.times, s.reached) if r],
+            right=[t for t, r in zip(s.times, s.reached) if not r],
+        )
+
+    assert logrank_z(a, b) == pytest.approx(float(logrank(censored(a), censored(b)).statistic))
+    # separated groups of 3, every run reaching: 2 of the C(6, 3) = 20 labellings are as extreme
+    fast, slow = Survival([1, 2, 3], [True] * 3), Survival([4, 5, 6], [True] * 3)
+    z, p = logrank_test(fast, slow)
+    assert z > 0 and p == pytest.approx(2 / 20)
+    assert logrank_test(Survival([5], [False]), Survival([5], [False])) is None  # no event: nothing to test
+    # Kaplan-Meier median: 4 runs, events at 1 and 3 and a censoring at 2: S(1) = 3/4, S(3) = 3/4 * 1/2
+    assert km_median(Survival([1, 2, 3, 9], [True, False, True, False])) == 3
+    assert km_median(Survival([1, 5, 5], [True, False, False])) is None  # 2 of 3 never reached it
+
+
+def test_time_to_reach_is_censored_and_reported(tmp_path):
+    """Two methods whose held-out rate crosses 0.5 early (all seeds) and never: the censored ones are
+    'not reached', and the log-rank verdict names the faster method."""
+    for i in range(4):
+        fast = [0.2, 0.6, 0.8] if i < 3 else [0.1, 0.4, 0.55]
+        write_run(
+            tmp_path / f"fast{i}", ["algo=grpo", f"seed={i}"], i, [0.1, 0.2, 0.3], **{"eval/format_strict_rate": fast}
+        )
+        write_run(
+            tmp_path / f"slow{i}",
+            ["algo=ppo", f"seed={i}"],
+            i,
+            [0.1, 0.2, 0.3],
+            **{"eval/format_strict_rate": [0.0, 0.1, 0.2]},
+        )
+    runs = find_runs([tmp_path])
+    label_runs(runs)
+    from experiments.verdicts import time_to_reach
+
+    by_path = {r.path.name: r for r in runs}
+    assert time_to_reach(by_path["fast0"], "eval/format_strict_rate", 0.5) == (20.0, True)  # step 2, 20 tokens
+    assert time_to_reach(by_path["fast3"], "eval/format_strict_rate", 0.5) == (30.0, True)
+    assert time_to_reach(by_path["slow0"], "eval/format_strict_rate", 0.5) == (30.0, False)  # censored
+    report = main([str(tmp_path), "--out", str(tmp_path / "report")]).read_text()
+    assert "| algo=grpo | 4 | 4 of 4 | 20 | 2 |" in report
+    assert "| algo=ppo | 4 | 0 of 4 | not reached (> 30) | not reached (> 3) |" in report
+    assert "- algo=grpo reaches it sooner than algo=ppo (log-rank" in report
+    assert "final format_strict_rate" in report and "format_strict_rate AUC over 0-30 tokens" in report
+    assert (tmp_path / "report" / "format_strict_vs_tokens.png").exists()
+    quiet = main([str(tmp_path), "--out", str(tmp_path / "r2"), "--reach", "none"]).read_text()
+    assert "Time to reach" not in quiet
