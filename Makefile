@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint clean
+.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint docs clean
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ compare: install
 # PPO, GRPO, RLOO and REINFORCE++ on the shipped multiple-choice questions (conf/experiment/mcq_compare.yaml):
 # PPO and GRPO with 5 seeds, RLOO and REINFORCE++ with 3 (16 runs of 20 steps), as two lanes of jobs side by side
 # (one torch thread each; about equal work), then the report with intervals and verdicts in
-# $(RESULTS)/<date>-mcq-compare/. See README (Comparing algorithms) for its measured cost.
+# $(RESULTS)/<date>-mcq-compare/. Its measured cost: docs/results/2026-12-01-mcq-compare.md.
 MCQ_DIR := outputs/compare/mcq_compare_$(shell date +%Y-%m-%d_%H-%M-%S)
 MCQ_RUN := HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=mcq_compare
 compare-mcq: install
@@ -81,6 +81,10 @@ gpu-check:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The documentation site (mkdocs.yml, docs/) into outputs/site; --strict fails on a broken link or a missing page.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir outputs/site
 
 clean:
 	rm -rf outputs multirun .pytest_cache
