@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint clean
+.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint docs clean
 
 install: $(STAMP)
 
@@ -29,20 +29,25 @@ test-fast: install
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) run.py algo=grpo
 
+# Reports and benchmark tables go to a new dated folder under docs/results/assets/ (a measurement is never
+# overwritten: write its note, docs/results/<date>-<slug>.md, beside it; see docs/results/index.md).
+TODAY := $(shell date +%Y-%m-%d)
+RESULTS := docs/results/assets
+
 # PPO vs GRPO at an equal generated-token budget on the embedded model, 2 seeds each, then the report
-# (table + plots) in experiments/results/ppo_vs_grpo/. About 33 min on 2 idle CPU cores (measured).
+# (table + plots) in $(RESULTS)/<date>-ppo-vs-grpo/. About 33 min on 2 idle CPU cores (measured).
 COMPARE_STEPS ?= 16
 COMPARE_DIR := outputs/compare/ppo_vs_grpo_$(shell date +%Y-%m-%d_%H-%M-%S)
 compare: install
 	HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=ppo_vs_grpo trainer.max_steps=$(COMPARE_STEPS) \
 		hydra.sweep.dir=$(COMPARE_DIR)
-	$(PY) experiments/compare.py $(COMPARE_DIR) --out experiments/results/ppo_vs_grpo \
+	$(PY) experiments/compare.py $(COMPARE_DIR) --out $(RESULTS)/$(TODAY)-ppo-vs-grpo \
 		--title "PPO vs GRPO, SmolLM2-135M-Instruct (embedded), medical_o1_verifiable, $(COMPARE_STEPS) steps"
 
 # PPO, GRPO, RLOO and REINFORCE++ on the shipped multiple-choice questions (conf/experiment/mcq_compare.yaml):
 # PPO and GRPO with 5 seeds, RLOO and REINFORCE++ with 3 (16 runs of 20 steps), as two lanes of jobs side by side
 # (one torch thread each; about equal work), then the report with intervals and verdicts in
-# experiments/results/mcq_compare/. See README (Comparing algorithms) for its measured cost.
+# $(RESULTS)/<date>-mcq-compare/. Its measured cost: docs/results/2026-12-01-mcq-compare.md.
 MCQ_DIR := outputs/compare/mcq_compare_$(shell date +%Y-%m-%d_%H-%M-%S)
 MCQ_RUN := HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=mcq_compare
 compare-mcq: install
@@ -51,14 +56,18 @@ compare-mcq: install
 	  $(MCQ_RUN) algo=grpo seed=3,4 hydra.sweep.dir=$(MCQ_DIR)/grpo_seeds_3-4 ) > $(MCQ_DIR)/lane1.log 2>&1 & lane=$$!; \
 	$(MCQ_RUN) algo=grpo,rloo,reinforce_pp seed=0,1,2 hydra.sweep.dir=$(MCQ_DIR)/seeds_0-2; other=$$?; \
 	wait $$lane && test $$other -eq 0 || { echo "a sweep failed: see $(MCQ_DIR)/lane1.log"; exit 1; }
-	$(PY) experiments/compare.py $(MCQ_DIR) --out experiments/results/mcq_compare \
+	$(PY) experiments/compare.py $(MCQ_DIR) --out $(RESULTS)/$(TODAY)-mcq-compare \
 		--title "PPO, GRPO, RLOO, REINFORCE++ on medical multiple choice, SmolLM2-135M-Instruct (embedded), 20 steps"
 
 # Speed: log-prob kernels, then one GRPO step against TRL's GRPOTrainer (TRL's side runs only when trl is
 # importable: run the same two scripts from a virtualenv made with requirements-bench.txt). One thread each.
+# The tables also go to $(RESULTS)/<date>-bench/.
+BENCH_DIR := $(RESULTS)/$(TODAY)-bench
 bench: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) experiments/bench_logprobs.py
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py
+	mkdir -p $(BENCH_DIR)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) experiments/bench_logprobs.py --output $(BENCH_DIR)/bench_logprobs_cpu.md
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/bench_step.py \
+		--output $(BENCH_DIR)/bench_step_cpu.md
 
 # The GPU check on one GPU, offline, in about 8 minutes (experiments/gpu_check.py): Triton kernels compiled against
 # the PyTorch reference, the embedded model and an 8B-shaped random Llama under trainer=h100, FSDP on NCCL, resumes.
@@ -72,6 +81,10 @@ gpu-check:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The documentation site (mkdocs.yml, docs/) into outputs/site; --strict fails on a broken link or a missing page.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir outputs/site
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="markdown report (default experiments/results/bench_rollout_<device>_<shape>.md)",
+        help="markdown report (default docs/results/assets/<date>-bench-rollout/bench_rollout_<device>_<shape>.md)",
     )
     return p.parse_args(argv)
 
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = measure(args)
     text = markdown(report)
     print(text)
-    out = args.out or ROOT / "experiments" / "results" / f"bench_rollout_{args.device}_{args.shape}.md"
+    dated = ROOT / "docs" / "results" / "assets" / f"{time.strftime('%Y-%m-%d')}-bench-rollout"
+    out = args.out or dated / f"bench_rollout_{args.device}_{args.shape}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
