@@ -9,6 +9,7 @@ python run.py algo=sft data=medical_o1                 # cold-start SFT -> <run_
 python run.py algo=eval model.source=local model.path=<run_dir>/checkpoints/final algo.before_path=embedded
 python run.py algo=rejection_sampling model.source=local model.path=<checkpoint>   # -> <run_dir>/sft_rows.jsonl
 python run.py experiment=r1_pipeline                  # sft -> grpo -> rejection sampling -> sft -> grpo
+python run.py algo=ppo --help                         # every option of the chosen groups, its value and help
 """
 
 from __future__ import annotations
@@ -253,6 +254,10 @@ def importable_in_jobs() -> None:
 
 
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]):  # every option of the chosen groups, with its value and help
+        from conf.help import main as print_help
+
+        sys.exit(print_help(sys.argv[1:]))
     try:
         check_override_keys(sys.argv[1:], default_algo(sys.argv[1:]))
     except ConfigError as err:

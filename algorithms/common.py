@@ -10,6 +10,7 @@ from torch import Tensor
 
 from algorithms.advantages import masked_mean
 from algorithms.rollout import Rollout, generate_rollout
+from models.heads import ValueModel
 from models.logprobs import completion_logprobs
 from rewards.combine import RewardOutput
 from rewards.reasoning import reasoning_stats
@@ -23,7 +24,7 @@ def sample_and_score(
     rows: list[dict],
     seeds: list[int] | None,
     cfg,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     timer: PhaseTimer,
 ) -> tuple[Rollout, RewardOutput]:
     """Rollout then reward scoring, timed: the first half of every RL step.
@@ -80,7 +81,7 @@ def micro_logprobs(
     return completion_logprobs(model, input_ids, attention_mask, tc, temperature, with_entropy, entropy_grad)
 
 
-def micro_values(critic: torch.nn.Module, micro: dict[str, Tensor]) -> Tensor:
+def micro_values(critic: ValueModel, micro: dict[str, Tensor]) -> Tensor:
     """Critic values of one micro-batch's completion tokens, [n, Tc] fp32 (see models.heads.ValueModel)."""
     return critic.values(*micro_inputs(micro))
 

@@ -55,7 +55,7 @@ def select_rollouts(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout
 def select_scores(parts: list[tuple[RewardOutput, Tensor]]) -> RewardOutput:
     """The scores of the picked samples; failures, timeouts and reward-model tokens of every draw (they
     were spent whether the sample was kept or not)."""
-    counts: dict[str, dict[str, float]] = {"failures": {}, "timeouts": {}, "model_tokens": {}}
+    counts: dict[str, dict[str, int]] = {"failures": {}, "timeouts": {}, "model_tokens": {}}
     for scored, _ in parts:
         for field_name, total in counts.items():
             for name, n in getattr(scored, field_name).items():

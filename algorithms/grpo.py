@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from algorithms.advantages import group_baselined_returns, kl_penalised_token_rewards, sequence_returns
 from algorithms.batch_stats import sharded_group_advantages, sharded_group_scale
-from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import check_choice, check_range
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch
 from training.loop import Built, StageContext, StepOutput
@@ -22,9 +22,13 @@ from training.timers import PhaseTimer
 
 @dataclass
 class GRPOConfig(PolicyGradientConfig):
-    name: str = "grpo"
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no std division)
-    advantage_eps: float = 1e-4  # added to the std before dividing
+    name: str = option("grpo", "the stage's name (algo=<name>)")
+    scale_rewards: str = option(
+        "group",
+        "the std the group-centred rewards are divided by: group (the prompt's G rewards) | batch (the step's) "
+        "| none (Dr. GRPO: no std division)",
+    )
+    advantage_eps: float = option(1e-4, "added to that std before dividing")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,6 +39,8 @@ class GRPOConfig(PolicyGradientConfig):
 class GRPO(PolicyGradient):
     """The GRPO update on a policy, an optional frozen reference and a reward function."""
 
+    cfg: GRPOConfig  # the algorithm's own options (PolicyGradient.__init__ stores the one it is given)
+
     def step(self, batch: Batch) -> StepOutput:
         cfg, timer = self.cfg, PhaseTimer()
 
@@ -43,7 +49,7 @@ class GRPO(PolicyGradient):
         rewards = scored.total.to(rollout.completion_mask.device)  # [N]
 
         # ---- ALGO LOGIC: group-normalised advantages -----------------------------------------
-        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each; the penalty is 0 unless kl_in=reward
+        _, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each; the penalty is 0 unless kl_in=reward
         if cfg.kl_in == "reward" and self.reference is not None:
             # the KL as PPO places it, -beta * KL_t in every token's reward: returns-to-go less the group mean of
             # the sequence returns, over their group std (at the first token: GRPO on score - beta * sum_t KL_t)
@@ -61,17 +67,8 @@ class GRPO(PolicyGradient):
         # ---- UPDATE: mu passes over minibatches, beta * KL in the loss (kl_in=loss) --------------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
-        real = advantages if advantages.dim() == 1 else advantages[rollout.completion_mask.bool()]  # no padding
-        stats.update(
-            {
-                "advantages/mean": float(real.mean()),
-                "advantages/std": float(real.std()) if real.numel() > 1 else 0.0,
-                "advantages/abs_mean": float(real.abs().mean()),
-                "reward/zero_std_group_frac": zero_std_group_frac(rewards, cfg.group_size),
-            }
-        )
-        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, rollout.completion_mask, cfg.beta))
-        return self.step_output(rollout, scored, rewards, stats, timer, advantages)
+        stats.update(self.kl_in_reward_metrics(kl_penalty, cfg.beta))
+        return self.step_output(rollout, scored, rewards, stats, timer, tensors)
 
 
 @register_stage(

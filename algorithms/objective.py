@@ -1,10 +1,13 @@
-"""The policy half of PPO's and GRPO's loss on one micro-batch: clipped surrogate (+ beta KL) - entropy bonus.
+"""The policy half of PPO's and GRPO's loss on one micro-batch: the policy loss (+ beta KL) - entropy bonus.
 
-Two routes to the same loss and gradient:
-- fused (the default for every token-level loss type): the loss is a weighted sum over tokens of a
-  function of each token's own log-prob and entropy, so `models.fused_loss` forms its gradient inside
-  the lm_head pass (three lm_head matmuls, no [tokens, V] tensor);
-- two-pass (gspo, whose ratio is per sequence, or `fused_loss: false`): log-probs first, then the loss.
+Two routes to the same loss and gradient, both built on `losses.token_policy_loss` (the surrogate, the
+rollout-correction weight and the KL term of each token), so a surrogate registered in algorithms/losses.py
+trains the same way in either:
+- fused (`algo.fused_loss`, the default): the loss is a weighted sum over tokens of a function of each token's
+  own log-prob and entropy, so `models.fused_loss` forms its gradient inside the lm_head pass (three lm_head
+  matmuls, no [tokens, V] tensor). A sequence-level ratio needs each sequence's mean log-ratio first: one more
+  no-grad lm_head pass gives it;
+- two-pass: log-probs first, then `losses.policy_loss` on them.
 The logged statistics come from `policy_loss` on the log-probs in both routes.
 """
 
@@ -17,8 +20,15 @@ from torch import Tensor
 
 from algorithms.advantages import masked_mean
 from algorithms.common import micro_inputs, micro_logprobs
-from algorithms.losses import TOKEN_SEPARABLE, clipped_surrogate, kl_estimate, policy_loss, token_loss_weights
-from models.fused_loss import completion_token_loss
+from algorithms.losses import (
+    SurrogateParams,
+    kl_estimate,
+    policy_loss,
+    sequence_ratio_old_logp,
+    token_loss_weights,
+    token_policy_loss,
+)
+from models.fused_loss import TokenLoss, completion_token_loss
 
 
 @dataclass
@@ -26,13 +36,18 @@ class PolicyObjective:
     loss: Tensor  # [] the weighted loss to backpropagate
     policy_loss: Tensor  # [] the unweighted policy loss (surrogate + beta KL), detached
     entropy: Tensor  # [n, Tc] detached, 0 on padding
-    stats: dict[str, Tensor]  # policy_loss's statistics (clip fractions, ratio, approx_kl, kl)
+    stats: dict[str, Tensor]  # policy_loss's statistics (clip fractions, ratio, approx_kl, kl/loss_term)
+
+
+def surrogate_params(cfg) -> SurrogateParams:
+    """The surrogate settings of an algorithm's config (clip_low/high, cispo_cap, sapo_tau_pos/neg)."""
+    return SurrogateParams(cfg.clip_low, cfg.clip_high, cfg.cispo_cap, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
 
 
 def policy_objective(
     model: torch.nn.Module,
-    micro: dict[str, Tensor],  # old_logp, advantages ([n] or [n, Tc]), completion_mask, ref_logp when beta > 0
-    cfg,  # GRPOConfig | PPOConfig: temperature, clip_low/high, loss_type, max_new_tokens, kl_estimator, fused_loss
+    micro: dict[str, Tensor],  # old_logp, advantages ([n] or [n, Tc]), completion_mask; ref_logp, is_weight if any
+    cfg,  # the algorithm's config: temperature, loss_type, surrogate and its settings, ratio_level, fused_loss, ...
     num_tokens: float,  # real completion tokens of the minibatch (dapo's denominator)
     weight: float = 1.0,  # the policy loss's share in the accumulated step (losses.accumulation_weight)
     beta: float = 0.0,  # KL coefficient in the loss (GRPO); PPO's KL is in its rewards
@@ -48,17 +63,33 @@ def policy_objective(
         "max_len": cfg.max_new_tokens,
         "num_tokens": num_tokens,
         "beta": beta,
+        "surrogate": cfg.surrogate,
+        "ratio_level": cfg.ratio_level,
+        "is_weight": micro.get("is_weight"),
+        "params": surrogate_params(cfg),
     }
-    if cfg.fused_loss and cfg.loss_type in TOKEN_SEPARABLE:
-        token_loss = _token_loss(micro, cfg, num_tokens, weight, ref_logp, beta, entropy_weight)
+    if cfg.fused_loss:
+
+        def token_loss_for(logp_now: Tensor | None) -> TokenLoss:  # logp_now [n, Tc]: only for the sequence ratio
+            old = micro["old_logp"] if logp_now is None else sequence_ratio_old_logp(logp_now, micro["old_logp"], mask)
+            return _token_loss(micro, old, cfg, num_tokens, weight, ref_logp, beta, entropy_weight)
+
+        sequence = cfg.ratio_level == "sequence"
         loss, logp, entropy = completion_token_loss(
-            model, *micro_inputs(micro), token_loss, cfg.temperature, with_entropy=True
+            model,
+            *micro_inputs(micro),
+            token_loss_for(None),
+            cfg.temperature,
+            with_entropy=True,
+            token_loss_for=token_loss_for if sequence else None,
         )
+        assert entropy is not None  # with_entropy=True
         with torch.no_grad():
             kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) if ref_logp is not None else None
             pg_loss, stats = policy_loss(logp, micro["old_logp"], micro["advantages"], mask, kl=kl, **loss_kwargs)
         return PolicyObjective(loss, pg_loss, entropy, stats)
     logp, entropy = micro_logprobs(model, micro, cfg.temperature, with_entropy=True, entropy_grad=entropy_weight > 0)
+    assert entropy is not None  # with_entropy=True
     kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) if ref_logp is not None else None
     pg_loss, stats = policy_loss(logp, micro["old_logp"], micro["advantages"], mask, kl=kl, **loss_kwargs)
     loss = weight * pg_loss
@@ -69,13 +100,14 @@ def policy_objective(
 
 def _token_loss(
     micro: dict[str, Tensor],
+    ratio_old: Tensor,  # [n, Tc] the log-probs the ratio is taken against (old_logp, or the sequence-level form)
     cfg,
     num_tokens: float,
     weight: float,
     ref_logp: Tensor | None,
     beta: float,
     entropy_weight: float,
-):
+) -> TokenLoss:
     """The objective as models.fused_loss's per-token function of (logp, entropy, flat positions)."""
     mask = micro["completion_mask"]
     advantages = micro["advantages"]
@@ -84,14 +116,16 @@ def _token_loss(
     # flat [n * Tc] views that the positions index
     w = (weight * token_loss_weights(mask, cfg.loss_type, cfg.max_new_tokens, num_tokens)).reshape(-1)
     entropy_w = (entropy_weight * token_loss_weights(mask, "bnpo")).reshape(-1)  # masked_mean over all real tokens
-    old, adv = micro["old_logp"].reshape(-1), advantages.reshape(-1)
+    old, adv = ratio_old.reshape(-1), advantages.reshape(-1)
     ref = ref_logp.reshape(-1) if ref_logp is not None else None
+    is_weight = micro["is_weight"].reshape(-1) if "is_weight" in micro else None
+    params = surrogate_params(cfg)
 
     def token_loss(logp: Tensor, entropy: Tensor | None, positions: Tensor) -> Tensor:  # [c] each
-        per_token = clipped_surrogate(logp - old[positions], adv[positions], cfg.clip_low, cfg.clip_high)
-        if ref is not None:
-            per_token = per_token + beta * kl_estimate(logp, ref[positions], cfg.kl_estimator)
-        loss = w[positions] * per_token
+        kl = kl_estimate(logp, ref[positions], cfg.kl_estimator) if ref is not None else None
+        correction = is_weight[positions] if is_weight is not None else None
+        out = token_policy_loss(logp, old[positions], adv[positions], cfg.surrogate, params, correction, kl, beta)
+        loss = w[positions] * out.loss
         if entropy_weight and entropy is not None:
             loss = loss - entropy_w[positions] * entropy
         return loss

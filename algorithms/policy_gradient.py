@@ -11,7 +11,7 @@ enters; sampling, scoring, log-probs, the KL estimators, the loss aggregation an
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,11 +21,15 @@ from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors
 from algorithms.compute import add_discarded_generation, model_params, step_compute_metrics
 from algorithms.dynamic_sampling import DrawCost, refill_groups
 from algorithms.evaluate import evaluate_policy
-from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, accumulation_weight, kl_estimate
+from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, accumulation_weight, kl_estimate
+from algorithms.metrics import step_tensor_metrics
 from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout, RolloutConfig, check_rollout
+from algorithms.rollout_correction import ROLLOUT_CORRECTIONS, rollout_correction
 from conf.checks import ConfigError, check_choice, check_range
+from conf.options import option
 from data.loading import Batch, PromptSampler
+from models.heads import ScalarHeadModel, ValueModel
 from models.scale import autocast_dtype, compute_dtype, reference_model
 from parallel.fsdp import shard_models
 from rewards.combine import RewardOutput
@@ -42,46 +46,99 @@ EVAL_SEED_OFFSET = 10_000  # held-out samples are drawn with seed + this at ever
 class PolicyGradientConfig:
     """The options of every policy-gradient algorithm (algo.*); a subclass adds its own and may change defaults."""
 
-    name: str = "policy_gradient"
-    prompts_per_step: int = 2  # P prompts per RL step
-    group_size: int = 4  # G samples per prompt; N = P * G sequences per step
-    num_iterations: int = 1  # mu: optimisation passes over each rollout batch (1 = on-policy, ratio starts at 1)
-    minibatch_size: int = 8  # sequences per optimiser step (N / minibatch_size optimiser steps per pass)
-    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to minibatch_size
-    max_new_tokens: int = 40  # completion budget; longer completions are truncated (no EOS)
-    temperature: float = 1.0  # sampling temperature; log-probs are of the same tempered policy
-    top_p: float = 1.0  # nucleus sampling (1.0 = off); recorded log-probs stay the untruncated policy's
-    loss_type: str = "grpo"  # policy-loss aggregation: grpo | bnpo | dr_grpo | dapo | gspo (TRL's definitions)
-    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2  # > clip_low is DAPO's clip-higher
-    beta: float = 0.04  # KL coefficient (in the loss or in the reward, per algorithm); 0 = no reference model
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || ref), per token)
-    ent_coef: float = 0.0  # entropy bonus coefficient (0 = none)
-    # true: a no-grad forward for the old log-probs instead of the sampling-time ones; null: true when the model
-    # computes in bf16/fp16, where the KV-cached sampling pass and the full training pass round apart, so the
-    # ratio would not start at 1 (false in fp32: there they agree to ~1e-6 and the extra forward is saved)
-    recompute_old_logp: bool | None = None
-    fused_loss: bool = True  # policy loss and its gradient inside the lm_head pass (models.fused_loss); not gspo
-    default_max_steps: int | None = None  # trainer.max_steps when not given (conf/trainer/default.yaml)
-    # where beta * KL enters: loss (GRPO's: a term of the policy loss) | reward (PPO's: -beta * KL_t in every
-    # token's reward, so the advantages carry it)
-    kl_in: str = "loss"
-    # DAPO's dynamic sampling (Yu et al. 2025): groups whose scores are all equal give a group baseline no signal;
-    # they are dropped and more prompts drawn until prompts_per_step groups remain (needs group_size >= 2)
-    dynamic_sampling: bool = False
-    # extra draws of prompts_per_step prompts a step may make; still short then, dropped groups fill the batch
-    dynamic_sampling_max_draws: int = 4
-    # DAPO's soft overlong penalty: completions longer than max_new_tokens - overlong_buffer tokens get a linear
-    # penalty, reaching -overlong_penalty at max_new_tokens, added to the sequence reward (0 = off)
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0  # the penalty's factor
-    eval_samples: int = 1  # k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k
-    pass_threshold: float = 1.0  # a held-out sample passes when its accuracy reward part is >= this
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # how completions are decoded (algo.rollout.*)
+    name: str = option("policy_gradient", "the stage's name (algo=<name>)")
+    prompts_per_step: int = option(2, "P: prompts per RL step")
+    group_size: int = option(4, "G: samples per prompt; N = P * G sequences per step")
+    num_iterations: int = option(
+        1, "mu: optimisation passes over each rollout batch (1 = on-policy, the ratio starts at 1)"
+    )
+    minibatch_size: int = option(8, "sequences per optimiser step (N / minibatch_size optimiser steps per pass)")
+    micro_batch_size: int = option(8, "sequences per forward/backward; gradients accumulate up to minibatch_size")
+    max_new_tokens: int = option(40, "completion budget, in tokens; longer completions are truncated (no EOS)")
+    temperature: float = option(1.0, "sampling temperature; the log-probs are of the same tempered policy")
+    top_p: float = option(1.0, "nucleus sampling (1.0 = off); recorded log-probs stay the untruncated policy's")
+    loss_type: str = option(
+        "grpo", "how per-token losses are aggregated: grpo | bnpo | dr_grpo | dapo (TRL's definitions)"
+    )
+    surrogate: str = option(
+        "clip", "the per-token policy loss: clip (PPO's clipped ratio) | cispo | sapo (algorithms.losses.SURROGATES)"
+    )
+    ratio_level: str = option(
+        "token", "where the importance ratio is taken: token | sequence (GSPO: exp of each sequence's mean log-ratio)"
+    )
+    clip_low: float = option(0.2, "surrogate=clip: the ratio is clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = option(0.2, "surrogate=clip: upper clip (1 + clip_high); > clip_low is DAPO's clip-higher")
+    cispo_cap: float = option(5.0, "surrogate=cispo: upper bound of the detached ratio (TRL's epsilon_high there)")
+    sapo_tau_pos: float = option(1.0, "surrogate=sapo: the soft gate's temperature for tokens with A > 0")
+    sapo_tau_neg: float = option(1.05, "surrogate=sapo: the soft gate's temperature for tokens with A <= 0")
+    rollout_correction: str = option(
+        "none",
+        "sampler-vs-trainer mismatch correction of the policy loss: none | tis (weight min(rho, cap)) | mis "
+        "(rho, 0 outside [low, high]) | seq_mis (tis, 0 for sequences whose mean rho is outside the band)",
+    )
+    rollout_correction_cap: float = option(2.0, "tis, seq_mis: the cap of the truncated importance weight")
+    rollout_correction_low: float = option(0.5, "mis, seq_mis: the band's lower end of rho = pi_trainer / pi_sampler")
+    rollout_correction_high: float = option(2.0, "mis, seq_mis: the band's upper end")
+    beta: float = option(0.04, "KL coefficient (in the loss or in the reward: kl_in); 0 = no reference model, no KL")
+    kl_estimator: str = option("k3", "k1 | k2 | k3 (Schulman's estimators of KL(pi || ref), per token)")
+    ent_coef: float = option(0.0, "entropy bonus coefficient (0 = none)")
+    # null -> true in bf16/fp16: the KV-cached sampling pass and the full training pass round apart, so the ratio
+    # would not start at 1; in fp32 they agree to ~1e-6 and the extra forward is saved
+    recompute_old_logp: bool | None = option(
+        None,
+        "true: a no-grad forward for the old log-probs instead of the sampling-time ones (which are then kept to "
+        "measure the mismatch: rollout_corr/*) | false | null: true in bf16/fp16 or with a rollout_correction",
+    )
+    fused_loss: bool = option(
+        True, "policy loss and its gradient inside the lm_head pass (models.fused_loss) instead of after it"
+    )
+    default_max_steps: int | None = option(
+        None, "trainer.max_steps when it is not given (conf/trainer/default.yaml); null: the trainer's default"
+    )
+    kl_in: str = option(
+        "loss",
+        "where beta * KL enters: loss (GRPO's: a term of the policy loss) | reward (PPO's: -beta * KL_t in every "
+        "token's reward, so the advantages carry it)",
+    )
+    # groups whose scores are all equal give a group baseline no signal
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO's dynamic sampling (Yu et al. 2025): drop groups whose scores are all equal and draw more prompts "
+        "until prompts_per_step groups remain (needs group_size >= 2)",
+    )
+    dynamic_sampling_max_draws: int = option(
+        4, "extra draws of prompts_per_step prompts a step may make; still short then, dropped groups fill the batch"
+    )
+    overlong_buffer: int = option(
+        0,
+        "DAPO's soft overlong penalty: completions longer than max_new_tokens - overlong_buffer tokens get a "
+        "linear penalty, reaching -overlong_penalty at max_new_tokens, added to the sequence reward (0 = off)",
+    )
+    overlong_penalty: float = option(1.0, "the overlong penalty's factor (its value at max_new_tokens)")
+    eval_samples: int = option(1, "k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k")
+    pass_threshold: float = option(1.0, "a held-out sample passes when its accuracy reward part is >= this")
+    rollout: RolloutConfig = option(factory=RolloutConfig, help="how completions are decoded (algo.rollout.*)")
 
     def __post_init__(self) -> None:
         check_choice("algo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.loss_type == "gspo":
+            raise ConfigError(
+                "algo.loss_type=gspo is a ratio level, not an aggregation: write algo.loss_type=grpo "
+                "algo.ratio_level=sequence"
+            )
         check_choice("algo.loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("algo.surrogate", self.surrogate, tuple(SURROGATES))
+        check_choice("algo.ratio_level", self.ratio_level, RATIO_LEVELS)
+        check_choice("algo.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        if self.rollout_correction != "none" and self.recompute_old_logp is False:
+            raise ConfigError(
+                f"algo.rollout_correction={self.rollout_correction} compares the sampler's log-probs with the "
+                "trainer's: leave algo.recompute_old_logp at null (or true)"
+            )
+        for key in ("cispo_cap", "sapo_tau_pos", "sapo_tau_neg", "rollout_correction_cap"):
+            check_range(f"algo.{key}", getattr(self, key), 1e-6)
+        check_range("algo.rollout_correction_low", self.rollout_correction_low, 0.0, 1.0)
+        check_range("algo.rollout_correction_high", self.rollout_correction_high, 1.0)
         for key in (
             "prompts_per_step",
             "group_size",
@@ -118,11 +175,12 @@ class PolicyGradient:
         ctx: StageContext,
         reference: torch.nn.Module | None,
         targets: list[OptimTarget],
-        critic: torch.nn.Module | None = None,
+        critic: ValueModel | None = None,
     ):
+        assert ctx.policy is not None  # a looped stage's context always has the policy (run.py)
         if cfg.recompute_old_logp is None:
             low_precision = compute_dtype(ctx.cfg.model, ctx.cfg.trainer) != "float32"
-            cfg = dataclasses.replace(cfg, recompute_old_logp=low_precision)
+            cfg = dataclasses.replace(cfg, recompute_old_logp=low_precision or cfg.rollout_correction != "none")
         self.cfg = cfg
         self.policy, self.tokenizer, self.reward_fn = ctx.policy, ctx.tokenizer, ctx.reward_fn
         self.reference = reference  # None when beta == 0: no reference forward at all
@@ -137,9 +195,13 @@ class PolicyGradient:
         self.eval_seed = ctx.cfg.seed + EVAL_SEED_OFFSET
         self.params = model_params(self.policy, reference, critic, self.reward_fn)
         self.draw_cost = DrawCost()  # this step's draws beyond its batch (dynamic sampling), set by `sample`
+        self.correction_metrics: dict[str, float] = {}  # the sampler-vs-trainer mismatch, set by `sample`
 
     # ---- what the loop uses (training.loop.Algorithm) -------------------------------------------
-    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+    def step(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError  # each algorithm's own (GRPO, RLOO, REINFORCE++, PPO)
+
+    def checkpoint_models(self) -> dict[str, ScalarHeadModel]:
         return {} if self.critic is None else {"critic": self.critic}  # the policy is saved by the loop
 
     def state_dict(self) -> dict:
@@ -216,9 +278,22 @@ class PolicyGradient:
             )
             rollout, scored, self.draw_cost = refilled.rollout, refilled.scored, refilled.cost
         tensors = rollout_tensors(rollout)
+        self.correction_metrics = {}
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
             with timer("old_logp"):
                 tensors["old_logp"] = batched_logprobs(self.policy, rollout, self.micro_batch.size, cfg.temperature)
+            # the sampler's log-probs beside the trainer's: their mismatch, measured every step, corrected if asked
+            weights, self.correction_metrics = rollout_correction(
+                tensors["old_logp"],
+                rollout.logp,
+                rollout.completion_mask,
+                cfg.rollout_correction,
+                cfg.rollout_correction_cap,
+                cfg.rollout_correction_low,
+                cfg.rollout_correction_high,
+            )
+            if cfg.rollout_correction != "none":
+                tensors["is_weight"] = weights  # [N, Tc], sliced into micro-batches with the rest
         if self.reference is not None:
             with timer("reference"):
                 tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch.size, cfg.temperature)
@@ -241,17 +316,13 @@ class PolicyGradient:
         the rewards, or there is no reference)."""
         return beta if self.cfg.kl_in == "loss" and self.reference is not None else 0.0
 
-    def kl_in_reward_metrics(self, kl_k1: Tensor, kl_penalty: Tensor, mask: Tensor, beta: float) -> dict[str, float]:
-        """What an algorithm with the KL in the reward (PPO, RLOO, REINFORCE++) logs of it; {} without a
-        reference or with algo.kl_in=loss (the loss logs its own `kl`). kl_k1, kl_penalty: [N, Tc] from
-        `kl_penalty`, 0 on padding."""
+    def kl_in_reward_metrics(self, kl_penalty: Tensor, beta: float) -> dict[str, float]:
+        """The KL's part of the reward with algo.kl_in=reward, -beta * sum_t KL_t per sequence; {} without a
+        reference or with kl_in=loss (the loss logs `kl/loss_term`). kl_penalty: [N, Tc] from `kl_penalty`.
+        `kl` itself is logged the same way by every algorithm (algorithms.metrics)."""
         if self.reference is None or self.cfg.kl_in == "loss":
             return {}
-        return {
-            "kl": float(masked_mean(kl_k1, mask)),  # k1 per token
-            "kl/sequence": float(kl_k1.sum(-1).mean()),  # k1 summed over each sequence, mean over sequences
-            "reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean()),  # -beta * sum_t KL_t per sequence
-        }
+        return {"reward/kl_penalty_mean": float(-(beta * kl_penalty).sum(-1).mean())}
 
     def update_policy(self, tensors: dict[str, Tensor], timer: PhaseTimer, beta_in_loss: float) -> dict[str, float]:
         """num_iterations passes of clipped policy loss (+ beta_in_loss * KL when > 0) - ent_coef * entropy
@@ -288,13 +359,16 @@ class PolicyGradient:
         rewards: Tensor,
         metrics: dict[str, float],
         timer: PhaseTimer,
-        advantages: Tensor | None = None,
+        tensors: dict[str, Tensor],
     ) -> StepOutput:
-        """The metrics every RL step logs (samples, rewards, cost, phase times) around the algorithm's own,
-        and the sample records (with each sample's advantage when given: [N], or [N, Tc] per token, recorded
-        as its mean over the completion's tokens)."""
+        """The metrics every RL step logs (samples, rewards, advantages, KL, cost, phase times) around the
+        algorithm's own, and the sample records. `tensors`: what the update trained on (advantages [N] or
+        [N, Tc], completion_mask, old_logp, ref_logp); `rewards` [N]: the task rewards. A sample's advantage is
+        recorded as its mean over the completion's tokens."""
         out = rollout_metrics(rollout, rewards, scored.parts, scored.failures, scored.timeouts)
         out.update(metrics)
+        out.update(step_tensor_metrics(tensors, rewards, self.cfg.group_size))
+        out.update(self.correction_metrics)  # rollout_corr/*: only when the old log-probs were recomputed
         out.update(timer.metrics())
         out.update(
             step_compute_metrics(
@@ -302,7 +376,7 @@ class PolicyGradient:
                 sum(scored.model_tokens.values()),
                 self.params,
                 self.cfg.num_iterations,
-                self.cfg.recompute_old_logp,
+                bool(self.cfg.recompute_old_logp),  # a bool since __init__ (null: set from the precision)
             )
         )
         out.update(self.draw_cost.metrics)  # dynamic sampling: what was drawn, and the discarded samples' cost
@@ -310,7 +384,8 @@ class PolicyGradient:
             out, self.draw_cost.prompt_tokens, self.draw_cost.generated_tokens, self.params["actor"]
         )
         parts = {"total": rewards, **scored.parts}
-        if advantages is not None and advantages.dim() == 2:  # per token: the sequence's mean
+        advantages = tensors["advantages"]
+        if advantages.dim() == 2:  # per token: the sequence's mean
             advantages = masked_mean(advantages, rollout.completion_mask, dim=-1)  # [N]
         records = sample_records(
             rollout.prompts,
@@ -328,6 +403,7 @@ def build_actor_and_reference(
 ) -> tuple[torch.nn.Module | None, OptimTarget, torch.optim.Optimizer]:
     """The frozen reference (none when algo.beta = 0), every model sharded under fsdp, then the actor's
     AdamW (built after sharding, which replaces the parameters)."""
+    assert ctx.policy is not None  # a looped stage's context always has the policy (run.py)
     cfg = ctx.cfg
     reference = reference_model(ctx.policy) if cfg.algo.beta > 0 else None
     # fp32 master weights of bf16 full fine-tuning are gathered in bf16 for compute (models.scale)

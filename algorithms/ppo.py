@@ -24,15 +24,15 @@ from algorithms.advantages import (
     group_baselined_returns,
     kl_penalised_token_rewards,
     masked_mean,
-    masked_var,
 )
 from algorithms.batch_stats import global_whiten
-from algorithms.common import batched_forward, micro_values, sequence_mean, zero_std_group_frac
+from algorithms.common import batched_forward, micro_values, sequence_mean
 from algorithms.kl_control import KLController
 from algorithms.losses import accumulation_weight, value_loss
 from algorithms.objective import policy_objective
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_actor_and_reference
 from conf.checks import ConfigError, check_choice, check_range
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch, PromptSampler
 from models.heads import ValueModel
@@ -45,30 +45,49 @@ from training.update import minibatch_update, optim_target
 
 @dataclass
 class PPOConfig(PolicyGradientConfig):
-    name: str = "ppo"
-    prompts_per_step: int = 8  # 8 x 1 = GRPO's default 2 x 4 sequences: the same budget
-    group_size: int = 1  # completions per prompt
-    loss_type: str = "bnpo"  # mean over all tokens, as PPO implementations average
-    # (initial) KL coefficient: reward_t = -beta * KL_t, + the sequence reward at the last token; 0 = no reference.
-    # The penalty's noise is in every advantage: at 0.05 it was as large as the rewards' spread
-    beta: float = 0.02
-    kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as in Ziegler et al.)
-    vf_coef: float = 0.1  # weight of the value loss in actor + critic loss
-    value_clip: float = 0.2  # new values clipped to old values +- value_clip in the value loss
-    gamma: float = 1.0  # per-token discount
-    lam: float = 1.0  # GAE lambda (1 = Monte Carlo returns: no bias from a critic that is still untrained)
-    whiten_advantages: bool = True  # advantages normalised to mean 0, std 1 over the batch's real tokens
-    kl_control: str = "fixed"  # fixed | adaptive (Ziegler et al. 2019: beta moves toward target_kl)
-    target_kl: float = 6.0  # adaptive: target KL per sequence, in nats
-    kl_horizon: int = 10000  # adaptive: horizon, in sequences (larger = slower beta changes)
-    kl_in: str = "reward"  # -beta * KL_t in every token's reward (loss: beta * KL a term of the loss, as GRPO)
-    # critic: a learned value per token, GAE | group_mean | leave_one_out: the mean of the prompt's G (or other
-    # G - 1) sequence returns in place of V(s_t), returns-to-go minus it as advantages; no critic is built
-    baseline: str = "critic"
-    critic: str = "policy"  # critic initialisation: policy = a copy of the policy's backbone + a zero value head
-    critic_lr: float | None = 2e-4  # the critic's AdamW learning rate (null = trainer.lr): a fresh head catches up
-    actor_lr: float | None = 1e-4  # the actor's AdamW learning rate (null = trainer.lr)
-    default_max_steps: int | None = 24  # a PPO step costs ~2x GRPO's (critic passes)
+    name: str = option("ppo", "the stage's name (algo=<name>)")
+    # 8 x 1 = GRPO's default 2 x 4 sequences: the same budget
+    prompts_per_step: int = option(8, "P: prompts per RL step")
+    group_size: int = option(1, "G: completions per prompt; N = P * G sequences per step")
+    loss_type: str = option(
+        "bnpo", "how per-token losses are aggregated: grpo | bnpo | dr_grpo | dapo (bnpo, PPO's: mean over all tokens)"
+    )
+    # the penalty's noise is in every advantage: at 0.05 it was as large as the rewards' spread
+    beta: float = option(
+        0.02,
+        "(initial) KL coefficient: reward_t = -beta * KL_t, + the sequence reward at the last token; 0 = no reference",
+    )
+    kl_estimator: str = option(
+        "k1", "the per-token KL of the penalty: k1 | k2 | k3 (k1 = log pi/ref, as in Ziegler et al.)"
+    )
+    vf_coef: float = option(0.1, "weight of the value loss in actor + critic loss")
+    value_clip: float = option(0.2, "new values clipped to old values +- value_clip in the value loss")
+    gamma: float = option(1.0, "per-token discount, in [0, 1]")
+    lam: float = option(
+        1.0, "GAE lambda, in [0, 1] (1 = Monte Carlo returns: no bias from a critic that is still untrained)"
+    )
+    whiten_advantages: bool = option(True, "advantages normalised to mean 0, std 1 over the batch's real tokens")
+    kl_control: str = option("fixed", "fixed | adaptive (Ziegler et al. 2019: beta moves toward target_kl)")
+    target_kl: float = option(6.0, "kl_control=adaptive: target KL per sequence, in nats")
+    kl_horizon: int = option(10000, "kl_control=adaptive: horizon, in sequences (larger = slower beta changes)")
+    kl_in: str = option(
+        "reward", "where beta * KL enters: reward (PPO's: -beta * KL_t in every token's reward) | loss (as GRPO)"
+    )
+    baseline: str = option(
+        "critic",
+        "critic (a learned value per token, GAE) | group_mean | leave_one_out (the mean of the prompt's G, or "
+        "other G - 1, sequence returns in place of V(s_t); no critic is built)",
+    )
+    critic: str = option(
+        "policy", "critic initialisation: policy (a copy of the policy's backbone + a zero value head)"
+    )
+    critic_lr: float | None = option(
+        2e-4, "the critic's AdamW learning rate (null = trainer.lr); higher, so a fresh head catches up"
+    )
+    actor_lr: float | None = option(1e-4, "the actor's AdamW learning rate (null = trainer.lr)")
+    default_max_steps: int | None = option(
+        24, "trainer.max_steps when it is not given; fewer than GRPO's: a PPO step costs ~2x (critic passes)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +112,8 @@ class PPOConfig(PolicyGradientConfig):
 
 class PPO(PolicyGradient):
     """The PPO update on a policy, its critic, an optional frozen reference and a reward function."""
+
+    cfg: PPOConfig  # the algorithm's own options (PolicyGradient.__init__ stores the one it is given)
 
     def __init__(
         self, cfg: PPOConfig, ctx: StageContext, reference, targets, critic: ValueModel | None, kl_ctl: KLController
@@ -119,10 +140,10 @@ class PPO(PolicyGradient):
 
         # ---- OLD VALUES (no grad; with a critic) ----------------------------------------------
         old_values = None
-        if self.critic is not None:
+        if (critic := self.critic) is not None:
             with timer("critic"):
                 old_values = batched_forward(
-                    lambda micro: micro_values(self.critic, micro), rollout, self.micro_batch.size
+                    lambda micro: micro_values(critic, micro), rollout, self.micro_batch.size
                 )  # [N, Tc]
 
         # ---- ALGO LOGIC: per-token rewards, GAE (or a group baseline), whitening ----------------
@@ -154,15 +175,14 @@ class PPO(PolicyGradient):
                 beta=self.loss_beta(beta),
                 entropy_weight=cfg.ent_coef * share,
             )
+            assert self.critic is not None  # the value loss is only trained with a critic
             values = micro_values(self.critic, micro)  # [n, Tc]
             v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
-            entropy_bonus = masked_mean(objective.entropy, micro_mask)
             stats = objective.stats
             stats.update(v_stats)
-            stats["pg_loss"] = objective.policy_loss
             stats["value_loss"] = v_loss.detach()
             stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro_mask))
-            stats["loss"] = objective.policy_loss + cfg.vf_coef * v_loss.detach() - cfg.ent_coef * entropy_bonus
+            stats["loss"] = objective.policy_loss  # the policy loss, as every algorithm logs it
             return objective.loss + cfg.vf_coef * v_loss * share, stats
 
         # ---- UPDATE: num_iterations passes over minibatches, actor and critic together ----------
@@ -190,9 +210,6 @@ class PPO(PolicyGradient):
 
         stats.update(
             {
-                "advantages/mean": float(masked_mean(raw_advantages, mask)),  # before whitening
-                "advantages/std": float(masked_var(raw_advantages, mask).sqrt()),
-                "advantages/abs_mean": float(masked_mean(raw_advantages.abs(), mask)),
                 "returns/mean": float(masked_mean(returns, mask)),
                 "kl_coef": beta,  # the beta this step's rewards (or loss) used
             }
@@ -203,10 +220,8 @@ class PPO(PolicyGradient):
             explained = explained_variance(old_values, returns, mask)
             stats["values/mean"] = float(masked_mean(old_values, mask))
             stats["explained_var"] = float(explained) if torch.isfinite(explained) else 0.0
-        if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
-            stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
-        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, beta))
-        return self.step_output(rollout, scored, scores, stats, timer, advantages)
+        stats.update(self.kl_in_reward_metrics(kl_penalty, beta))
+        return self.step_output(rollout, scored, scores, stats, timer, tensors)
 
 
 def ppo_models(cfg: PPOConfig) -> tuple[str, ...]:
@@ -222,6 +237,7 @@ def build_ppo(ctx: StageContext) -> Built:
     baseline), a frozen reference (none when beta = 0) and the reward function; the actor and the critic
     get their own AdamW."""
     cfg, algo = ctx.cfg, ctx.cfg.algo
+    assert ctx.policy is not None  # a looped stage's context always has the policy (run.py)
     critic = None
     if "critic" in ppo_models(algo):
         if is_lora(ctx.policy):  # a second adapter on the same frozen base, a zero head

@@ -22,12 +22,11 @@ from algorithms.advantages import (
     group_advantages,
     kl_penalised_token_rewards,
     masked_mean,
-    masked_var,
 )
 from algorithms.batch_stats import global_whiten
-from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import ConfigError, check_choice, check_range
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch
 from training.loop import Built, StageContext, StepOutput
@@ -38,22 +37,36 @@ BASELINES = ("none", "group_mean")
 
 @dataclass
 class ReinforcePPConfig(PolicyGradientConfig):
-    name: str = "reinforce_pp"
+    name: str = option("reinforce_pp", "the stage's name (algo=<name>)")
     # prompts_per_step 2 x group_size 4 (the base defaults, GRPO's): 8 sequences per step whose G samples of a
     # prompt share one prefill, so a step costs GRPO's; 8 x 1 (the paper's one sample per prompt:
     # algo.prompts_per_step=8 algo.group_size=1) measured ~2x slower on the embedded model (8 prefills, no
     # shared prompt in the reference and training passes)
-    baseline: str = "none"  # none (REINFORCE++) | group_mean (REINFORCE++-baseline: score - the prompt's mean)
-    loss_type: str = "bnpo"  # mean over all real tokens: the advantages are whitened per token (OpenRLHF, PPO)
-    # KL coefficient: reward_t = -beta * KL_t, + the score at the last token; 0 = no reference. PPO's rewards
-    # and PPO's value: at 0.05 the penalty's noise was as large as the rewards' spread on the embedded model
-    beta: float = 0.02
-    kl_in: str = "reward"  # PPO's place: -beta * KL_t in the rewards (loss: a term of the loss, as GRPO)
-    kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as in PPO and the paper)
-    gamma: float = 1.0  # per-token discount of the returns
-    # the returns normalised to mean 0, std 1 over the global batch's real tokens (all ranks): REINFORCE++'s
-    # only baseline when baseline=none; false = the raw returns
-    whiten_advantages: bool = True
+    baseline: str = option(
+        "none", "none (REINFORCE++) | group_mean (REINFORCE++-baseline: score - the prompt's mean score)"
+    )
+    loss_type: str = option(
+        "bnpo",
+        "how per-token losses are aggregated: grpo | bnpo | dr_grpo | dapo (bnpo: mean over all real tokens, as the "
+        "advantages are whitened per token: OpenRLHF, PPO)",
+    )
+    # PPO's rewards and PPO's value: at 0.05 the penalty's noise was as large as the rewards' spread on the
+    # embedded model
+    beta: float = option(
+        0.02, "KL coefficient: reward_t = -beta * KL_t, + the score at the last token; 0 = no reference"
+    )
+    kl_in: str = option(
+        "reward", "where beta * KL enters: reward (PPO's place: -beta * KL_t in the rewards) | loss (as GRPO)"
+    )
+    kl_estimator: str = option(
+        "k1", "the per-token KL of the penalty: k1 | k2 | k3 (k1 = log pi/ref, as in PPO and the paper)"
+    )
+    gamma: float = option(1.0, "per-token discount of the returns, in [0, 1]")
+    whiten_advantages: bool = option(
+        True,
+        "the returns normalised to mean 0, std 1 over the global batch's real tokens (all ranks): REINFORCE++'s "
+        "only baseline when baseline=none; false = the raw returns",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +83,8 @@ class ReinforcePPConfig(PolicyGradientConfig):
 class ReinforcePP(PolicyGradient):
     """The REINFORCE++ update on a policy, an optional frozen reference and a reward function."""
 
+    cfg: ReinforcePPConfig  # the algorithm's own options (PolicyGradient.__init__ stores the one it is given)
+
     def step(self, batch: Batch) -> StepOutput:
         cfg, timer = self.cfg, PhaseTimer()
 
@@ -81,7 +96,7 @@ class ReinforcePP(PolicyGradient):
         # ---- ALGO LOGIC: (baseline), per-token rewards, returns, global whitening ----------------
         # groups never cross ranks (the sampler shards whole prompts): the group mean is local
         centred = group_advantages(scores, cfg.group_size, "none") if cfg.baseline == "group_mean" else scores  # [N]
-        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each, 0 on padding and without a reference
+        _, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each, 0 on padding and without a reference
         token_rewards = kl_penalised_token_rewards(centred, kl_penalty, mask, cfg.beta)  # [N, Tc]
         returns = discounted_returns(token_rewards, mask, cfg.gamma)  # [N, Tc]
         # whitened with the statistics of the whole batch, over all ranks
@@ -91,18 +106,9 @@ class ReinforcePP(PolicyGradient):
         # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
-        stats.update(
-            {
-                "advantages/mean": float(masked_mean(returns, mask)),  # before whitening
-                "advantages/std": float(masked_var(returns, mask).sqrt()),
-                "advantages/abs_mean": float(masked_mean(returns.abs(), mask)),
-                "returns/mean": float(masked_mean(returns, mask)),  # PPO's key: its lam = 1 returns are these
-            }
-        )
-        if cfg.group_size > 1:  # zero-spread groups of the task reward (as GRPO logs it)
-            stats["reward/zero_std_group_frac"] = zero_std_group_frac(scores, cfg.group_size)
-        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
-        return self.step_output(rollout, scored, scores, stats, timer, advantages)
+        stats["returns/mean"] = float(masked_mean(returns, mask))  # PPO's key: its lam = 1 returns are these
+        stats.update(self.kl_in_reward_metrics(kl_penalty, cfg.beta))
+        return self.step_output(rollout, scored, scores, stats, timer, tensors)
 
 
 @register_stage(

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from algorithms.advantages import group_baseline
 from algorithms.batch_stats import global_whiten
-from algorithms.common import zero_std_group_frac
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_critic_free
 from conf.checks import ConfigError
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch
 from training.loop import Built, StageContext, StepOutput
@@ -51,22 +51,31 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
 
 @dataclass
 class RLOOConfig(PolicyGradientConfig):
-    name: str = "rloo"
+    name: str = option("rloo", "the stage's name (algo=<name>)")
     # prompts_per_step 2 x group_size 4 (the base defaults, GRPO's): 8 sequences per step, PPO's budget
-    # bnpo (mean over all real tokens): every token weighs the same, so the gradient is a positive multiple
-    # of sum_i A_i grad log pi(y_i) with log pi(y) = sum_t log pi(y_t), the paper's completion-as-one-action
-    # REINFORCE; grpo's per-sequence token mean would scale sequence i by 1 / |y_i| (Dr. GRPO's length bias)
-    loss_type: str = "bnpo"
-    # KL coefficient: r_i = score_i - beta * sum_t KL_t; 0 = no reference. TRL's default is 0.05, but the
-    # summed penalty is PPO's (its return at the first token with gamma = lam = 1), and PPO found that at 0.05
-    # its noise was as large as the rewards' spread on the embedded model; the leave-one-out baseline removes
-    # the group's shared KL, not each sample's own noise (a sum of ~40 noisy k1 terms)
-    beta: float = 0.02
-    kl_in: str = "reward"  # PPO's place: -beta * KL_t in the rewards (loss: a term of the loss, as GRPO)
-    kl_estimator: str = "k1"  # the per-token KL of the penalty (k1 = log pi/ref, as TRL's RLOOTrainer)
-    # advantages normalised to mean 0, std 1 over the whole batch's sequences (all ranks): TRL's
-    # normalize_advantages, off by default there too; on, the step size no longer scales with the rewards
-    whiten_advantages: bool = False
+    # bnpo: every token weighs the same, so the gradient is a positive multiple of sum_i A_i grad log pi(y_i)
+    # with log pi(y) = sum_t log pi(y_t), the paper's completion-as-one-action REINFORCE; grpo's per-sequence
+    # token mean would scale sequence i by 1 / |y_i| (Dr. GRPO's length bias)
+    loss_type: str = option(
+        "bnpo", "how per-token losses are aggregated: grpo | bnpo | dr_grpo | dapo (bnpo: mean over all real tokens)"
+    )
+    # TRL's default is 0.05, but the summed penalty is PPO's (its return at the first token with
+    # gamma = lam = 1), and PPO found that at 0.05 its noise was as large as the rewards' spread on the embedded
+    # model; the leave-one-out baseline removes the group's shared KL, not each sample's own noise (a sum of
+    # ~40 noisy k1 terms)
+    beta: float = option(0.02, "KL coefficient: r_i = score_i - beta * sum_t KL_t; 0 = no reference")
+    kl_in: str = option(
+        "reward", "where beta * KL enters: reward (PPO's place: -beta * KL_t in the rewards) | loss (as GRPO)"
+    )
+    kl_estimator: str = option(
+        "k1", "the per-token KL of the penalty: k1 | k2 | k3 (k1 = log pi/ref, as TRL's RLOOTrainer)"
+    )
+    # TRL's normalize_advantages, off by default there too
+    whiten_advantages: bool = option(
+        False,
+        "advantages normalised to mean 0, std 1 over the whole batch's sequences (all ranks); on, the step size "
+        "no longer scales with the rewards",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +90,8 @@ class RLOOConfig(PolicyGradientConfig):
 class RLOO(PolicyGradient):
     """The RLOO update on a policy, an optional frozen reference and a reward function."""
 
+    cfg: RLOOConfig  # the algorithm's own options (PolicyGradient.__init__ stores the one it is given)
+
     def step(self, batch: Batch) -> StepOutput:
         cfg, timer = self.cfg, PhaseTimer()
 
@@ -90,7 +101,7 @@ class RLOO(PolicyGradient):
         scores = scored.total.to(mask.device)  # [N]
 
         # ---- ALGO LOGIC: KL-penalised sequence rewards, leave-one-out baseline -----------------
-        kl_k1, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each, 0 on padding and without a reference
+        _, kl_penalty = self.kl_penalty(tensors)  # [N, Tc] each, 0 on padding and without a reference
         rewards = kl_penalised_rewards(scores, kl_penalty, mask, cfg.beta)  # [N]
         # groups never cross ranks (the sampler shards whole prompts): the baseline is local
         raw_advantages = leave_one_out_advantages(rewards, cfg.group_size)  # [N], one per sequence
@@ -102,17 +113,8 @@ class RLOO(PolicyGradient):
         # ---- UPDATE: num_iterations passes over minibatches; the KL term only with kl_in=loss ------
         stats = self.update_policy(tensors, timer, beta_in_loss=self.loss_beta(cfg.beta))
 
-        stats.update(
-            {
-                "advantages/mean": float(raw_advantages.mean()),  # before whitening; 0 up to rounding
-                "advantages/std": float(raw_advantages.std()) if raw_advantages.numel() > 1 else 0.0,
-                "advantages/abs_mean": float(raw_advantages.abs().mean()),
-                # zero-spread groups of the task reward (as GRPO logs it): no signal but the KL's noise
-                "reward/zero_std_group_frac": zero_std_group_frac(scores, cfg.group_size),
-            }
-        )
-        stats.update(self.kl_in_reward_metrics(kl_k1, kl_penalty, mask, cfg.beta))
-        return self.step_output(rollout, scored, scores, stats, timer, advantages)
+        stats.update(self.kl_in_reward_metrics(kl_penalty, cfg.beta))
+        return self.step_output(rollout, scored, scores, stats, timer, tensors)
 
 
 @register_stage(

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from conf.checks import ConfigError, check_choice, check_range
+from conf.options import option
 from models.decode import StaticDecoder, sample_token, supports_static_cache, top_p_filter
 from models.forward import position_ids
 from models.packed import packable
@@ -55,22 +56,35 @@ class Rollout:
 class RolloutConfig:
     """How completions are decoded (`algo.rollout.*`); none of it changes what is drawn."""
 
-    cache: str = "static"  # static: preallocated KV cache, fixed-shape steps (models.decode) | dynamic: growing
-    # torch.compile the static decode step: auto = on CUDA (mode reduce-overhead: CUDA graphs), off on a CPU
-    # (where compiling costs more than it saves at these sizes: experiments/bench_rollout.py) | true | false
-    compile: str = "auto"
-    max_batch: int = 0  # sequences decoded at once; larger batches are decoded in chunks of this (0 = all at once)
-    # drop finished rows from the decode batch once no more than this share of it is still running (0 = never);
+    cache: str = option(
+        "static", "KV cache: static (preallocated, fixed-shape steps: models.decode) | dynamic (growing)"
+    )
+    # off on a CPU: compiling costs more than it saves at these sizes (experiments/bench_rollout.py)
+    compile: str = option(
+        "auto",
+        "torch.compile the static decode step: auto (on CUDA, mode reduce-overhead: CUDA graphs; off on a CPU) "
+        "| true | false",
+    )
+    max_batch: int = option(
+        0, "sequences decoded at once; larger batches are decoded in chunks of this (0 = all at once)"
+    )
     # it shrinks to the next power of two, so a compiled step sees at most log2(batch) shapes
-    compact_below: float = 0.5
-    # the eager static step on weights prepacked for oneDNN, q/k/v and gate/up fused (models.packed): auto = on a
-    # CPU when the projections are plain nn.Linear and the step is not compiled | true (an error where it cannot)
-    # | false (the model's modules, MKL's GEMM)
-    pack: str = "auto"
-    # decode steps between looks at which rows have finished (to stop, or to compact): each look is a host-device
-    # sync on a GPU, which stalls the queue of launched steps; 0 = auto: 1 on a CPU, 8 on a GPU. The draws are
-    # the same whatever it is; steps after the last row stopped are decoded and discarded
-    stop_check_every: int = 0
+    compact_below: float = option(
+        0.5, "drop finished rows from the decode batch once no more than this share of it is still running (0 = never)"
+    )
+    pack: str = option(
+        "auto",
+        "the eager static step on weights prepacked for oneDNN, q/k/v and gate/up fused (models.packed): auto (on "
+        "a CPU when the projections are plain nn.Linear and the step is not compiled) | true (an error where it "
+        "cannot) | false (the model's own modules)",
+    )
+    # each look is a host-device sync on a GPU, which stalls the queue of launched steps; the draws are the same
+    # whatever it is: steps after the last row stopped are decoded and discarded
+    stop_check_every: int = option(
+        0,
+        "decode steps between looks at which rows have finished (to stop, or to compact); "
+        "0 = auto: 1 on a CPU, 8 on a GPU",
+    )
 
     def __post_init__(self) -> None:
         # YAML reads `true` / `false` as booleans, and a str field then holds "True": one spelling for every reader
@@ -308,7 +322,7 @@ def sample_completions(
         chunk_ids, chunk_mask = prompt_ids[first : last + 1], prompt_mask[first : last + 1]
         keep = chunk_mask.any(0)  # drop the left-padding columns no prompt of this chunk needs
         chunk_ids, chunk_mask = chunk_ids[:, keep], chunk_mask[:, keep]
-        if static:
+        if decoder is not None:  # cache=static on a model that supports it
             out = _decode_static(
                 decoder,
                 chunk_ids,
@@ -359,14 +373,15 @@ def generate_rollout(
     rollout: how to decode (RolloutConfig's defaults when None); it does not change what is drawn.
     """
     device = next(model.parameters()).device
+    noise: torch.Generator | list[torch.Generator] | None = generator  # what draws the sampling noise
     if prompt_seeds is not None:
         if len(prompt_seeds) != len(rows):
             raise ValueError(f"{len(prompt_seeds)} prompt seeds for {len(rows)} prompts")
-        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
+        noise = [torch.Generator(device=device).manual_seed(int(s)) for s in prompt_seeds]
     elif generator is not None and generator.device.type != device.type:
         # a CPU generator cannot drive sampling on a GPU: seed a generator there from it, deterministically
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        generator = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.Generator(device=device).manual_seed(seed)
     prompts = [row["prompt"] for row in rows for _ in range(group_size)]
     sample_rows = [row for row in rows for _ in range(group_size)]
     enc = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -375,7 +390,7 @@ def generate_rollout(
     was_training = model.training
     model.eval()
     # a sharded model samples on gathered weights: ranks stop at different steps (parallel.fsdp)
-    uniform = draw_uniforms(len(rows), group_size, max_new_tokens, generator, device)  # [N, max_new_tokens]
+    uniform = draw_uniforms(len(rows), group_size, max_new_tokens, noise, device)  # [N, max_new_tokens]
     with sampling_weights(model):
         completion_ids, completion_mask, logp = sample_completions(
             model,

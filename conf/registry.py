@@ -95,11 +95,15 @@ def register_stage(
 
     def decorator(fn: Callable) -> Callable:
         old = STAGES.get(name)
-        if old is not None and (old.build or old.run).__qualname__ != fn.__qualname__:
-            raise ValueError(f"stage {name!r} is already registered by {(old.build or old.run).__module__}")
+        old_fn = None if old is None else old.build or old.run
+        if old_fn is not None and old_fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"stage {name!r} is already registered by {old_fn.__module__}")
         looped = kind in ("rl", "supervised")
-        models_fn = models if callable(models) else None
-        kept = tuple(models_fn(config())) if models_fn is not None else tuple(models)
+        if callable(models):
+            models_fn: Callable[[Any], tuple[str, ...]] | None = models
+            kept = tuple(models(config()))
+        else:
+            models_fn, kept = None, tuple(models)
         STAGES[name] = Stage(
             name,
             config,

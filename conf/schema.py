@@ -18,7 +18,7 @@ names the valid choices.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +49,50 @@ if not OmegaConf.has_resolver("div"):
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2_135m"
-    source: str = "embedded"  # embedded | hub | local | random
-    path: str | None = None  # hub id (source=hub) or directory (source=local)
-    revision: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    tokenizer: str | None = None  # where the tokenizer comes from when it differs from `path`
-    # only for source=random: the architecture of the freshly initialised Llama
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 2048
-    vocab_size: int | None = None  # null: the tokenizer's (a larger one, e.g. the 8B's 128256, pads the embedding)
-    tie_word_embeddings: bool = True  # lm_head shares the input embedding (the 8B's are separate: false)
-    init_seed: int = 0
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    # a template in models/chat_templates/ (e.g. r1_distill) to use instead of the tokenizer's own
-    chat_template: str | None = None
+    name: str = option("smollm2_135m", "the choice's name in the model group (conf/model/<name>.yaml)")
+    source: str = option(
+        "embedded",
+        "where the weights come from: embedded (the shipped model) | hub (path: a hub id) | local (path: a "
+        "directory) | random (a freshly initialised Llama of the sizes below)",
+    )
+    path: str | None = option(None, "hub id (source=hub) or model directory (source=local)")
+    revision: str | None = option(None, "source=hub: the branch, tag or commit to load (null: the default branch)")
+    dtype: str = option(
+        "float32",
+        "dtype of the weights: float32 | bfloat16 | float16 (also the compute dtype at trainer.precision=auto)",
+    )
+    tokenizer: str | None = option(
+        None,
+        "where the tokenizer comes from when it differs from `path`: a hub id, a directory or embedded "
+        "(null: the model's own; source=random: the embedded one)",
+    )
+    hidden_size: int = option(64, "source=random: the Llama's hidden size")
+    intermediate_size: int = option(128, "source=random: the Llama's MLP intermediate size")
+    num_hidden_layers: int = option(2, "source=random: the Llama's number of decoder layers")
+    num_attention_heads: int = option(4, "source=random: the Llama's attention heads")
+    num_key_value_heads: int = option(2, "source=random: the Llama's key/value heads (grouped-query attention)")
+    max_position_embeddings: int = option(2048, "source=random: the Llama's maximum sequence length, in tokens")
+    vocab_size: int | None = option(
+        None,
+        "source=random: the vocabulary size; null: the tokenizer's (a larger one, e.g. the 8B's 128256, pads "
+        "the embedding)",
+    )
+    tie_word_embeddings: bool = option(
+        True, "source=random: lm_head shares the input embedding (the 8B's are separate: false)"
+    )
+    init_seed: int = option(
+        0, "source=random: seed of the weight initialisation (drawn on the model's device: a GPU gives other weights)"
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in backward (a model that needs it turns it on; also trainer.*)"
+    )
+    trust_remote_code: bool = option(
+        False, "let from_pretrained run code from the model's repository (custom architectures and tokenizers)"
+    )
+    chat_template: str | None = option(
+        None,
+        "a template in models/chat_templates/ (e.g. r1_distill) used instead of the tokenizer's own (null: its own)",
+    )
 
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, ("embedded", "hub", "local", "random"))
@@ -81,28 +105,47 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "medical_o1_verifiable"
-    source: str = "auto"  # auto: the hub when reachable, else the shipped sample | hub | local
-    hub_id: str | None = None
-    hub_config: str | None = None  # the dataset's config name on the hub (e.g. "en")
-    hub_split: str = "train"
-    local_path: str = "data/medical_o1_demo.jsonl"  # relative to the project root
-    kind: str = "open"  # open (free-text answer) | mcq (letter answer) | sft (CoT + response)
-    question_field: str = "Open-ended Verifiable Question"
-    answer_field: str = "Ground-True Answer"
-    reference_field: str | None = "Response"
-    cot_field: str | None = "Complex_CoT"
-    options_field: str | None = None
-    system_prompt: str = ""
+    name: str = option("medical_o1_verifiable", "the choice's name in the data group (conf/data/<name>.yaml)")
+    source: str = option(
+        "auto",
+        "where the rows come from: auto (the hub when hub_id is set and reachable, else local_path) | hub | local",
+    )
+    hub_id: str | None = option(None, "the dataset's id on the Hugging Face hub (source=hub or auto)")
+    hub_config: str | None = option(None, 'the dataset\'s config name on the hub (e.g. "en"; null: its default)')
+    hub_split: str = option("train", "the hub split read; the held-out rows (eval_size) are drawn from it")
+    local_path: str = option(
+        "data/medical_o1_demo.jsonl", "JSON-lines file read when the source is local (relative to the project root)"
+    )
+    kind: str = option(
+        "open", "what a row asks for: open (free-text answer) | mcq (letter answer) | sft (CoT + response, to imitate)"
+    )
+    question_field: str = option("Open-ended Verifiable Question", "the row's field holding the question")
+    answer_field: str = option(
+        "Ground-True Answer", "the row's field holding the ground-truth answer (mcq: the letter; unused for kind=sft)"
+    )
+    reference_field: str | None = option(
+        "Response", "the row's field holding the reference response (kind=sft: the target after the CoT; null: none)"
+    )
+    cot_field: str | None = option(
+        "Complex_CoT", "the row's field holding the reference chain of thought (needed by kind=sft; null: none)"
+    )
+    options_field: str | None = option(
+        None, "kind=mcq: the row's field holding the options (letter -> text, listed under the question)"
+    )
+    system_prompt: str = option(
+        "", "system message of every prompt ('' = none; a template that refuses one gets it atop the user turn)"
+    )
     prefill: str = option(
         "",
         "text appended after the chat template's generation prompt, where the model starts writing (e.g. "
         "'<think>\\n' opens the think block for it); not repeated when the template already ends with it",
     )
-    max_prompt_tokens: int = 384  # longer prompts are skipped and counted
-    max_rows: int | None = None  # cap on rows read (after the split), for quick runs
-    eval_size: int = 16  # held-out rows, chosen by a seeded permutation
-    split_seed: int = 1234
+    max_prompt_tokens: int = option(384, "longest prompt, in tokens; longer prompts are skipped and counted")
+    max_rows: int | None = option(
+        None, "cap on the training rows (after the held-out split), for quick runs; null = all"
+    )
+    eval_size: int = option(16, "held-out rows, chosen by a seeded permutation (split_seed)")
+    split_seed: int = option(1234, "seed of the permutation that splits the held-out rows from the training rows")
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, ("auto", "hub", "local"))
@@ -113,18 +156,24 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "medical"
-    # reward name -> weight; the total reward is the weighted sum of the components
-    weights: dict[str, float] = field(default_factory=dict)
-    # reward name -> keyword arguments passed to that reward function
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # the learned reward (weights.reward_model): directory written by algo=reward_model
-    path: str | None = None
-    batch_size: int = 16  # completions per reward-model forward pass
-    # seconds one reward function may take on one batch (its per-sample retry after a raise included); past it
-    # the batch's samples score 0 for that reward, counted as reward/<name>_timeouts. The call runs in a thread
-    # that is abandoned, not killed (Python cannot stop a hung function). null = no limit, no thread
-    timeout_s: float | None = None
+    name: str = option("medical", "the choice's name in the reward group (conf/reward/<name>.yaml)")
+    weights: dict[str, float] = option(
+        factory=dict, help="reward name -> weight; the total reward is the weighted sum of the components"
+    )
+    options: dict[str, dict[str, Any]] = option(
+        factory=dict, help="reward name -> keyword arguments passed to that reward function (reward.options.<name>.*)"
+    )
+    path: str | None = option(
+        None,
+        "the learned reward (weights.reward_model): the directory algo=reward_model wrote (<run_dir>/reward_model)",
+    )
+    batch_size: int = option(16, "completions per reward-model forward pass")
+    # the call runs in a thread that is abandoned, not killed: Python cannot stop a hung function
+    timeout_s: float | None = option(
+        None,
+        "seconds one reward function may take on one batch (its per-sample retry after a raise included); past "
+        "it the batch's samples score 0 for that reward (reward/<name>_timeouts); null = no limit, no thread",
+    )
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -140,13 +189,16 @@ LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 class LoraOptions:
     """LoRA adapters (peft) on the policy's decoder; the base weights stay frozen and shared."""
 
-    enabled: bool = False  # train LoRA adapters (peft) on a frozen base instead of every weight
-    rank: int = 16
-    alpha: float = 32.0
+    enabled: bool = option(False, "train LoRA adapters (peft) on a frozen base instead of every weight")
+    rank: int = option(16, "rank r of each adapter's low-rank update")
+    alpha: float = option(32.0, "LoRA scaling: the update is multiplied by alpha / rank")
     # 0 by default: dropout in train mode would make the training log-probs a different function
     # from the sampling-time (eval mode) ones, biasing the PPO ratio
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))
+    dropout: float = option(0.0, "dropout on the adapters' input, in [0, 1]")
+    target_modules: list[str] = option(
+        factory=lambda: list(LLAMA_LORA_TARGETS),
+        help="decoder projections that get adapters (module names; lm_head is not allowed)",
+    )
 
     def __post_init__(self) -> None:
         check_range("trainer.lora.rank", self.rank, 1)
@@ -164,46 +216,69 @@ class LoraOptions:
 
 @dataclass
 class TrainerConfig:
-    name: str = "default"
-    max_steps: int = 28  # steps (RL: one rollout batch each); an algo may set its own (default_max_steps)
-    lr: float = 5e-5  # AdamW learning rate (the actor's)
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # gradient clipping; a non-finite loss or norm skips the update (counted, logged)
-    eval_every: int = 0  # held-out eval every N steps (0 = only at the end)
-    # held-out eval before the first step too (always when eval_every > 0): the summary's "before -> after"
-    eval_before: bool = True
-    eval_batch_size: int = 8  # prompts per eval generation batch
-    log_samples: int = 4  # completions per step written to samples.jsonl
-    # steps between wandb tables of those samples (prompt, completion, reward parts, advantage, length); the
-    # last step always logs one; 0 = none (samples.jsonl has them either way)
-    log_samples_every: int = 10
-    save_every: int = 0  # checkpoint every N steps into checkpoints/step_N (0 = only the final one)
-    keep_last: int = 3  # step_N checkpoints kept (the newest ones; final is always kept); 0 = all
-    save_final: bool = True  # write checkpoints/final (loadable with model.source=local model.path=...)
-    resume: str | None = None  # null (fresh start) | auto (newest checkpoint of the run dir) | a path
-    max_consecutive_skips: int = 5  # stop after this many steps in a row with only non-finite updates
-    # out of memory in an update's forward/backward halves the micro-batch and redoes the minibatch (gradient
-    # accumulation keeps the update the same); this many halvings over the run, then the run stops with one
-    # line (as it does at micro-batch 1). 3 takes the default micro-batch of 8 down to 1; 0 = stop at once
-    max_oom_retries: int = 3
-    # a checkpoint write that fails (a full disk): stop (one-line error; the last complete checkpoint stays
-    # intact) | warn (a warning line, training goes on, counted in checkpoint/failed_saves_total)
-    checkpoint_errors: str = "stop"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    precision: str = "auto"  # auto (model.dtype) | fp32 | bf16: the dtype the weights are loaded and run in
-    gradient_checkpointing: bool = False  # recompute activations in backward (also on when the model's yaml asks)
-    strategy: str = "single"  # single | ddp | fsdp (the last two launched with torchrun; fsdp: full fine-tuning)
-    # minutes a collective may wait under ddp / fsdp before the process group aborts (NCCL's watchdog): rank 0
-    # writing a large checkpoint (100 GB for PPO full fine-tuning of 8B, with checksums) keeps the others waiting
-    dist_timeout_min: float = 60.0
-    # seed each prompt's samples from (seed, epoch, position in the data order): the samples then do not depend
-    # on how prompts are split over ranks or batched (always on for ddp and fsdp)
-    prompt_seeded_sampling: bool = False
-    lora: LoraOptions = field(default_factory=LoraOptions)
+    name: str = option("default", "the choice's name in the trainer group (conf/trainer/<name>.yaml)")
+    max_steps: int = option(28, "steps (RL: one rollout batch each); an algo may set its own (default_max_steps)")
+    lr: float = option(5e-5, "AdamW learning rate (the actor's; an algo may set its own: algo.lr, algo.actor_lr)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas (beta1, beta2), each in [0, 1)")
+    lr_schedule: str = option(
+        "constant", "learning-rate schedule after warmup: constant | linear | cosine (decay to 0)"
+    )
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup from 0 (0 = none)")
+    max_grad_norm: float = option(
+        1.0, "gradient clipping norm; a non-finite loss or norm skips the update (counted, logged)"
+    )
+    eval_every: int = option(0, "held-out eval every N steps (0 = only at the end)")
+    eval_before: bool = option(
+        True, "held-out eval before the first step too (always when eval_every > 0): the summary's before -> after"
+    )
+    eval_batch_size: int = option(8, "prompts per eval generation batch")
+    log_samples: int = option(4, "completions per step written to samples.jsonl")
+    log_samples_every: int = option(
+        10,
+        "steps between wandb tables of those samples (prompt, completion, reward parts, advantage, length); the "
+        "last step always logs one; 0 = none (samples.jsonl has them either way)",
+    )
+    save_every: int = option(0, "checkpoint every N steps into checkpoints/step_N (0 = only the final one)")
+    keep_last: int = option(3, "step_N checkpoints kept (the newest ones; final is always kept); 0 = all")
+    save_final: bool = option(True, "write checkpoints/final (loadable with model.source=local model.path=...)")
+    resume: str | None = option(
+        None, "null (fresh start) | auto (newest checkpoint of the run dir) | a checkpoint path"
+    )
+    max_consecutive_skips: int = option(5, "stop after this many steps in a row with only non-finite updates")
+    # gradient accumulation keeps the update the same; 3 takes the default micro-batch of 8 down to 1
+    max_oom_retries: int = option(
+        3,
+        "out of memory in an update halves the micro-batch and redoes the minibatch, this many times over the "
+        "run; then the run stops with one line (as at micro-batch 1); 0 = stop at once",
+    )
+    checkpoint_errors: str = option(
+        "stop",
+        "a checkpoint write that fails (a full disk): stop (one-line error; the last complete checkpoint stays "
+        "intact) | warn (a warning, training goes on; counted in checkpoint/failed_saves_total)",
+    )
+    threads: int = option(0, "torch CPU threads; 0 = torch's default")
+    device: str = option("auto", "auto (cuda when available) | cpu | cuda")
+    precision: str = option(
+        "auto", "the dtype the model computes in: auto (model.dtype) | fp32 | bf16 (trained weights stay fp32)"
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in backward (also on when the model's yaml asks)"
+    )
+    strategy: str = option(
+        "single", "single | ddp | fsdp (the last two launched with torchrun; fsdp: full fine-tuning)"
+    )
+    # rank 0 writing a large checkpoint (100 GB for PPO full fine-tuning of 8B, with checksums) keeps the others
+    # waiting
+    dist_timeout_min: float = option(
+        60.0, "minutes a collective may wait under ddp / fsdp before the process group aborts (NCCL's watchdog)"
+    )
+    prompt_seeded_sampling: bool = option(
+        False,
+        "seed each prompt's samples from (seed, epoch, position in the data order), so they do not depend on how "
+        "prompts are split over ranks or batched (always on for ddp and fsdp)",
+    )
+    lora: LoraOptions = option(factory=LoraOptions, help="LoRA adapters on the policy (trainer.lora.*)")
 
     def __post_init__(self) -> None:
         check_choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
@@ -240,15 +315,20 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "ppo-vs-grpo"
-    entity: str | None = None
-    group: str | None = None  # runs of one experiment are grouped under this name
-    tags: list[str] = field(default_factory=list)
-    # online: seconds wandb.init may wait for the server; unreachable (or no API key), the run logs offline in
-    # the run dir instead, with one warning line and the `wandb sync` command at the end (wandb's own is 90)
-    init_timeout_s: float = 30.0
+    name: str = option("wandb", "the choice's name in the logger group (conf/logger/<name>.yaml)")
+    mode: str = option(
+        "offline",
+        "wandb mode: offline (in the run dir, `wandb sync` later) | online | disabled (no wandb; local files only)",
+    )
+    project: str = option("ppo-vs-grpo", "wandb project")
+    entity: str | None = option(None, "wandb entity (user or team; null: the API key's default)")
+    group: str | None = option(None, "wandb group of the run (null: experiment_name)")
+    tags: list[str] = option(factory=list, help="wandb tags of the run")
+    init_timeout_s: float = option(
+        30.0,
+        "online: seconds wandb.init may wait for the server (wandb's own is 90); unreachable (or no API key), the "
+        "run logs offline in the run dir, with one warning and the `wandb sync` command at the end",
+    )
 
     def __post_init__(self) -> None:
         check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
@@ -258,14 +338,16 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig
-    data: DataConfig
-    reward: RewardConfig
-    algo: Any  # the registered stage's config dataclass, picked by algo.name (conf.registry)
-    trainer: TrainerConfig
-    logger: LoggerConfig
-    seed: int = 0
-    experiment_name: str = "default"  # groups runs (wandb group, report titles)
+    model: ModelConfig = option(help="the policy model (model=<choice>: conf/model/)")
+    data: DataConfig = option(help="the prompts and answers (data=<choice>: conf/data/)")
+    reward: RewardConfig = option(help="the reward functions and their weights (reward=<choice>: conf/reward/)")
+    algo: Any = option(
+        help="the stage's options (algo=<name>): the registered stage's config dataclass, picked by algo.name"
+    )
+    trainer: TrainerConfig = option(help="steps, optimiser, evaluation, checkpoints, scale (trainer=<choice>)")
+    logger: LoggerConfig = option(help="where metrics go (logger=<choice>: conf/logger/)")
+    seed: int = option(0, "the run's random seed (prompt order, sampling, new weights; held-out eval: seed + 10000)")
+    experiment_name: str = option("default", "groups runs (wandb group, report titles)")
 
 
 GROUP_SCHEMAS: dict[str, type] = {
@@ -304,7 +386,8 @@ def check_override_keys(overrides: list[str], default_algo: str | None) -> None:
     without saying which keys exist; this runs first, and also checks each value's type against the
     schema. `+key=value` (adding a key) and group choices (`algo=ppo`) are left to Hydra and `validate`.
     """
-    algos = [default_algo]
+    check_group_choices(overrides)
+    algos = [default_algo] if default_algo is not None else []
     for arg in overrides:
         if arg.startswith("algo="):
             algos = arg.split("=", 1)[1].split(",")  # a sweep may list several
@@ -325,6 +408,20 @@ def check_override_keys(overrides: list[str], default_algo: str | None) -> None:
                 which = f"algo={_default(schema, 'name')}" if group == "algo" else group
                 raise ConfigError(f"{group}.{name} is not an option of {which}; valid keys: {', '.join(valid)}")
             _check_type(schema, arg)
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail on `algo=grp`, `model=nope`, `experiment=nope` (each value of a sweep too) with one line naming the
+    choices of that group, before Hydra's multi-line MissingConfigException."""
+    conf = Path(__file__).resolve().parent
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or "." in key or key.startswith(("-", "~", "hydra")) or not (conf / key).is_dir():
+            continue
+        valid = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for one in _sweep_values(value):
+            if one not in valid and one != "null" and "(" not in one and "${" not in one:
+                raise ConfigError(f"{key}={one} is not a choice of {key}; choose one of: {', '.join(valid)}")
 
 
 def _sweep_values(value: str) -> list[str]:
@@ -388,7 +485,7 @@ def _seed(value: Any) -> int:
 def validate(cfg: DictConfig) -> Config:
     """Check a composed config against the schemas; returns typed dataclasses or raises ConfigError."""
     known = {"model", "data", "reward", "algo", "trainer", "logger", "seed", "experiment_name"}
-    unknown = sorted(set(cfg.keys()) - known - {"hydra"})
+    unknown = sorted(set(map(str, cfg.keys())) - known - {"hydra"})  # a composed config's keys are all str
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys: {sorted(known)}")
     try:  # resolve interpolations across groups (${algo.group_size} in a preset) before splitting the groups

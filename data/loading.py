@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,8 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any] | None], Counter]:
         # The json builder rejects the whole file for one malformed line; read line by line instead
         # so that the bad lines are counted like any other bad row.
         log.warning("datasets could not parse %s (%s); reading it line by line", path, type(e).__name__)
-    rows, skipped = [], Counter()
+    rows: list[dict[str, Any] | None] = []
+    skipped: Counter = Counter()
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -163,9 +164,10 @@ def normalise_row(raw: dict[str, Any], index: int, cfg: DataConfig) -> tuple[dic
         return None, bad
     options = None
     if cfg.kind == "mcq":
-        options = _options(raw.get(cfg.options_field))
+        raw_options = raw.get(cfg.options_field) if cfg.options_field is not None else None
+        options = _options(raw_options)
         if options is None:
-            return None, "missing_field" if raw.get(cfg.options_field) is None else "bad_options"
+            return None, "missing_field" if raw_options is None else "bad_options"
         answer = answer.upper()
         if answer not in options:
             return None, "bad_answer_letter"
@@ -203,7 +205,7 @@ def load_examples(cfg: DataConfig, root: Path) -> tuple[list[dict], list[dict], 
 
     source = resolve_source(cfg)
     skipped: Counter = Counter()
-    raw_rows: list[dict[str, Any] | None] | None = None
+    raw_rows: Sequence[dict[str, Any] | None] | None = None
     if source == "hub":
         try:
             raw_rows = _read_hub(cfg)
@@ -329,7 +331,8 @@ class PromptSampler:
     (epoch, position), so a run resumed from a checkpoint draws exactly the batches it would have.
     """
 
-    def __init__(self, rows: list[dict], batch_size: int, seed: int) -> None:
+    def __init__(self, rows: list[Any], batch_size: int, seed: int) -> None:
+        # rows: data rows (dicts), or a stage's own examples (stages.sft.SFTExample)
         if not rows:
             raise ValueError("PromptSampler needs at least one row")
         if batch_size < 1:

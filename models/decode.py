@@ -21,13 +21,14 @@ returns the untruncated tempered policy's log-prob of it.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from models.forward import position_ids
+from models.forward import CausalLM, position_ids
 from models.packed import PackedProjections
 from models.scale import forward_autocast_dtype
 
@@ -35,7 +36,7 @@ from models.scale import forward_autocast_dtype
 STATIC_ARCHITECTURES = ("llama", "qwen2")
 
 
-def supports_static_cache(model: nn.Module) -> bool:
+def supports_static_cache(model: CausalLM) -> bool:
     """Whether `model` decodes with the static cache (a Llama-shaped decoder without sliding windows)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in STATIC_ARCHITECTURES or getattr(config, "use_sliding_window", False):
@@ -96,6 +97,8 @@ class StaticKVCache(nn.Module):
     functionalization turned each layer's slot write into a copy of the whole cache (inductor's code
     allocated and filled [L, n, Hkv, T, D] twice per layer per step).
     """
+
+    valid: Tensor  # a buffer (register_buffer), as are the keys and values k0, v0, k1, ...
 
     def __init__(self, keys: list[Tensor], values: list[Tensor], valid: Tensor, static: bool = False):
         super().__init__()
@@ -172,17 +175,19 @@ class ModuleProjections:
     """A decode step's projections through the model's own modules, so that LoRA adapters, FSDP's gathered
     weights and autocast apply as in its forward (models.packed.PackedProjections is the CPU alternative)."""
 
-    def __init__(self, model: nn.Module):
+    # `layer`: one of the decoder's layers (self_attn with q/k/v/o_proj, mlp), duck-typed like the model
+
+    def __init__(self, model: CausalLM):
         self.lm_head = model.get_output_embeddings()
 
-    def attention_in(self, i: int, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def attention_in(self, i: int, layer: Any, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         attn = layer.self_attn
         return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
-    def attention_out(self, i: int, layer: nn.Module, o: Tensor) -> Tensor:
+    def attention_out(self, i: int, layer: Any, o: Tensor) -> Tensor:
         return layer.self_attn.o_proj(o)
 
-    def mlp(self, i: int, layer: nn.Module, x: Tensor) -> Tensor:
+    def mlp(self, i: int, layer: Any, x: Tensor) -> Tensor:
         return layer.mlp(x)
 
     def head(self, x: Tensor) -> Tensor:
@@ -206,7 +211,7 @@ class StaticDecoder:
     LENGTH_STEP = 128
     RECOMPILE_LIMIT = 64  # compaction sizes x cache lengths: dynamo's default of 8 would fall back to eager
 
-    def __init__(self, model: nn.Module, compile_mode: str | None = None, pack_rows: int = 0):
+    def __init__(self, model: CausalLM, compile_mode: str | None = None, pack_rows: int = 0):
         # weakly: a decoder kept for a model (the compiled ones) must not keep the model alive
         self._model = weakref.ref(model)
         self.decoder = model.get_decoder()
@@ -230,7 +235,9 @@ class StaticDecoder:
 
     @property
     def model(self) -> nn.Module:
-        return self._model()
+        model = self._model()
+        assert model is not None, "the model of this decoder was freed"  # the caller holds it while decoding
+        return model
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -249,7 +256,7 @@ class StaticDecoder:
             rows = max(batch, kept.batch if kept else 0)
             length = -(-max(length, kept.length if kept else 0) // self.LENGTH_STEP) * self.LENGTH_STEP
             self._storage = kept = None  # the old one freed before the new one is allocated
-            self._storage = StaticKVCache.empty(
+            self._storage = kept = StaticKVCache.empty(
                 len(self.decoder.layers),
                 rows,
                 self.kv_heads,
@@ -259,7 +266,7 @@ class StaticDecoder:
                 device,
                 static=True,
             )
-        return self._storage.rows(batch)
+        return kept.rows(batch)
 
     def _autocast(self):
         device = self.decoder.embed_tokens.weight.device.type
@@ -278,6 +285,9 @@ class StaticDecoder:
             use_cache=True,
             logits_to_keep=1,
         )
+        # a Llama-shaped model's layers are DynamicLayers, their keys and values filled [U, Hkv, Tp, D]; transformers
+        # types the list with its linear-attention layers too (no keys) and the tensors as Optional
+        layer: Any
         for i, layer in enumerate(dynamic.layers):
             cache.keys(i)[:, :, :tp] = layer.keys[rows]
             cache.values(i)[:, :, :tp] = layer.values[rows]

@@ -16,10 +16,16 @@ how ranks agree (`set_prefill_agreement`), and a prefill is shared on every rank
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+# A causal LM as this code reads one: transformers' PreTrainedModel, peft's PeftModel or a models.lora.AdapterView,
+# FSDP-sharded or not. They share get_decoder(), get_output_embeddings() and config, but no class declares them:
+# torch types the other attributes of an nn.Module as `Tensor | Module`. So, to the type checker, Any.
+CausalLM = Any
 
 # (this rank's choice) -> the choice every rank makes
 PrefillAgreement = Callable[[bool], bool]

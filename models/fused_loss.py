@@ -9,7 +9,8 @@ w.r.t. its logits, then w.r.t. hidden and lm_head, is formed while the chunk's l
 backward are d loss / d hidden [R, H] and d loss / d W [V, H], which it scales by the upstream scalar.
 
 The clipped PPO/GRPO surrogate aggregated per token (grpo, bnpo, dr_grpo, dapo: fixed per-token
-weights), the KL term and an entropy bonus are such sums; GSPO's sequence-level ratio is not.
+weights), the KL term and an entropy bonus are such sums; so is GSPO's sequence-level ratio once each
+sequence's mean log-ratio is known and detached (`completion_token_loss`'s token_loss_for).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from models.logprobs import (
     chunk_budget,
     completion_pass,
     default_chunk_rows,
+    fused_token_logprobs,
     logit_grad,
     logit_stats,
     pick_backend,
@@ -88,6 +90,7 @@ def _torch_chunk(
     total, g_logp, g_ent = loss_grads(logp, entropy)
     # d/dz = g_logp (onehot - p) + g_ent p (E_p[z'] - z');  dz/dlogits = 1 / temperature
     if g_ent is not None:
+        assert expected is not None  # an entropy gradient needs the entropy: `spare` was given
         coef = z.mul_(-g_ent[:, None]).add_((g_ent * expected - g_logp)[:, None])  # [c, V]
         grad = e.mul_(coef).mul_((inv_temp / sum_e)[:, None])
     else:
@@ -101,7 +104,7 @@ def _any_backend_chunk(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """The same through models.logprobs' per-chunk stats and gradient (the Triton kernels on CUDA)."""
     lse, logp, expected = logit_stats(logits, tokens, inv_temp, with_entropy, backend, writable=False)
-    entropy = lse - expected if with_entropy else None
+    entropy = lse - expected if expected is not None else None  # expected: only with_entropy
     total, g_logp, g_ent = loss_grads(logp, entropy)
     grad = logit_grad(logits, logits, tokens, lse, expected, g_logp, g_ent, inv_temp, backend)
     return total, logp, entropy, grad
@@ -144,14 +147,15 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             total += c_total
             logp[s : s + chunk] = c_logp
             if with_entropy:
+                assert entropy is not None and c_ent is not None  # both exist with_entropy
                 entropy[s : s + chunk] = c_ent
-            if need_hidden:
+            if grad_hidden is not None:  # need_hidden
                 torch.mm(dlogits.to(weight.dtype), weight, out=grad_hidden[s : s + chunk])
-            if need_weight:
+            if grad_weight is not None:  # need_weight
                 grad_weight.addmm_(dlogits.T.float(), h.float())  # no-op casts in fp32
             del logits, dlogits
         del buffer, spare
-        if need_weight and weight.dtype != torch.float32:
+        if grad_weight is not None and weight.dtype != torch.float32:
             grad_weight = grad_weight.to(weight.dtype)
         # not save_for_backward: these are this Function's own results, scaled in place and released once used
         ctx.grads = (grad_hidden, grad_weight)
@@ -208,13 +212,28 @@ def completion_token_loss(
     with_entropy: bool = False,
     backend: str = "auto",
     share_prompts: bool = True,
+    token_loss_for: Callable[[Tensor], TokenLoss] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """`fused_token_loss` on the completion tokens of a causal LM: (loss [], logp [B, Tc], entropy [B, Tc] | None).
 
     The decoder pass is `models.logprobs.completion_pass`'s (one prefill per distinct prompt, FSDP-aware).
+    `token_loss_for(logp [B, Tc] detached) -> TokenLoss`, when given, replaces `token_loss` by one built from
+    the current log-probs, which a no-grad lm_head pass computes first: for a loss whose tokens depend on
+    their sequence's other tokens only through a detached value (GSPO's sequence-level ratio).
     """
 
-    def head(hidden: Tensor, lm_head: torch.nn.Module, tokens: Tensor, mask: Tensor):
+    def head(hidden: Tensor, lm_head: torch.nn.Linear, tokens: Tensor, mask: Tensor):
+        loss_fn = token_loss
+        if token_loss_for is not None:
+            with torch.no_grad():
+                logits_fn = lm_head if getattr(lm_head, "bias", None) is not None else None
+                if logits_fn is not None:
+                    logp_now, _ = token_logprobs(logits_fn(hidden), tokens, temperature, mask=mask, backend=backend)
+                else:
+                    logp_now, _ = fused_token_logprobs(
+                        hidden, lm_head.weight, tokens, temperature=temperature, mask=mask, backend=backend
+                    )
+            loss_fn = token_loss_for(logp_now.detach() * mask)
         if getattr(lm_head, "bias", None) is not None:  # rare: full logits, then the loss over real positions
             logp, entropy = token_logprobs(
                 lm_head(hidden),
@@ -226,7 +245,7 @@ def completion_token_loss(
                 backend=backend,
             )
             positions = mask.reshape(-1).nonzero().squeeze(1)
-            per_token = token_loss(
+            per_token = loss_fn(
                 logp.reshape(-1)[positions], None if entropy is None else entropy.reshape(-1)[positions], positions
             )
             return per_token.float().sum(), logp.detach(), None if entropy is None else entropy.detach()
@@ -234,7 +253,7 @@ def completion_token_loss(
             hidden,
             lm_head.weight,
             tokens,
-            token_loss,
+            loss_fn,
             mask=mask,
             temperature=temperature,
             with_entropy=with_entropy,

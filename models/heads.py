@@ -12,13 +12,17 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
-from models.forward import completion_hidden, position_ids
+from models.forward import CausalLM, completion_hidden, position_ids
+
+if TYPE_CHECKING:
+    from models.lora import AdapterView
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "head_config.json"
@@ -29,7 +33,7 @@ class ScalarHeadModel(nn.Module):
 
     kind = "scalar"
 
-    def __init__(self, backbone: PreTrainedModel, init_std: float = 0.0):
+    def __init__(self, backbone: PreTrainedModel | AdapterView, init_std: float = 0.0):
         super().__init__()
         self.backbone = backbone
         hidden_size = backbone.config.hidden_size
@@ -42,7 +46,7 @@ class ScalarHeadModel(nn.Module):
             nn.init.zeros_(self.head.weight)
 
     @classmethod
-    def from_causal_lm(cls, model: PreTrainedModel, copy_weights: bool = True) -> ScalarHeadModel:
+    def from_causal_lm(cls, model: CausalLM, copy_weights: bool = True) -> Self:
         """A head on the decoder of `model`; copy_weights=False shares (and then trains) its weights."""
         decoder = model.get_decoder()
         return cls(copy.deepcopy(decoder) if copy_weights else decoder)
@@ -80,9 +84,7 @@ class ScalarHeadModel(nn.Module):
         return directory
 
     @classmethod
-    def load(
-        cls, directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-    ) -> ScalarHeadModel:
+    def load(cls, directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Self:
         """A model written by `save`; raises FileNotFoundError when `directory` holds none."""
         directory = Path(directory)
         if not (directory / HEAD_FILE).exists() or not (directory / "config.json").exists():

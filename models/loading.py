@@ -105,6 +105,7 @@ def _pretrained_source(cfg: ModelConfig) -> tuple[str, dict]:
     """(name_or_path, kwargs) for from_pretrained, for every source but `random`."""
     if cfg.source == "embedded":
         return str(embedded_model_dir()), {}
+    assert cfg.path is not None  # source=hub or local: ModelConfig checks that model.path is given
     if cfg.source == "local":
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").exists():
@@ -124,6 +125,7 @@ def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer for `cfg`, left-padded for batched generation, with a pad token."""
+    kwargs: dict
     if cfg.tokenizer is not None:
         name, kwargs = cfg.tokenizer, {}
         if cfg.tokenizer == "embedded":
@@ -191,7 +193,7 @@ def load_causal_lm(
                 f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                 f"{len(tokenizer)} tokens; raise it or leave it null"
             )
-        model = random_llama(cfg, vocab_size=len(tokenizer), device=device)
+        model: PreTrainedModel = random_llama(cfg, vocab_size=len(tokenizer), device=device)
     else:
         name, kwargs = _pretrained_source(cfg)
         try:
@@ -200,7 +202,8 @@ def load_causal_lm(
             )
         except OSError as err:
             raise _hub_error(cfg, err) from None
-        model = model.to(device)
+        # transformers wraps `to` with functools.wraps(nn.Module.to), which types the bound method as unbound
+        model = model.to(device)  # type: ignore[arg-type]
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.forward import completion_hidden
+from models.forward import CausalLM, completion_hidden
 
 BACKENDS = ("auto", "torch", "triton")
 CHUNK_BYTES = 32 * 2**20  # one fp32 [chunk, V] block of logits on a CPU: 32 MiB (170 rows at V = 49152)
@@ -84,6 +84,7 @@ def _chunk_grad_(
     if g_ent is None:
         p.mul_((-g_logp * inv_temp)[:, None])
     else:
+        assert z_entropy is not None and expected_z is not None  # an entropy gradient comes with E_p[z]
         p.mul_(z_entropy.sub_(expected_z[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None])).mul_(inv_temp)
     return p.scatter_add_(-1, tokens[:, None], (g_logp * inv_temp)[:, None])
 
@@ -177,11 +178,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
             )
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
+                assert expected_z is not None and c_ez is not None  # both exist with_entropy
                 expected_z[s : s + chunk] = c_ez
         ctx.save_for_backward(logits, tokens, lse, expected_z)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         ctx.chunk, ctx.inv_temp, ctx.backend = chunk, inv_temp, backend
-        entropy = lse - expected_z if with_entropy else None
+        entropy = lse - expected_z if expected_z is not None else None  # expected_z: only with_entropy
         if entropy is None:
             ctx.mark_non_differentiable(lse)  # a placeholder output, never used
         return logp, (entropy if with_entropy else lse)
@@ -259,6 +261,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             )
             lse[s : s + chunk], logp[s : s + chunk] = c_lse, c_logp
             if with_entropy:
+                assert expected_z is not None and c_ez is not None  # both exist with_entropy
                 expected_z[s : s + chunk] = c_ez
             del logits
         ctx.save_for_backward(hidden, weight, tokens, lse, expected_z)
@@ -266,7 +269,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx.chunk, ctx.inv_temp, ctx.backend = chunk, inv_temp, backend
         if not with_entropy:
             ctx.mark_non_differentiable(lse)
-        return logp, (lse - expected_z if with_entropy else lse)
+        return logp, (lse - expected_z if expected_z is not None else lse)  # expected_z: only with_entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
@@ -292,12 +295,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 ctx.inv_temp,
                 ctx.backend,
             )
-            if need_hidden:
+            if grad_hidden is not None:  # need_hidden
                 torch.mm(dlogits, weight, out=grad_hidden[s : s + c])
-            if need_weight:
+            if grad_weight is not None:  # need_weight
                 grad_weight.addmm_(dlogits.T.float(), h.float())  # no-op casts in fp32
             del logits, dlogits
-        if need_weight and weight.dtype != torch.float32:
+        if grad_weight is not None and weight.dtype != torch.float32:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
@@ -357,7 +360,7 @@ def to_grid(values: Tensor, rows: Tensor, B: int, T: int) -> Tensor:
 SHARDED_METHOD = "sharded_completion_pass"  # the FSDP forward method parallel.fsdp registers on a sharded model
 
 # (hidden [B, Tc, H], lm_head, completion tokens [B, Tc], completion mask [B, Tc]) -> what the caller needs
-CompletionHead = Callable[[Tensor, torch.nn.Module, Tensor, Tensor], Any]
+CompletionHead = Callable[[Tensor, torch.nn.Linear, Tensor, Tensor], Any]
 
 
 def completion_pass(
@@ -381,7 +384,7 @@ def completion_pass(
 
 
 def direct_completion_pass(
-    model: torch.nn.Module,
+    model: CausalLM,
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_len: int,
@@ -411,7 +414,7 @@ def completion_logprobs(
     positions never become [*, V] logits.
     """
 
-    def head(hidden: Tensor, lm_head: torch.nn.Module, tokens: Tensor, mask: Tensor):
+    def head(hidden: Tensor, lm_head: torch.nn.Linear, tokens: Tensor, mask: Tensor):
         if getattr(lm_head, "bias", None) is not None:  # rare (Llama, Qwen, Mistral have none): logits, then chunked
             return token_logprobs(
                 lm_head(hidden),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -26,17 +27,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conf.schema import LoraOptions
+from models.forward import CausalLM
 
 ACTOR = "default"
 CRITIC = "critic"
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
-def is_lora(model: nn.Module) -> bool:
+def is_lora(model: nn.Module) -> TypeGuard[PeftModel]:
     return isinstance(model, PeftModel)
 
 
-def apply_lora(model: nn.Module, opts: LoraOptions) -> PeftModel:
+def apply_lora(model: CausalLM, opts: LoraOptions) -> PeftModel:
     """Wrap `model` with the actor's adapter; only the adapter is trainable afterwards.
 
     A bf16 base keeps fp32 adapters (peft's autocast_adapter_dtype): the trained weights and their
@@ -44,7 +46,7 @@ def apply_lora(model: nn.Module, opts: LoraOptions) -> PeftModel:
     """
     config = LoraConfig(
         r=opts.rank,
-        lora_alpha=opts.alpha,
+        lora_alpha=opts.alpha,  # type: ignore[arg-type]  # peft annotates it int; a float scales as well (alpha / r)
         lora_dropout=opts.dropout,
         target_modules=list(opts.target_modules),
         bias="none",
@@ -113,10 +115,10 @@ def checkpoint_context_fn(model: nn.Module):
     return context_fn
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: CausalLM) -> None:
     """Non-reentrant activation checkpointing on every decoder layer; adapter-aware under LoRA."""
-    base = model.get_base_model() if is_lora(model) else model
-    kwargs = {"use_reentrant": False}
+    base: CausalLM = model.get_base_model() if is_lora(model) else model
+    kwargs: dict[str, Any] = {"use_reentrant": False}
     if is_lora(model):
         kwargs["context_fn"] = checkpoint_context_fn(model)
     base.activation_checkpointing_enable(kwargs)
@@ -132,6 +134,8 @@ class AdapterView(nn.Module):
     -- so that parameter counts and optimisers see what the view computes with; the LoRA model itself
     is not a submodule, so `eval()` or `requires_grad_()` on a view never reaches the other views.
     """
+
+    lora_model: PeftModel  # set with object.__setattr__: not a submodule
 
     def __init__(self, model: PeftModel, adapter: str | None):
         super().__init__()
@@ -174,7 +178,7 @@ class AdapterView(nn.Module):
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors"
             )
-            self.lora_model.peft_config[self.adapter].save_pretrained(directory)
+            self.lora_model.peft_config[self.adapter].save_pretrained(str(directory))
         return directory
 
 

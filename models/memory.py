@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from conf.schema import Config, ModelConfig
 from models.decode import StaticDecoder
 
 # Architectures of hub models, so the projection needs neither the hub nor the weights.
-KNOWN_ARCHITECTURES = {
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {  # hub id -> Architecture's fields
     # Llama-3.1-8B's shape (config.json of deepseek-ai/DeepSeek-R1-Distill-Llama-8B)
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": dict(
         vocab_size=128256,

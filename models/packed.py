@@ -14,10 +14,14 @@ through their modules instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from models.forward import CausalLM
+from models.scale import forward_autocast_dtype
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 PROJECTIONS = (
@@ -35,7 +39,18 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def packable(model: nn.Module) -> str | None:
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs `dtype` weights: bf16 needs avx512bw/vl/dq or avx_ne_convert, which an
+    AVX2-only CPU lacks (oneDNN raises there); asked once per dtype with a small weight."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def packable(model: CausalLM) -> str | None:
     """None if `model`'s decode step can run on packed weights, else why not (one line)."""
     weight = model.get_output_embeddings().weight
     if weight.device.type != "cpu":
@@ -44,6 +59,9 @@ def packable(model: nn.Module) -> str | None:
         return "this torch build has no oneDNN linear"
     if weight.dtype not in PACKED_DTYPES:
         return f"weights in {weight.dtype}, packing takes float32 or bfloat16"
+    dtype = forward_autocast_dtype(model) or weight.dtype  # fp32 master weights under bf16 autocast pack in bf16
+    if not onednn_packs(dtype):
+        return f"this CPU's oneDNN cannot pack {dtype} weights (bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
     modules = [model.get_output_embeddings()] + [
         layer.get_submodule(name) for layer in model.get_decoder().layers for name in PROJECTIONS
     ]
@@ -86,7 +104,7 @@ class PackedProjections:
     dtype: what the step computes in (the weights' dtype, or autocast's).
     """
 
-    def __init__(self, model: nn.Module, rows: int, dtype: torch.dtype):
+    def __init__(self, model: CausalLM, rows: int, dtype: torch.dtype):
         self.qkv, self.o, self.gate_up, self.down, self.act, self.splits = [], [], [], [], [], []
         for layer in model.get_decoder().layers:
             attn, mlp = layer.self_attn, layer.mlp

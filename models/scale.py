@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from conf.schema import ModelConfig, TrainerConfig
+from models.forward import CausalLM
 from models.loading import DTYPES
 from models.lora import apply_lora, enable_checkpointing, is_lora, reference_view
 
@@ -51,7 +52,7 @@ def model_config_for(model: ModelConfig, trainer: TrainerConfig, trains: bool = 
     return dataclasses.replace(model, dtype=dtype, gradient_checkpointing=False)
 
 
-def prepare_policy(policy: nn.Module, model: ModelConfig, trainer: TrainerConfig, trains: bool = True) -> nn.Module:
+def prepare_policy(policy: CausalLM, model: ModelConfig, trainer: TrainerConfig, trains: bool = True) -> nn.Module:
     """Checkpointing (model's yaml or trainer.gradient_checkpointing), LoRA when trainer.lora.enabled, and
     the low-precision forward of fp32 master weights (autocast; under fsdp FSDP2 casts them instead)."""
     if model.gradient_checkpointing or trainer.gradient_checkpointing:

@@ -148,6 +148,7 @@ def chunk_grad_(
         raise ValueError("chunk_grad_ writes rows: `out` needs a unit last stride")
     c, V = logits.shape
     with_entropy = g_ent is not None
+    assert not with_entropy or expected_z is not None  # an entropy gradient needs E_p[z]
     if c:
         _grad_kernel[(c,)](
             logits,
@@ -156,9 +157,9 @@ def chunk_grad_(
             out.stride(0),
             tokens.contiguous(),
             lse.contiguous(),
-            expected_z.contiguous() if with_entropy else lse,
+            expected_z.contiguous() if expected_z is not None and with_entropy else lse,
             g_logp.contiguous(),
-            g_ent.contiguous() if with_entropy else g_logp,
+            g_ent.contiguous() if g_ent is not None else g_logp,
             V,
             float(inv_temp),
             WITH_ENT=with_entropy,

@@ -150,6 +150,7 @@ class ShardedSampler:
     def draw(self, seeded: bool = True) -> Batch:
         """This rank's rows of the next global batch, always with their seeds (ranks sample apart)."""
         full = self.sampler.draw(seeded=True)
+        assert full.seeds is not None  # drawn seeded
         start = self.rank * self.batch_size
         end = start + self.batch_size
         return Batch(full.rows[start:end], full.seeds[start:end], refill=lambda: self.draw(seeded))
@@ -171,7 +172,7 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_(tensor: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+def all_reduce_(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
@@ -182,7 +183,7 @@ def all_mean(value: float) -> float:
     return float(all_reduce_(torch.tensor([value], dtype=torch.float64, device=comm_device()))[0]) / world_size()
 
 
-def _agree(flag: bool, op: dist.ReduceOp) -> bool:
+def _agree(flag: bool, op: dist.ReduceOp.RedOpType) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     return bool(all_reduce_(value, op)[0] > 0.5)
 
@@ -231,8 +232,8 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if world == 1:
         return metrics
     key_sets: list[list[str] | None] = [None] * world
-    dist.all_gather_object(key_sets, sorted(metrics))
-    keys = sorted(set().union(*key_sets))
+    dist.all_gather_object(key_sets, sorted(metrics))  # fills every rank's entry
+    keys = sorted(set().union(*(k for k in key_sets if k is not None)))
     device = comm_device()
     have = torch.tensor([k in metrics for k in keys], device=device)
     values = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)

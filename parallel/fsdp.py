@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,7 @@ def sampling_weights(model: nn.Module) -> contextlib.AbstractContextManager:
 def gathered_weights(model: nn.Module) -> Iterator[None]:
     """Every FSDP unit of `model` unsharded for the block, and kept so across forwards: the block may
     run any number of forwards without a collective (sampling, whose length differs per rank)."""
+    assert isinstance(model, FSDPModule)  # a sharded model's root (sampling_weights)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -143,7 +145,8 @@ def optimizer_models(optimizers: dict[str, torch.optim.Optimizer], models: list[
 
 def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The gathered state dict with each tied parameter once (lm_head <-> embeddings), as HF saves it."""
-    state = get_model_state_dict(model, options=FULL)
+    # full_state_dict: plain tensors (torch types the values as any kind of state, sharded ones included)
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=FULL))
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
@@ -162,7 +165,7 @@ class FullState:
 
 
 def gather_full_state(
-    policy: nn.Module, extra_models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+    policy: nn.Module, extra_models: Mapping[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
 ) -> FullState | None:
     """The full weights and optimizer states of a sharded run; None when `policy` is not sharded.
     Collective: every rank calls it, rank 0 writes what it returns."""
@@ -179,7 +182,7 @@ def gather_full_state(
 def load_full_state(
     policy: nn.Module,
     policy_state: dict[str, torch.Tensor],
-    extra_models: dict[str, nn.Module],
+    extra_models: Mapping[str, nn.Module],
     extra_states: dict[str, dict[str, torch.Tensor]],
     optimizers: dict[str, torch.optim.Optimizer],
     optimizer_states: dict[str, dict],
@@ -187,9 +190,10 @@ def load_full_state(
     """Load full weights and name-keyed optimizer states (read by every rank) into sharded models:
     each rank keeps its shard."""
     options = StateDictOptions(full_state_dict=True, strict=False)  # tied lm_head: saved once
-    set_model_state_dict(policy, policy_state, options=options)
+    # torch annotates the state as the invariant Dict[str, ValueType]: a dict of plain tensors is one
+    set_model_state_dict(policy, policy_state, options=options)  # type: ignore[arg-type]
     for name, model in extra_models.items():
-        set_model_state_dict(model, extra_states[name], options=options)
+        set_model_state_dict(model, extra_states[name], options=options)  # type: ignore[arg-type]
     owners = optimizer_models(optimizers, [policy, *extra_models.values()])
     for name, optimizer in optimizers.items():
         set_optimizer_state_dict(

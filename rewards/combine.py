@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -82,6 +82,13 @@ def _check_options(name: str, fn: RewardFn, options: dict) -> None:
         log.warning("reward %r failed on an empty batch: %r", name, e)
 
 
+class _CountsTokens(Protocol):
+    """A learned-model reward (rewards.reward_model.RewardModelScorer): counts the tokens it scores."""
+
+    forward_tokens: int  # real tokens forwarded so far
+    num_params: int
+
+
 class CombinedReward:
     """total = sum_name weight[name] * fn_name(prompts, completions, **columns, **options[name]).
 
@@ -112,8 +119,8 @@ class CombinedReward:
         if unknown:
             hints = "".join(f" ({n}: {_CALLER_SUPPLIED[n]})" for n in unknown if n in _CALLER_SUPPLIED)
             raise ConfigError(f"reward.weights: unknown reward(s) {unknown}; valid names: {valid}{hints}")
-        options = {name: dict(opts or {}) for name, opts in (options or {}).items()}
-        stray = sorted(set(options) - set(weights))
+        given = {name: dict(opts or {}) for name, opts in (options or {}).items()}
+        stray = sorted(set(given) - set(weights))
         if stray:
             raise ConfigError(
                 f"reward.options: {stray} have no entry in reward.weights ({', '.join(weights)}); "
@@ -129,7 +136,7 @@ class CombinedReward:
                 raise ConfigError(f"reward.weights.{name}={weights[name]!r} must be a finite number")
             self.weights[name] = weight
         self.fns: dict[str, RewardFn] = {name: available[name] for name in weights}
-        self.options: dict[str, dict] = {name: options.get(name, {}) for name in weights}
+        self.options: dict[str, dict] = {name: given.get(name, {}) for name in weights}
         for name, fn in self.fns.items():
             if name not in extra:
                 _check_options(name, fn, self.options[name])
@@ -156,7 +163,7 @@ class CombinedReward:
             if self.timeout_s is not None:
                 timeouts[name] = timed_out
             if tokens_before is not None:
-                model_tokens[name] = fn.forward_tokens - tokens_before
+                model_tokens[name] = cast(_CountsTokens, fn).forward_tokens - tokens_before
         total = torch.zeros(n, dtype=torch.float32)
         for name, weight in self.weights.items():
             total += weight * parts[name]
@@ -164,7 +171,8 @@ class CombinedReward:
 
     def model_params(self) -> dict[str, int]:
         """Parameter counts of the learned-model rewards (those that count `forward_tokens`)."""
-        return {name: fn.num_params for name, fn in self.fns.items() if hasattr(fn, "forward_tokens")}
+        counting = {name: cast(_CountsTokens, fn) for name, fn in self.fns.items() if hasattr(fn, "forward_tokens")}
+        return {name: fn.num_params for name, fn in counting.items()}
 
     def _score(
         self, name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: dict
@@ -193,7 +201,8 @@ class CombinedReward:
     ) -> tuple[list[float], int, int]:
         """Sample by sample, within what is left of the batch's deadline; the samples not scored by then
         are timeouts."""
-        scores, failed = [], 0
+        scores: list[float] = []
+        failed = 0
         for i in range(len(completions)):
             sample = {key: [values[i]] for key, values in columns.items()}
             try:

@@ -11,7 +11,7 @@ free-text questions of `algo.questions` (stages/questions.py), which need no dat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from algorithms.evaluate import evaluate_policy, prompt_results
 from algorithms.policy_gradient import EVAL_SEED_OFFSET
 from conf.checks import check_choice, check_range
+from conf.options import option
 from conf.registry import register_stage
 from conf.schema import ModelConfig
 from models.loading import load_causal_lm
@@ -37,19 +38,25 @@ from training.tracking import sample_records
 
 @dataclass
 class EvalConfig:
-    name: str = "eval"
-    max_new_tokens: int = 160
-    temperature: float = 0.7
-    top_p: float = 1.0
-    accuracy_metric: str = "f1"  # f1 | exact | contains: the extracted answer against the ground truth
-    before_path: str | None = None  # a model directory (or "embedded") whose answers go beside the model's
-    num_answers: int = 3  # held-out questions whose answers are written to answers.md
-    # questions (case-insensitive substrings) always written to answers.md when some row contains them
-    fixed_questions: list[str] = field(default_factory=lambda: ["61-year-old woman", "cystometry"])
-    eval_samples: int = 1  # k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k
-    pass_threshold: float = 1.0  # a sample passes when its accuracy reward part is >= this
-    # free-text questions answered as written (no dataset row needed), beside before_path's answers in answers.md
-    questions: list[str] = field(default_factory=lambda: [SHOWCASE_QUESTION])
+    name: str = option("eval", "the stage's name (algo=<name>)")
+    max_new_tokens: int = option(160, "completion budget, in tokens")
+    temperature: float = option(0.7, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
+    accuracy_metric: str = option("f1", "f1 | exact | contains: the extracted answer against the ground truth")
+    before_path: str | None = option(
+        None, 'a model directory (or "embedded") whose answers go beside the model\'s in answers.md (null: none)'
+    )
+    num_answers: int = option(3, "held-out questions whose answers are written to answers.md")
+    fixed_questions: list[str] = option(
+        factory=lambda: ["61-year-old woman", "cystometry"],
+        help="questions (case-insensitive substrings) always written to answers.md when some row contains them",
+    )
+    eval_samples: int = option(1, "k samples per held-out prompt: pass@1 (mean over the k), pass@k, maj@k")
+    pass_threshold: float = option(1.0, "a sample passes when its accuracy reward part is >= this")
+    questions: list[str] = option(
+        factory=lambda: [SHOWCASE_QUESTION],
+        help="free-text questions answered as written (no dataset row needed), beside before_path's in answers.md",
+    )
 
     def __post_init__(self) -> None:
         check_choice("algo.accuracy_metric", self.accuracy_metric, ("f1", "exact", "contains"))
@@ -81,7 +88,8 @@ def pick_questions(eval_rows: list[dict], train_rows: list[dict], patterns: list
 def load_before_model(path: str, tokenizer, device: torch.device):
     """The comparison model: a model directory, or "embedded" for the embedded default."""
     cfg = ModelConfig() if path == "embedded" else ModelConfig(name="before", source="local", path=path)
-    return load_causal_lm(cfg, tokenizer).to(device)
+    # transformers wraps `to` with functools.wraps(nn.Module.to), which types the bound method as unbound
+    return load_causal_lm(cfg, tokenizer).to(device)  # type: ignore[arg-type]
 
 
 def answers_markdown(
@@ -105,6 +113,7 @@ def answers_markdown(
         if before is None:
             lines += [f"Rewards: {scores(after_scores[i])}", ""]
         else:
+            assert before_scores is not None  # given with `before`
             lines += [f"Rewards before: {scores(before_scores[i])}; after: {scores(after_scores[i])}", ""]
     return "\n".join(lines)
 
@@ -129,6 +138,7 @@ def run_eval(ctx: StageContext) -> dict[str, float]:
     logger, run_dir = ctx.logger, ctx.run_dir
     train_rows, eval_rows = ctx.train_rows, ctx.eval_rows
     algo, tcfg = cfg.algo, cfg.trainer
+    assert policy is not None  # a stage that samples gets the policy (run.py)
     if not eval_rows:
         raise ValueError("algo=eval needs held-out rows: set data.eval_size to at least 1")
     sampling = {"max_new_tokens": algo.max_new_tokens, "temperature": algo.temperature, "top_p": algo.top_p}

@@ -17,12 +17,13 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from conf.checks import ConfigError, check_choice
+from conf.options import option
 from conf.registry import get_stage, register_stage, stage_names
 from conf.schema import ModelConfig
 from training.loop import StageContext
@@ -34,19 +35,23 @@ PRIVATE_PREFIXES = ("algo", "+algo", "~algo", "experiment", "+experiment", "hydr
 
 @dataclass
 class StageConfig:
-    algo: str = "sft"  # the stage's algorithm (its conf/algo/<name>.yaml)
-    overrides: list[str] = field(default_factory=list)  # run.py overrides of this stage (data=..., trainer.max_steps=)
-    data_from: str | None = None  # sft: train on the rows an earlier rejection_sampling stage (by name) wrote
-    evaluate: bool = True  # run algo=eval on the stage's checkpoint afterwards (model-producing stages)
+    algo: str = option("sft", "the stage's algorithm (its conf/algo/<name>.yaml); any registered stage but pipeline")
+    overrides: list[str] = option(factory=list, help="run.py overrides of this stage (data=..., trainer.max_steps=...)")
+    data_from: str | None = option(
+        None, "sft: train on the rows an earlier rejection_sampling stage (by its name in stages) wrote"
+    )
+    evaluate: bool = option(True, "run algo=eval on the stage's checkpoint afterwards (model-producing stages)")
 
 
 @dataclass
 class PipelineConfig:
-    name: str = "pipeline"
-    order: list[str] = field(default_factory=list)  # stage names, run in this order
-    stages: dict[str, StageConfig] = field(default_factory=dict)
-    eval_overrides: list[str] = field(default_factory=list)  # run.py overrides of every eval run
-    evaluate_start: bool = True  # evaluate the starting model before the first stage
+    name: str = option("pipeline", "the stage's name (algo=<name>)")
+    order: list[str] = option(factory=list, help="stage names (keys of stages), run in this order")
+    stages: dict[str, StageConfig] = option(
+        factory=dict, help="stage name -> its algo, overrides, data_from and evaluate (algo.stages.<name>.*)"
+    )
+    eval_overrides: list[str] = option(factory=list, help="run.py overrides of every eval run")
+    evaluate_start: bool = option(True, "evaluate the starting model before the first stage")
 
     def __post_init__(self) -> None:
         if not self.order:
@@ -220,5 +225,5 @@ def run_pipeline(ctx: StageContext) -> dict[str, float]:
         f"Final model: `{model}`.\n" + stage_summaries(records)
     )
     print(f"\n{table}\n\ntotal wall time {total:.0f} s; final model {model}; summary in {run_dir / SUMMARY_FILE}")
-    last_eval = next((r["eval"] for r in reversed(records) if r.get("eval")), {})
+    last_eval: dict = next((r["eval"] for r in reversed(records) if r.get("eval")), {})
     return {**last_eval, "pipeline/seconds": total}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from algorithms.rollout import generate_rollout
 from conf.checks import check_range
+from conf.options import option
 from conf.registry import register_stage
 from rewards.format import is_think_format, with_prefill
 from rewards.text import THINK_CLOSE, THINK_OPEN
@@ -31,18 +32,23 @@ from training.loop import StageContext
 
 @dataclass
 class RejectionSamplingConfig:
-    name: str = "rejection_sampling"
-    samples_per_prompt: int = 4  # k completions per prompt
-    num_prompts: int | None = None  # training prompts sampled (null = all)
-    batch_size: int = 4  # prompts per generation batch
-    max_new_tokens: int = 160
-    temperature: float = 1.0
-    top_p: float = 1.0
-    threshold: float = 0.0  # the best sample is kept only if its total reward exceeds this
-    # rows of the original data (their reference CoT and response) appended to the output, as R1 mixes
-    # non-RL SFT data with the rejection-sampled rows; 0 = none
-    source_rows: int = 0
-    output: str = "sft_rows.jsonl"  # file name in the run dir
+    name: str = option("rejection_sampling", "the stage's name (algo=<name>)")
+    samples_per_prompt: int = option(4, "k completions per prompt")
+    num_prompts: int | None = option(None, "training prompts sampled (the first N; null = all)")
+    batch_size: int = option(4, "prompts per generation batch")
+    max_new_tokens: int = option(160, "completion budget, in tokens")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
+    threshold: float = option(
+        0.0, "a prompt's best sample is kept only if its total reward exceeds this (and it is in the think format)"
+    )
+    # as R1 mixes non-RL SFT data with the rejection-sampled rows
+    source_rows: int = option(
+        0, "rows of the original data (their reference CoT and response) appended to the output; 0 = none"
+    )
+    output: str = option(
+        "sft_rows.jsonl", "file name of the kept rows in the run dir (a pipeline stage's data_from trains on it)"
+    )
 
     def __post_init__(self) -> None:
         for key in ("samples_per_prompt", "batch_size", "max_new_tokens"):
@@ -104,7 +110,9 @@ def select(
         if float(totals[pick]) <= threshold:
             rejected["below_threshold"] += 1
             continue
-        cot, response = split_think(prompts[pick], completions[pick])
+        split = split_think(prompts[pick], completions[pick])
+        assert split is not None  # `pick` is one of the well-formed samples
+        cot, response = split
         kept.append(sft_row(rows[pick], cot, response, float(totals[pick]), "rejection_sampling"))
     return kept, rejected
 
@@ -117,6 +125,7 @@ def rejection_sample(ctx: StageContext) -> dict[str, float]:
     reward statistics."""
     cfg, policy, tokenizer, train_rows, reward_fn = ctx.cfg, ctx.policy, ctx.tokenizer, ctx.train_rows, ctx.reward_fn
     logger, run_dir, generator = ctx.logger, ctx.run_dir, ctx.generator
+    assert policy is not None  # a stage that samples gets the policy (run.py)
     algo = cfg.algo
     prompts_rows = train_rows[: algo.num_prompts] if algo.num_prompts else train_rows
     kept: list[dict] = []

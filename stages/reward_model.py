@@ -22,9 +22,10 @@ from algorithms.losses import bradley_terry_loss
 from algorithms.policy_gradient import EVAL_SEED_OFFSET
 from algorithms.rollout import generate_rollout
 from conf.checks import check_choice, check_range
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch, PromptSampler
-from models.heads import RewardModel, encode_texts
+from models.heads import RewardModel, ScalarHeadModel, encode_texts
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
 from training.update import MicroBatch, OptimTarget, minibatch_update, optim_target
@@ -35,19 +36,21 @@ BT_STATS = ("loss", "accuracy", "margin")  # the update's statistics logged unde
 
 @dataclass
 class RewardModelConfig:
-    name: str = "reward_model"
-    # what a preference pair opposes to the row's reference response (always the chosen one):
-    # other_response (the reference of another question) | truncated | policy_sample
-    rejected: str = "other_response"
-    truncate_frac: float = 0.5  # rejected=truncated: share of the reference's words kept
-    batch_size: int = 8  # preference pairs per optimiser step
-    micro_batch_size: int = 8  # pairs per forward/backward (gradient accumulation up to batch_size)
-    # responses are cut to this many tokens, chosen and rejected alike (before the truncated variant is made)
-    max_response_tokens: int = 256
-    # rejected=policy_sample: how the policy samples (completion budget, temperature, nucleus; 1.0 = off)
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
+    name: str = option("reward_model", "the stage's name (algo=<name>)")
+    rejected: str = option(
+        "other_response",
+        "what a preference pair opposes to the row's reference response (the chosen one): other_response (the "
+        "reference of another question) | truncated (the reference cut short) | policy_sample (the policy's answer)",
+    )
+    truncate_frac: float = option(0.5, "rejected=truncated: share of the reference's words kept, in [0, 1]")
+    batch_size: int = option(8, "preference pairs per optimiser step")
+    micro_batch_size: int = option(8, "pairs per forward/backward (gradient accumulation up to batch_size)")
+    max_response_tokens: int = option(
+        256, "responses are cut to this many tokens, chosen and rejected alike (before the truncated variant is made)"
+    )
+    max_new_tokens: int = option(48, "rejected=policy_sample: the policy's completion budget, in tokens")
+    temperature: float = option(1.0, "rejected=policy_sample: the policy's sampling temperature")
+    top_p: float = option(1.0, "rejected=policy_sample: nucleus sampling (1.0 = off)")
 
     def __post_init__(self) -> None:
         check_choice("algo.rejected", self.rejected, REJECTED)
@@ -101,6 +104,7 @@ def build_pairs(
             words = chosen.split()
             other = " ".join(words[: min(int(len(words) * truncate_frac), len(words) - 1)])
         elif rejected == "policy_sample":
+            assert samples is not None  # the caller samples them for rejected=policy_sample
             other = samples[i]
         else:
             raise ValueError(f"rejected={rejected!r}; choose one of: {', '.join(REJECTED)}")
@@ -204,6 +208,7 @@ class RewardModelTraining:
     def make_pairs(self, rows: list[dict], rng: random.Random, seeds: list[int] | None = None) -> list[PreferencePair]:
         samples = None
         if self.cfg.rejected == "policy_sample":  # the policy is not trained here: its samples stay "worse"
+            assert self.policy is not None  # run.py gives every looped stage the policy
             samples = generate_rollout(
                 self.policy,
                 self.tokenizer,
@@ -237,7 +242,7 @@ class RewardModelTraining:
         metrics = evaluate_pairs(self.rm, self.tokenizer, self.eval_pairs, self.eval_batch_size)
         return StepOutput({f"eval/rm/{key}": value for key, value in metrics.items()})
 
-    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+    def checkpoint_models(self) -> dict[str, ScalarHeadModel]:
         return {"reward_model": self.rm}  # the loop saves the policy itself; the trained model goes beside it
 
     def state_dict(self) -> dict:

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from algorithms.common import micro_logprobs
 from conf.checks import check_range
+from conf.options import option
 from conf.registry import register_stage
 from data.loading import Batch, PromptSampler
+from models.heads import ScalarHeadModel
 from rewards.text import THINK_CLOSE, THINK_OPEN
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
@@ -30,16 +32,22 @@ SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
 
 @dataclass
 class SFTConfig:
-    name: str = "sft"
-    batch_size: int = 4  # rows per optimiser step
-    micro_batch_size: int = 4  # rows per forward/backward; gradients accumulate up to batch_size
-    max_length: int = 512  # prompt + target tokens; a longer row loses the end of its target (counted)
-    # the chain of thought / response are cut to their first N tokens (at a sentence end when one is
-    # close) before rendering, so that `</think>` and the answer stay within a short budget (a CPU-sized
-    # generation budget at these defaults); null = whole
-    max_cot_tokens: int | None = 32
-    max_response_tokens: int | None = 48
-    lr: float | None = 2e-4  # AdamW learning rate of this stage; null = trainer.lr (SFT wants a larger step than RL)
+    name: str = option("sft", "the stage's name (algo=<name>)")
+    batch_size: int = option(4, "rows per optimiser step")
+    micro_batch_size: int = option(4, "rows per forward/backward; gradients accumulate up to batch_size")
+    max_length: int = option(512, "prompt + target tokens; a longer row loses the end of its target (counted)")
+    # cut so that `</think>` and the answer stay within a short (CPU-sized, at these defaults) generation budget
+    max_cot_tokens: int | None = option(
+        32,
+        "the reference chain of thought is cut to its first N tokens (at a sentence end when one is close); "
+        "null = whole",
+    )
+    max_response_tokens: int | None = option(
+        48, "the reference response is cut to its first N tokens (at a sentence end when one is close); null = whole"
+    )
+    lr: float | None = option(
+        2e-4, "AdamW learning rate of this stage; null = trainer.lr (SFT wants a larger step than RL)"
+    )
 
     def __post_init__(self) -> None:
         if self.lr is not None:
@@ -223,7 +231,7 @@ class SFT:
             {"eval/sft/loss": evaluate_nll(self.policy, self.held_out, self.pad_id, self.eval_batch_size)}
         )
 
-    def checkpoint_models(self) -> dict[str, torch.nn.Module]:
+    def checkpoint_models(self) -> dict[str, ScalarHeadModel]:
         return {}  # the policy is saved by the loop
 
     def state_dict(self) -> dict:
@@ -238,6 +246,7 @@ class SFT:
 def build_sft(ctx: StageContext) -> Built:
     """SFT of ctx.policy on the data rows' chains of thought and responses (data.kind=sft)."""
     cfg, algo = ctx.cfg, ctx.cfg.algo
+    assert ctx.policy is not None  # a looped stage's context always has the policy (run.py)
     if cfg.data.kind != "sft":
         raise ValueError(
             f"algo=sft needs rows with a chain of thought and a response: data.kind=sft "

@@ -69,7 +69,10 @@ def test_fuzzed_config_values_are_one_line_errors_naming_the_key(tmp_path, capsy
     choices = {
         "trainer.lr_schedule": "constant, linear, cosine",
         "trainer.device": "auto, cpu, cuda",
-        "algo.loss_type": "grpo, bnpo, dr_grpo, dapo, gspo",
+        "algo.loss_type": "grpo, bnpo, dr_grpo, dapo",
+        "algo.surrogate": "clip, cispo, sapo",
+        "algo.ratio_level": "token, sequence",
+        "algo.rollout_correction": "none, tis, mis, seq_mis",
         "algo.scale_rewards": "group, batch, none",
         "data.source": "auto, hub, local",
         "data.kind": "open, mcq, sft",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,11 +150,15 @@ def test_grpo_multirun_two_seeds(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("algo.loss_type=foo", "choose one of: grpo, bnpo, dr_grpo, dapo, gspo"),
+        ("algo.loss_type=foo", "choose one of: grpo, bnpo, dr_grpo, dapo"),
+        ("algo.loss_type=gspo", "algo.ratio_level=sequence"),
+        ("algo.surrogate=ppo2", "choose one of: clip, cispo, sapo"),
         ("algo.kl_estimator=k9", "choose one of: k1, k2, k3"),
         ("+algo.not_a_key=1", "valid keys"),
         ("trainer.lr_shedule=cosine", "valid keys: name, max_steps, lr"),  # no "+": run.py checks before Hydra
-        ("algo=nope", "Available options in 'algo'"),
+        ("algo=nope", "algo=nope is not a choice of algo; choose one of: eval, grpo, pipeline, ppo"),
+        ("experiment=nope", "choose one of: clip_higher, estimators"),
+        ("model=nope", "choose one of: r1_distill_llama_8b, smollm2_135m, tiny_llama"),
         ("trainer.lr=fast", "could not be converted"),
     ],
 )
@@ -252,3 +257,22 @@ def test_bad_ppo_and_reward_model_config(tmp_path, overrides, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["algo.surrogate=cispo", "algo.loss_type=dapo", "algo.rollout_correction=tis"],
+        ["algo.surrogate=sapo", "algo.ratio_level=sequence", "algo.rollout_correction=seq_mis"],
+    ],
+    ids=["cispo-tis", "sapo-sequence-seq_mis"],
+)
+def test_surrogates_and_rollout_corrections_run_through_run_py(tmp_path, options):
+    out = tmp_path / "run"
+    proc = run_py(["algo=grpo", *TINY, *options, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m for m in check_run_dir(out, steps=2) if "reward/total_mean" in m]
+    for m in steps:  # the correction forces the recompute, so the mismatch is measured every step
+        for key in ("rollout_corr/ratio_mean", "rollout_corr/kl", "rollout_corr/masked_frac", "loss", "kl"):
+            assert math.isfinite(m[key]), (key, m)

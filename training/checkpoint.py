@@ -29,10 +29,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from models.heads import ScalarHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ class CheckpointError(RuntimeError):
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Every random stream a step draws from, as plain lists and tensors (loadable with weights_only)."""
     version, keys, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global generator is an MT19937: its legacy state is a tuple
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python": [version, list(keys), gauss],
         "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
@@ -108,7 +113,7 @@ def save_checkpoint(
     tokenizer,
     optimizers: dict[str, torch.optim.Optimizer],
     state: dict[str, Any],
-    extra_models: dict[str, torch.nn.Module] | None = None,
+    extra_models: dict[str, ScalarHeadModel] | None = None,
     schedulers: list[Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
     full_state: Any = None,
@@ -312,7 +317,7 @@ def load_checkpoint(
     directory: Path,
     model: torch.nn.Module,
     optimizers: dict[str, torch.optim.Optimizer],
-    extra_models: dict[str, torch.nn.Module] | None = None,
+    extra_models: dict[str, ScalarHeadModel] | None = None,
     schedulers: list[Any] | None = None,
     generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:

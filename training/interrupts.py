@@ -9,7 +9,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +43,8 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        # what signal.signal returned: a handler, SIG_DFL or SIG_IGN (signal.Handlers, an int), or None
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +29,9 @@ from training.checkpoint import describe_os_error, load_checkpoint, prune_checkp
 from training.interrupts import GracefulStop, TrainingError, TrainingInterrupted
 from training.tracking import RunLogger
 from training.update import OutOfMemoryStop
+
+if TYPE_CHECKING:
+    from models.heads import ScalarHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class Algorithm(Protocol):
     # held-out metrics (keys under eval/; {} = nothing to evaluate) and sample records for eval_samples.jsonl
     def evaluate(self) -> StepOutput: ...
 
-    def checkpoint_models(self) -> dict[str, torch.nn.Module]: ...  # trained models besides the policy
+    def checkpoint_models(self) -> dict[str, ScalarHeadModel]: ...  # trained models besides the policy
 
     def state_dict(self) -> dict: ...  # algorithm state a resume needs (PPO's KL coefficient)
 
@@ -294,7 +297,7 @@ class Trainer:
                 self.totals["time/total"] += metrics["time/step"]
                 diverged = self.guard(metrics)  # before the totals are copied: it counts skipped steps
                 metrics.update(accumulate_totals(self.totals, metrics))
-                metrics["lr"] = self.schedulers[0].get_last_lr()[0]
+                metrics["lr"] = float(self.schedulers[0].get_last_lr()[0])  # a float, or a 0-d tensor lr
                 metrics["memory/peak_rss_mb"] = peak_rss_mb()
                 if (cuda_mb := peak_cuda_mb()) is not None:
                     metrics["memory/peak_cuda_mb"] = cuda_mb
@@ -320,6 +323,7 @@ class Trainer:
                     self.save(f"step_{step}", step)
                 last = metrics
                 if stopping and step < cfg.max_steps:
+                    assert stop.signum is not None  # stopping: a signal came (signum is never reset)
                     raise TrainingInterrupted(stop.signum, step, self.last_checkpoint)
         if cfg.save_final:
             self.save("final", cfg.max_steps)

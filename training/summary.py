@@ -61,7 +61,7 @@ def eval_before_after(rows: list[dict]) -> tuple[dict[str, float], dict[str, flo
     train (eval) has only the first."""
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     before = next((r for r in evals if r.get("step", 0) == 0), {})
-    after = next((r for r in reversed(evals) if r.get("step", 0) >= 1), {})
+    after: dict = next((r for r in reversed(evals) if r.get("step", 0) >= 1), {})
     return ({k: before[k] for k in held_out_keys(before)}, {k: after[k] for k in held_out_keys(after)})
 
 

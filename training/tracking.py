@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, cast
 
 from conf.schema import LoggerConfig
 
@@ -81,7 +81,7 @@ class RunLogger:
                 tags=list(cfg.tags),
                 config=config,
                 dir=str(self.run_dir),
-                mode=mode,
+                mode=cast(Literal["online", "offline", "disabled"], mode),  # LoggerConfig checks the choice
                 id=resume_id,
                 resume="allow" if resume_id else None,
                 settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=cfg.init_timeout_s),
@@ -128,7 +128,9 @@ class RunLogger:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            # wandb annotates `columns` as list[str | int], which (a list being invariant) rejects a list[str]
+            table = wandb.Table(columns=columns, data=rows)  # type: ignore[arg-type]
+            self.wandb_run.log({key: table}, step=step)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` from metrics.jsonl, samples.jsonl and eval_samples.jsonl: a run
@@ -192,7 +194,7 @@ def sample_records(
     length in tokens: [N] sequences), ready for samples.jsonl and the wandb samples table."""
     out = []
     for i in range(min(limit, len(completions))):
-        record = {
+        record: dict[str, Any] = {
             "prompt": prompts[i],
             "completion": completions[i],
             "rewards": {name: float(values[i]) for name, values in rewards.items()},

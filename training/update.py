@@ -43,7 +43,10 @@ class OptimTarget:
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
     """AdamW with the trainer's settings; `lr` overrides trainer.lr (PPO's critic)."""
     return torch.optim.AdamW(
-        params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        params,
+        lr=cfg.lr if lr is None else lr,
+        betas=(cfg.adam_betas[0], cfg.adam_betas[1]),  # two numbers (TrainerConfig checks)
+        weight_decay=cfg.weight_decay,
     )
 
 

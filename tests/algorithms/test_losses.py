@@ -10,10 +10,14 @@ import torch
 
 from algorithms.losses import (
     LOSS_TYPES,
+    SURROGATES,
+    SurrogateParams,
     accumulation_weight,
+    cispo_surrogate,
     clipped_surrogate,
     kl_estimate,
     policy_loss,
+    sapo_surrogate,
     token_loss_weights,
     value_loss,
 )
@@ -104,19 +108,22 @@ def reference_policy_loss(
     def real(i):
         return [t for t in range(T) if mask[i][t]]
 
-    seq_log_ratio = []
+    seq_log_ratio = []  # gspo: each sequence's mean log-ratio, detached (GSPO-token: sg(s_i) pi_t / sg(pi_t))
     for i in range(B):
         toks = real(i)
         total = 0.0
         for t in toks:
-            total = total + (logp[i, t] - old_logp[i, t])
+            total = total + (logp[i, t] - old_logp[i, t]).detach()
         seq_log_ratio.append(total / max(len(toks), 1))
 
     per_token = {}
     low_count = high_count = 0
     for i in range(B):
         for t in real(i):
-            log_ratio = seq_log_ratio[i] if loss_type == "gspo" else logp[i, t] - old_logp[i, t]
+            if loss_type == "gspo":
+                log_ratio = seq_log_ratio[i] + logp[i, t] - logp[i, t].detach()
+            else:
+                log_ratio = logp[i, t] - old_logp[i, t]
             r = torch.exp(log_ratio)
             clipped = torch.clamp(r, 1 - clip_low, 1 + clip_high)
             term = -torch.minimum(r * a(i, t), clipped * a(i, t))
@@ -148,6 +155,15 @@ def reference_policy_loss(
     }
 
 
+def variant(loss_type: str) -> dict[str, str]:
+    """policy_loss's arguments for a loss variant of these tests: "gspo" is grpo's aggregation of a ratio per
+    sequence (algo.loss_type=grpo algo.ratio_level=sequence)."""
+    return {"loss_type": "grpo", "ratio_level": "sequence"} if loss_type == "gspo" else {"loss_type": loss_type}
+
+
+VARIANTS = (*LOSS_TYPES, "gspo")
+
+
 def ragged_mask(lengths, T):
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(F64)
 
@@ -166,7 +182,7 @@ def random_batch(seed, per_token_adv, B=5, T=7, lengths=(7, 1, 4, 6, 3), spread=
 
 CASES = [
     (loss_type, per_token_adv, beta)
-    for loss_type in LOSS_TYPES
+    for loss_type in VARIANTS
     for per_token_adv in (False, True)
     for beta in (0.0, 0.04)
 ]
@@ -177,7 +193,7 @@ def test_policy_loss_value_and_gradient_match_loop_reference(loss_type, per_toke
     seed = CASES.index((loss_type, per_token_adv, beta))
     logp, old_logp, adv, mask, kl = random_batch(seed=seed, per_token_adv=per_token_adv)
     loss, stats = policy_loss(
-        logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, loss_type=loss_type, kl=kl, beta=beta
+        logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28, kl=kl, beta=beta, **variant(loss_type)
     )
     ref, ref_stats = reference_policy_loss(logp, old_logp, adv, mask, 0.2, 0.28, loss_type, kl=kl, beta=beta)
     assert loss.dim() == 0
@@ -189,7 +205,7 @@ def test_policy_loss_value_and_gradient_match_loop_reference(loss_type, per_toke
     for key in ("clip_frac_low", "clip_frac_high", "clip_frac"):
         assert stats[key].item() == pytest.approx(ref_stats[key], abs=1e-6), key  # stats are fp32 fractions
     if beta:
-        torch.testing.assert_close(stats["kl"], (kl * mask).sum() / mask.sum())
+        torch.testing.assert_close(stats["kl/loss_term"], (kl * mask).sum() / mask.sum())
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "gspo"])
@@ -205,20 +221,20 @@ def test_policy_loss_clip_stats_count_both_sides(loss_type):
         adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=F64)
     _, ref_stats = reference_policy_loss(logp, old_logp, adv, mask, 0.2, 0.28, loss_type)
     assert ref_stats["clip_frac_low"] > 0 and ref_stats["clip_frac_high"] > 0
-    _, stats = policy_loss(logp, old_logp, adv, mask, 0.2, 0.28, loss_type=loss_type)
+    _, stats = policy_loss(logp, old_logp, adv, mask, 0.2, 0.28, **variant(loss_type))
     assert stats["clip_frac_low"].item() == pytest.approx(ref_stats["clip_frac_low"])
     assert stats["clip_frac_high"].item() == pytest.approx(ref_stats["clip_frac_high"])
     assert stats["clip_frac"].item() == pytest.approx(ref_stats["clip_frac"])
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", VARIANTS)
 def test_policy_loss_ignores_padding_values(loss_type):
     logp, old_logp, adv, mask, kl = random_batch(seed=3, per_token_adv=True)
-    loss, _ = policy_loss(logp, old_logp, adv, mask, loss_type=loss_type, kl=kl, beta=0.04)
+    loss, _ = policy_loss(logp, old_logp, adv, mask, kl=kl, beta=0.04, **variant(loss_type))
     pad = ~mask.bool()
     logp2, old2, adv2, kl2 = logp.detach().clone(), old_logp.clone(), adv.clone(), kl.clone()
     logp2[pad], old2[pad], adv2[pad], kl2[pad] = 5.0, -40.0, 1e3, 1e3
-    loss2, _ = policy_loss(logp2, old2, adv2, mask, loss_type=loss_type, kl=kl2, beta=0.04)
+    loss2, _ = policy_loss(logp2, old2, adv2, mask, kl=kl2, beta=0.04, **variant(loss_type))
     torch.testing.assert_close(loss2, loss.detach())
 
 
@@ -258,7 +274,7 @@ def test_policy_loss_gspo_uses_one_ratio_per_sequence():
     # each token alone would be clipped
     old = torch.zeros(1, 2)
     logp = torch.tensor([[0.5, -0.5]])
-    loss, stats = policy_loss(logp, old, torch.tensor([3.0]), torch.ones(1, 2), loss_type="gspo")
+    loss, stats = policy_loss(logp, old, torch.tensor([3.0]), torch.ones(1, 2), ratio_level="sequence")
     torch.testing.assert_close(loss, torch.tensor(-3.0))
     assert stats["clip_frac"] == 0
     token_level, _ = policy_loss(logp, old, torch.tensor([3.0]), torch.ones(1, 2), loss_type="grpo")
@@ -276,7 +292,7 @@ def test_policy_loss_stats_are_detached():
     logp, old_logp, adv, mask, kl = random_batch(seed=6, per_token_adv=False)
     _, stats = policy_loss(logp, old_logp, adv, mask, kl=kl, beta=0.1)
     assert all(not v.requires_grad for v in stats.values())
-    assert {"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "approx_kl", "kl"} <= set(stats)
+    assert {"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "approx_kl", "kl/loss_term"} <= set(stats)
 
 
 def test_policy_loss_rejects_unknown_loss_type_naming_the_choices():
@@ -336,7 +352,7 @@ def test_value_loss_hand_computed():
 # ---------------------------------------------------------------- accumulation_weight
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "gspo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_accumulation_weight_is_the_share_for_mean_losses(loss_type):
     assert accumulation_weight(loss_type, 0.25) == 0.25
 
@@ -351,10 +367,12 @@ def test_weighted_micro_batch_losses_sum_to_the_minibatch_loss(loss_type):
     # bnpo is only micro-batch-additive when the micro-batches hold equal token counts (15 each here)
     lengths = [8, 1, 6, 5, 3, 7] if loss_type == "bnpo" else [8, 1, 6, 2, 3, 7]
     logp, old_logp, adv, mask, kl = random_batch(seed=21, per_token_adv=False, B=B, T=T, lengths=lengths)
-    kwargs = {"loss_type": loss_type, "clip_low": 0.2, "clip_high": 0.28, "kl": kl, "beta": 0.04}
+    kwargs = {**variant(loss_type), "clip_low": 0.2, "clip_high": 0.28, "kl": kl, "beta": 0.04}
     extra = {"max_len": T} if loss_type == "dr_grpo" else {}
     if loss_type == "dapo":
         extra = {"num_tokens": mask.sum().item()}
+    if loss_type == "gspo":
+        loss_type = "grpo"  # its micro-batch weight
     full, _ = policy_loss(logp, old_logp, adv, mask, **kwargs, **extra)
     accumulated = 0.0
     for part in (slice(0, 3), slice(3, 6)):
@@ -393,7 +411,6 @@ def test_token_loss_weights_hand_values():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # B = 2, T = 3, 3 real tokens
     expected = {
         "grpo": [[1 / 4, 1 / 4, 0], [1 / 2, 0, 0]],  # 1 / (B * row length)
-        "gspo": [[1 / 4, 1 / 4, 0], [1 / 2, 0, 0]],
         "bnpo": [[1 / 3, 1 / 3, 0], [1 / 3, 0, 0]],  # 1 / real tokens
         "dr_grpo": [[1 / 10, 1 / 10, 0], [1 / 10, 0, 0]],  # 1 / (B * max_len), max_len = 5
         "dapo": [[1 / 12, 1 / 12, 0], [1 / 12, 0, 0]],  # 1 / the minibatch's 12 tokens
@@ -412,7 +429,95 @@ def test_token_loss_weights_of_an_empty_row_are_zero_not_nan():
 
 
 def test_clipped_surrogate_hand_values():
-    log_ratio = torch.log(torch.tensor([0.5, 1.5, 1.1, 0.5]))
+    logp = torch.log(torch.tensor([0.5, 1.5, 1.1, 0.5]))  # old log-probs 0: these are the ratios
     adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    out = clipped_surrogate(logp, torch.zeros(4), adv, SurrogateParams())
     # A > 0: min(r, clip(r)) A -> 0.5, 1.2; A < 0: min(r A, clip(r) A) -> -2.2, -0.8 (the pessimistic side)
-    torch.testing.assert_close(clipped_surrogate(log_ratio, adv), -torch.tensor([0.5, 1.2, -2.2, -0.8]))
+    torch.testing.assert_close(out.loss, -torch.tensor([0.5, 1.2, -2.2, -0.8]))
+    assert out.clipped_high.tolist() == [False, True, False, False]
+    assert out.clipped_low.tolist() == [False, False, False, True]
+
+
+# ---------------------------------------------------------------- CISPO and SAPO: hand values, autograd
+
+
+def test_cispo_hand_values_and_gradient():
+    # ratios 0.5, 2, 8 (old log-probs log 0.1 and friends); cap 5: weights 0.5, 2, 5 (detached)
+    old = torch.log(torch.tensor([0.2, 0.05, 0.01], dtype=F64))
+    logp = torch.log(torch.tensor([0.1, 0.1, 0.08], dtype=F64)).requires_grad_(True)
+    adv = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
+    out = cispo_surrogate(logp, old, adv, SurrogateParams(cispo_cap=5.0))
+    weights = torch.tensor([0.5, 2.0, 5.0], dtype=F64)
+    torch.testing.assert_close(out.loss, -weights * adv * logp.detach())
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    torch.testing.assert_close(grad, -weights * adv)  # every token keeps a gradient, capped at 5 A
+    assert out.clipped_high.tolist() == [False, False, True] and not out.clipped_low.any()
+
+
+def test_sapo_hand_values_and_gradient():
+    # r = 1: the gate is sigmoid(0) * 4 / tau = 2 / tau and its slope sigmoid'(0) * 4 = 1 for either tau
+    logp = torch.zeros(2, dtype=F64, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0], dtype=F64)
+    params = SurrogateParams(sapo_tau_pos=1.0, sapo_tau_neg=1.05)
+    out = sapo_surrogate(logp, torch.zeros(2, dtype=F64), adv, params)
+    torch.testing.assert_close(out.loss, torch.tensor([-2.0 / 1.0, 2.0 / 1.05], dtype=F64))
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    torch.testing.assert_close(grad, -adv)  # the plain policy gradient at r = 1
+    # r = 2, A = 1, tau 1: loss -4 sigmoid(1); d/dlogp = -4 sigmoid(1) (1 - sigmoid(1)) * r
+    logp2 = torch.tensor([math.log(2.0)], dtype=F64, requires_grad=True)
+    out2 = sapo_surrogate(logp2, torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64), params)
+    sig = 1 / (1 + math.exp(-1.0))
+    torch.testing.assert_close(out2.loss, torch.tensor([-4 * sig], dtype=F64))
+    (grad2,) = torch.autograd.grad(out2.loss.sum(), logp2)
+    torch.testing.assert_close(grad2, torch.tensor([-4 * sig * (1 - sig) * 2.0], dtype=F64))
+
+
+@pytest.mark.parametrize("surrogate", ["cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_cispo_and_sapo_policy_loss_match_a_plain_autograd_reference(surrogate, loss_type):
+    logp, old_logp, adv, mask, _ = random_batch(seed=31, per_token_adv=False, spread=1.0)
+    params = SurrogateParams(cispo_cap=1.5, sapo_tau_pos=1.0, sapo_tau_neg=1.05)
+    loss, stats = policy_loss(logp, old_logp, adv, mask, loss_type=loss_type, surrogate=surrogate, params=params)
+    # the definitions written out on the whole batch
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    if surrogate == "cispo":
+        per_token = -torch.clamp(ratio, max=1.5).detach() * a * logp
+    else:
+        tau = torch.where(a > 0, 1.0, 1.05).to(F64)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    n_real, B = mask.sum(), mask.shape[0]
+    if loss_type == "grpo":
+        ref = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    elif loss_type == "dr_grpo":
+        ref = (per_token * mask).sum() / (B * mask.shape[1])
+    else:  # bnpo, and dapo with the batch's own token count
+        ref = (per_token * mask).sum() / n_real
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(ref, logp)[0])
+    if surrogate == "cispo":
+        expected = ((ratio > 1.5) & (a > 0)).to(F64)
+        torch.testing.assert_close(stats["clip_frac_high"].to(F64), (expected * mask).sum() / n_real)
+
+
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
+def test_sequence_ratio_gives_gspo_gradient_with_one_advantage_per_sequence(surrogate):
+    # GSPO (Zheng et al. 2025) differentiates through s_i = exp(mean_t log r_t); the token form used here has
+    # the same value and, with one advantage and one weight per sequence, the same gradient
+    logp, old_logp, adv, mask, _ = random_batch(seed=41, per_token_adv=False, spread=0.3)
+    params = SurrogateParams(cispo_cap=1.1)
+    loss, _ = policy_loss(logp, old_logp, adv, mask, surrogate=surrogate, ratio_level="sequence", params=params)
+    seq_log_ratio = ((logp - old_logp) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)  # with grad
+    seq_logp = logp.detach() + (seq_log_ratio - seq_log_ratio.detach())  # CISPO reads logp itself
+    if surrogate == "cispo":  # -sg(min(s, cap)) A sum-of-gradient: d/dlogp_t = s A
+        per_token = -torch.clamp(torch.exp(seq_log_ratio), max=1.1).detach() * adv[:, None] * seq_logp
+    else:
+        fn = SURROGATES[surrogate]
+        per_token = fn(old_logp + seq_log_ratio, old_logp, adv[:, None], params).loss
+    ref = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(ref, logp)[0])
+
+
+def test_gspo_loss_type_names_what_to_write():
+    with pytest.raises(ValueError, match="ratio_level=sequence"):
+        policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), loss_type="gspo")

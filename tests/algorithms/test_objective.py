@@ -1,5 +1,6 @@
 """policy_objective: the fused route (loss inside the lm_head pass) gives the two-pass route's loss,
-statistics and gradients for every loss type, with and without the KL term and the entropy bonus."""
+statistics and gradients for every aggregation, surrogate and ratio level, with and without the KL term, the
+entropy bonus and rollout-correction weights; and a surrogate registered in one place trains both routes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from algorithms.common import micro_logprobs
 from algorithms.grpo import GRPOConfig
-from algorithms.losses import LOSS_TYPES
+from algorithms.losses import LOSS_TYPES, RATIO_LEVELS, SURROGATES, SurrogateOut, token_loss_weights
 from algorithms.objective import policy_objective
 from algorithms.ppo import PPOConfig
 
@@ -43,15 +45,21 @@ def run(model, micro, cfg, **kwargs):
     return objective, grads
 
 
+@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_fused_and_two_pass_routes_agree(tiny_model, loss_type, algo):
+def test_fused_and_two_pass_routes_agree(tiny_model, loss_type, surrogate, ratio_level, algo):
     tiny_model.train()
+    options = dict(loss_type=loss_type, surrogate=surrogate, ratio_level=ratio_level, temperature=0.8, cispo_cap=2.0)
     if algo == "grpo":  # KL in the loss, one advantage per sequence
-        cfg, kwargs = GRPOConfig(loss_type=loss_type, temperature=0.8), {"weight": 0.5, "beta": 0.04}
-    else:  # per-token advantages, an entropy bonus
-        cfg, kwargs = PPOConfig(loss_type=loss_type, temperature=0.8), {"weight": 0.5, "entropy_weight": 0.01}
+        cfg, kwargs = GRPOConfig(**options), {"weight": 0.5, "beta": 0.04}
+    else:  # per-token advantages, an entropy bonus, rollout-correction weights
+        cfg, kwargs = PPOConfig(**options), {"weight": 0.5, "entropy_weight": 0.01}
     micro = micro_batch(tiny_model.config.vocab_size, per_token_advantages=algo == "ppo")
+    if algo == "ppo":
+        gen = torch.Generator().manual_seed(1)
+        micro["is_weight"] = torch.rand(micro["completion_mask"].shape, generator=gen) * 2 * micro["completion_mask"]
     fused, fused_grads = run(tiny_model, micro, replace(cfg, fused_loss=True), **kwargs)
     plain, plain_grads = run(tiny_model, micro, replace(cfg, fused_loss=False), **kwargs)
     torch.testing.assert_close(fused.loss.detach(), plain.loss.detach(), atol=1e-6, rtol=1e-5)
@@ -65,5 +73,36 @@ def test_fused_and_two_pass_routes_agree(tiny_model, loss_type, algo):
         scale = float(plain_grads[name].abs().max())
         assert float((fused_grads[name] - plain_grads[name]).abs().max()) <= 1e-5 * scale + 1e-8, name
     if algo == "grpo":
-        assert float(fused.stats["kl"]) > 0
-    assert 0 < float(fused.stats["clip_frac"]) < 1  # both sides of the clip are exercised
+        assert float(fused.stats["kl/loss_term"]) > 0
+    if surrogate == "clip" and ratio_level == "token":
+        assert 0 < float(fused.stats["clip_frac"]) < 1  # both sides of the clip are exercised
+
+
+def test_a_registered_surrogate_is_the_gradient_of_both_routes(tiny_model, monkeypatch):
+    """Adding a loss is one function: plain REINFORCE, -A log pi, registered and selected by name, gives exactly
+    its own gradient through the fused route and through the two-pass route."""
+
+    def reinforce(logp, old_logp, advantages, params):
+        loss = -advantages * logp
+        none = torch.zeros(loss.shape, dtype=torch.bool)
+        return SurrogateOut(loss, none, none)
+
+    monkeypatch.setitem(SURROGATES, "reinforce", reinforce)
+    tiny_model.train()
+    micro = micro_batch(tiny_model.config.vocab_size, per_token_advantages=False)
+    cfg = GRPOConfig(surrogate="reinforce", loss_type="bnpo", temperature=0.8)
+    # the reference: log-probs by the plain forward, the definition written out, autograd
+    tiny_model.zero_grad(set_to_none=True)
+    logp, _ = micro_logprobs(tiny_model, micro, cfg.temperature)
+    mask = micro["completion_mask"]
+    weights = token_loss_weights(mask, "bnpo")
+    reference = (weights * -micro["advantages"][:, None] * logp).sum()
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+    for fused in (True, False):
+        objective, grads = run(tiny_model, micro, replace(cfg, fused_loss=fused))
+        torch.testing.assert_close(objective.loss.detach(), reference.detach(), atol=1e-6, rtol=1e-5)
+        assert grads.keys() == expected.keys()
+        for name in grads:
+            scale = float(expected[name].abs().max())
+            assert float((grads[name] - expected[name]).abs().max()) <= 1e-5 * scale + 1e-8, (fused, name)
