@@ -37,11 +37,10 @@ def _type_name(tp: Any) -> str:
     return str(text).replace("typing.", "")
 
 
-def option_rows(obj: Any, prefix: str, skip: tuple[str, ...] = ()) -> Iterator[OptionRow]:
-    """The options of a config dataclass instance (or class: its defaults), nested dataclasses flattened
+def option_rows(instance: Any, prefix: str, skip: tuple[str, ...] = ()) -> Iterator[OptionRow]:
+    """The options of a config dataclass instance with their values, nested dataclasses flattened
     (`trainer.lora.rank`); fields named in `skip` are left out (their rows live elsewhere)."""
-    instance = obj() if isinstance(obj, type) else obj
-    hints = typing.get_type_hints(type(instance)) if not isinstance(obj, type) else typing.get_type_hints(obj)
+    hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
         if f.name in skip:
             continue
