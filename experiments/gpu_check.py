@@ -1,30 +1,42 @@
-"""The GPU check: one prepared command that exercises the GPU path on one GPU, offline, in about 8 minutes.
+"""The GPU check: one prepared command that exercises the GPU path on one GPU, offline, in a time budget.
 
-    python experiments/gpu_check.py --out DIR            # one CUDA GPU; nothing is downloaded
+    python experiments/gpu_check.py --out DIR            # one CUDA GPU; nothing is downloaded; --budget-s 480
     python experiments/gpu_check.py --tiny --out DIR     # the same checks on the CPU at tiny shapes (a test runs it)
     make gpu-check OUT=DIR
 
-Writes DIR/gpu_check.md and DIR/gpu_check.json: the environment (GPU, driver, CUDA, torch, triton), then
-1. `probe`: a left-padded batch through the embedded model in bf16 (SDPA): finite logits and log-probs, and how
-   far the sampling-time log-probs are from the training pass's (why bf16 recomputes the old log-probs);
-2. `kernels`: the Triton log-prob and fused-loss kernels, compiled, against the PyTorch reference in fp32 and
+The sections run in order of value, each only if its estimated cost (COST_S: seconds on one H100, TINY_COST_S
+on 2 CPU cores) fits what is left of `--budget-s` (default 480: one command of at most 10 minutes, with room
+for the machine's start and the copy back); one that does not fit is skipped with a line saying so. After
+every section DIR/gpu_check.md and DIR/gpu_check.json are rewritten (a temp file, then os.replace), with each
+section's wall time and the section in progress marked `running`, so a run killed at its limit still returns
+what it measured. A run.py or child process never runs past the budget's end (its timeout is what is left).
+0. `environment`: GPU, driver, CUDA, NCCL, torch, triton, transformers, peft;
+1. `kernels`: the Triton log-prob and fused-loss kernels, compiled, against the PyTorch reference in fp32 and
    bf16 (values and gradients) at the 8B model's shapes (H 4096, V 128256) and the embedded model's; the
    fused backward's fp32 `grad_weight.addmm_` against a bf16 matmul; `bench_logprobs.py --device cuda` rows;
-3. `embedded`: 3 GRPO and 3 PPO steps of SmolLM2-135M in bf16 (full fine-tuning) through run.py: s/step by
+2. `rollout`: the 8B-shaped decode, experiments/bench_rollout.py on the 8B shape (random weights, bf16) at
+   batch 64 (16 prompts x G=4, 64 new tokens), in a child process (its CUDA graphs and compiled code go with
+   it): the dynamic-cache, static-cache and compiled (CUDA graph) samplers against model.generate; every
+   sampler is run once cold (for the compiled one: torch.compile and CUDA-graph capture) and then timed warm,
+   so the compile/capture seconds are reported apart from the steady-state tokens/s and share of peak HBM
+   bandwidth; each sampler's recorded log-probs must match a teacher-forced forward's (mean gap <=
+   ROLLOUT_LOGP_GAP), and in fp32 (`--tiny`) the samplers must draw the same tokens (in bf16 the share of
+   equal tokens is reported: kernels that round differently flip near-ties);
+3. `8b`: a Llama with DeepSeek-R1-Distill-Llama-8B's shapes and random weights made on the GPU, under
+   trainer=h100 (LoRA, bf16, checkpointing): GRPO and PPO, each a warm-up step (the decode step's compile and
+   CUDA-graph capture happen there) and then the timed step (P=8, G=8, 512 new tokens): s/step by phase,
+   generated tokens/s and decode bandwidth fraction of the warm step, the warm-up's extra generate seconds,
+   peak CUDA memory against models.memory's projection;
+4. `embedded`: 3 GRPO and 3 PPO steps of SmolLM2-135M in bf16 (full fine-tuning) through run.py: s/step by
    phase, peak CUDA memory, and a resume from the step-2 checkpoint against the uninterrupted step 3;
-4. `8b`: a Llama with DeepSeek-R1-Distill-Llama-8B's shapes and random weights made on the GPU, under
-   trainer=h100 (LoRA, bf16, checkpointing): one GRPO and one PPO step (P=8, G=8, 512 new tokens): s/step by
-   phase, generated tokens/s, peak CUDA memory against models.memory's projection, decode bandwidth fraction;
 5. `fsdp`: trainer.strategy=fsdp (bf16 full fine-tuning) under `torchrun --nproc_per_node=1` on NCCL for
    2 steps, and a resume from its step-1 checkpoint;
-6. `rollout`: experiments/bench_rollout.py on the 8B shape at batch 64 (16 prompts x G=4, 64 new tokens): the
-   dynamic-cache, static-cache and compiled (CUDA graph) samplers against model.generate, tokens/s, and the
-   share of peak memory bandwidth the decode reaches; each sampler's recorded log-probs must match a
-   teacher-forced forward's (mean gap <= ROLLOUT_LOGP_GAP), and in fp32 (`--tiny`) the samplers must draw the
-   same tokens (in bf16 the share of equal tokens is reported: kernels that round differently flip near-ties).
+6. `probe`: a left-padded batch through the embedded model in bf16 (SDPA): finite logits and log-probs, and how
+   far the sampling-time log-probs are from the training pass's (why bf16 recomputes the old log-probs).
 Each section records its own failure (with the traceback's tail) and the others still run; the exit code
-is 1 when any section failed. `--tiny` runs every section on the CPU (Triton under its interpreter, gloo,
-model=tiny_llama, a few tokens), so that the script cannot rot while no GPU is at hand.
+is 1 when any section failed (a skipped one is not a failure). `--tiny` runs every section on the CPU (Triton
+under its interpreter, gloo, model=tiny_llama, a few tokens), so that the script cannot rot while no GPU is at
+hand, and prints each section's seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -41,8 +54,27 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+STARTED = time.perf_counter()  # the budget counts from here, the imports (torch's) included
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+# SmolLM2-135M-Instruct's shapes with random weights and its real tokenizer: what the GPU machine can run, where
+# the model's weights cannot travel (experiments/gpu_pack.py carries the tokenizer and config only)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+)
+SMOLLM2_RANDOM = (
+    "model=smollm2_135m",
+    "model.source=random",
+    "model.tokenizer=embedded",
+    *(f"model.{key}={value}" for key, value in SMOLLM2_SHAPE.items()),
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +116,7 @@ GPU = Sizes(
         "--warmup",
         "1",
     ),  # every method (trl's when installed)
-    embedded=("model=smollm2_135m", "data.eval_size=4", "trainer.eval_batch_size=4"),
+    embedded=(*SMOLLM2_RANDOM, "data.eval_size=4", "trainer.eval_batch_size=4"),
     embedded_steps=3,
     big={
         "vocab_size": 128256,
@@ -194,6 +226,41 @@ TINY = Sizes(
 # every run.py process: offline, no wandb, the shipped data, no periodic eval
 COMMON = ("logger.mode=disabled", "data.source=local", "trainer.eval_every=0", "trainer.log_samples=0")
 
+BUDGET_S = 480  # default --budget-s: the device allows one command of <= 10 minutes; this leaves room to spare
+# Estimated seconds of each section on one H100, in the order they run (the order of value): a section starts
+# only when its estimate fits what is left of the budget. No GPU run has measured them yet: estimates from the
+# shapes (8B bf16 weights 16 GB, ~3.3 TB/s, ~400 TFLOP/s) and the process starts; revise them from a report's
+# seconds. At the default budget the first four fit (env + kernels + rollout + 8b = 435 s).
+COST_S = {
+    "environment": 5,  # version queries and one nvidia-smi
+    "kernels": 60,  # Triton compiles (3 paths x 2 backends x 2 dtypes x 2 shapes) + a bench_logprobs.py process
+    "rollout": 130,  # child process, 8B random init ~25 s, 3 samplers x 3 decodes of 64 steps, compile+capture ~60 s
+    "8b": 240,  # 2 run.py processes (start + 8B init ~35 s; cold step ~60 s compile/capture + ~20 s; warm ~20 s)
+    "embedded": 120,  # 4 run.py processes (3 steps or 1 resumed step of SmolLM2-135M), ~30 s each
+    "fsdp": 60,  # 2 torchrun processes (2 steps, then 1 resumed) of SmolLM2-135M on NCCL
+    "probe": 20,  # SmolLM2-135M loaded in-process, one padded forward, a 32-token rollout
+}
+# The same on 2 CPU cores at --tiny's shapes (measured there, other work sharing the cores: ~260 s in all; the
+# run.py and child processes' starts, each importing torch and transformers, dominate)
+TINY_COST_S = {
+    "environment": 1,
+    "kernels": 30,  # Triton under its interpreter + a bench_logprobs.py process (20-55 s measured)
+    "rollout": 20,  # a child process and tiny decodes (24 s measured)
+    "8b": 45,  # 2 run.py processes of 2 steps (38 s measured)
+    "embedded": 90,  # 4 run.py processes (76-91 s measured)
+    "fsdp": 60,  # 2 torchrun processes (46-75 s measured)
+    "probe": 20,  # (15-30 s measured)
+}
+ISOLATED = {"rollout"}  # sections run in a child process: the 8B weights, compiled code and CUDA graphs leave with it
+BUDGET = {"deadline": None}  # time.perf_counter() at which the budget ends (set by main)
+
+
+def seconds_left(cap: float) -> float:
+    """A child process's timeout: `cap`, or what is left of the budget when that is less (at least 1 s)."""
+    if BUDGET["deadline"] is None:
+        return cap
+    return max(1.0, min(cap, BUDGET["deadline"] - time.perf_counter()))
+
 
 class CheckFailed(AssertionError):
     """A section ran but a check did not hold (as opposed to an error)."""
@@ -245,6 +312,21 @@ def environment() -> dict:
     return env
 
 
+def bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own, the whole process group killed at the timeout (torchrun's workers
+    too, so that none keeps the GPU after the budget's end); TimeoutExpired then, as subprocess.run raises."""
+    if kwargs.pop("capture_output", False):
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with subprocess.Popen(cmd, start_new_session=True, **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_py(args: list[str], run_dir: Path, sizes: Sizes, torchrun: bool = False) -> list[dict]:
     """`python run.py ARGS` (or under `torchrun --nproc_per_node=1`) into run_dir; the logged step metrics."""
     env = {
@@ -263,9 +345,7 @@ def run_py(args: list[str], run_dir: Path, sizes: Sizes, torchrun: bool = False)
     )
     cmd = [*launcher, str(ROOT / "run.py"), *COMMON, *args, f"hydra.run.dir={run_dir}"]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=sizes.timeout_s, check=False
-    )
+    proc = bounded(cmd, seconds_left(sizes.timeout_s), cwd=run_dir.parent, env=env, capture_output=True, text=True)
     (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -314,8 +394,8 @@ def section_probe(sizes: Sizes, out: Path) -> dict:
     from models.logprobs import completion_logprobs
 
     device = torch.device(sizes.device)
-    if sizes.device == "cuda":
-        cfg = ModelConfig(dtype="bfloat16")  # the embedded SmolLM2-135M
+    if sizes.device == "cuda":  # SmolLM2-135M's shapes and tokenizer, random weights (no weights travel)
+        cfg = ModelConfig(name="smollm2_135m", source="random", tokenizer="embedded", dtype="bfloat16", **SMOLLM2_SHAPE)
     else:
         cfg = ModelConfig(name="tiny_llama", source="random", tokenizer="embedded", dtype="bfloat16")
     tokenizer = load_tokenizer(cfg)
@@ -371,7 +451,7 @@ def section_kernels(sizes: Sizes, out: Path) -> dict:
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=seconds_left(600),
         check=False,
         cwd=ROOT,
     )
@@ -402,7 +482,11 @@ def section_embedded(sizes: Sizes, out: Path) -> dict:
 
 
 def section_8b(sizes: Sizes, out: Path) -> dict:
-    """One GRPO and one PPO step of the 8B-shaped random Llama under trainer=h100."""
+    """GRPO and PPO on the 8B-shaped random Llama under trainer=h100: a warm-up step, then the timed step.
+
+    The first step pays for torch.compile of the decode step and its CUDA-graph capture (and the allocator's
+    first growth): its time is reported (`cold_generate_s`, and the warm-up's extra generate seconds) but the
+    tokens/s and the bandwidth fraction are the second step's."""
     from experiments.gpu_measure import peak_bandwidth, phase_seconds, projected_peak
 
     model = [
@@ -413,6 +497,9 @@ def section_8b(sizes: Sizes, out: Path) -> dict:
         "model.chat_template=r1_distill",
         *(f"model.{k}={v}" for k, v in sizes.big.items()),
     ]
+    n = override_value(sizes.big_run, "algo.prompts_per_step") * override_value(sizes.big_run, "algo.group_size")
+    micro = override_value(sizes.big_run, "algo.micro_batch_size")
+    bandwidth = peak_bandwidth()
     result = {}
     for algo in ("grpo", "ppo"):
         steps = run_py(
@@ -420,7 +507,7 @@ def section_8b(sizes: Sizes, out: Path) -> dict:
                 f"algo={algo}",
                 *model,
                 "trainer=h100",
-                "trainer.max_steps=1",
+                "trainer.max_steps=2",  # step 1 warms up (compile, capture), step 2 is timed
                 "trainer.save_final=false",
                 "data.eval_size=0",
                 *sizes.big_run,
@@ -428,19 +515,27 @@ def section_8b(sizes: Sizes, out: Path) -> dict:
             out / "8b" / algo,
             sizes,
         )
-        m = steps[-1]
-        n = override_value(sizes.big_run, "algo.prompts_per_step") * override_value(sizes.big_run, "algo.group_size")
-        projection = projected_peak(sizes.big, algo, n, m, override_value(sizes.big_run, "algo.micro_batch_size"))
-        peak_gib = m.get("memory/peak_cuda_mb", 0.0) / 1024
+        cold, m = steps[0], steps[-1]
+        projection = max(
+            (projected_peak(sizes.big, algo, n, step, micro) for step in steps), key=lambda p: p["peak_gib"]
+        )
+        peak_gib = max(step.get("memory/peak_cuda_mb", 0.0) for step in steps) / 1024  # since the start
         decode_steps = m["completion/length_max"]
-        bandwidth = peak_bandwidth()
         fraction = (
             projection["weight_bytes"] * decode_steps / m["time/generate"] / bandwidth[1]
             if bandwidth and m["time/generate"] > 0
             else None
         )
+        # the warm-up's generate time beyond the warm step's, per decode step: compile + capture (+ first growth)
+        warm_per_decode_step = m["time/generate"] / max(decode_steps, 1)
         result[algo] = {
             "phases_s": phase_seconds(steps),
+            "timed_step": len(steps),
+            "cold_step_s": cold["time/step"],
+            "warm_step_s": m["time/step"],
+            "cold_generate_s": cold["time/generate"],
+            "warm_generate_s": m["time/generate"],
+            "warmup_extra_generate_s": cold["time/generate"] - warm_per_decode_step * cold["completion/length_max"],
             "tokens_generated": m["tokens/generated"],
             "generated_tokens_per_s": m["tokens/generated"] / m["time/generate"],
             "peak_cuda_gib": peak_gib,
@@ -455,8 +550,10 @@ def section_8b(sizes: Sizes, out: Path) -> dict:
             "optimizer_steps": m.get("optimizer_steps"),
             "skipped_steps": m.get("skipped_steps"),
         }
+        if len(steps) < 2:
+            raise CheckFailed(f"{algo}: {len(steps)} step(s) logged, 2 expected (a warm-up and a timed step)")
         if m.get("optimizer_steps", 0) < 1 or m.get("skipped_steps", 0) > 0:
-            raise CheckFailed(f"{algo}: the update was skipped (non-finite): {result[algo]}")
+            raise CheckFailed(f"{algo}: an update was skipped (non-finite): {result[algo]}")
     return result
 
 
@@ -494,41 +591,92 @@ def section_rollout(sizes: Sizes, out: Path) -> dict:
             f"a sampler's recorded log-probs are off a teacher-forced forward's by more than "
             f"{ROLLOUT_LOGP_GAP} on average: {gaps}\n" + text
         )
-    return {"markdown": text, "forward_logp_gap": gaps}
+    return {"markdown": text, "forward_logp_gap": gaps, "samplers": sampler_speeds(report)}
 
 
-SECTIONS = {
-    "probe": section_probe,
+def sampler_speeds(report: dict) -> dict:
+    """Per sampler of bench_rollout's report: the cold first call (for the compiled one: torch.compile, the
+    CUDA-graph capture and one decode) apart from the steady state (the median of the warm calls after it), and
+    the steady state's tokens/s and share of peak HBM bandwidth (weight bytes x decode steps / s / peak)."""
+    steps, sequences, peak = report["decode_steps"], report["sequences"], report.get("peak_bandwidth")
+    out = {}
+    for name, r in report["results"].items():
+        if "first" not in r:
+            continue  # the teacher-forced forward: no decode
+        out[name] = {
+            "first_call_s": r["first"],
+            "steady_s": r["seconds"],
+            "compile_capture_s": max(r["first"] - r["seconds"], 0.0),  # the cold call's extra seconds
+            "steady_tokens_per_s": steps * sequences / r["seconds"],
+            "hbm_bandwidth_share": report["weight_bytes"] * steps / r["seconds"] / peak if peak else None,
+        }
+    return out
+
+
+def section_environment(sizes: Sizes, out: Path) -> dict:
+    return environment()
+
+
+SECTIONS = {  # in the order they run: the order of value
+    "environment": section_environment,
     "kernels": section_kernels,
-    "embedded": section_embedded,
-    "8b": section_8b,
-    "fsdp": section_fsdp,
     "rollout": section_rollout,
+    "8b": section_8b,
+    "embedded": section_embedded,
+    "fsdp": section_fsdp,
+    "probe": section_probe,
 }
 
 
-def run_section(name: str, sizes: Sizes, out: Path) -> dict:
-    """One section, its failure caught and recorded (status fail: a check did not hold; error: it crashed)."""
-    start = time.perf_counter()
+def _record(fn, sizes: Sizes, out: Path) -> dict:
+    """fn(sizes, out) with its failure caught (status fail: a check did not hold; error: it crashed)."""
     try:
-        record = {"status": "pass", "result": SECTIONS[name](sizes, out)}
+        return {"status": "pass", "result": fn(sizes, out)}
     except CheckFailed as err:
-        record = {"status": "fail", "error": str(err)[-4000:], "traceback": traceback.format_exc()[-3000:]}
+        return {"status": "fail", "error": str(err)[-4000:], "traceback": traceback.format_exc()[-3000:]}
     except Exception as err:  # the next section still runs
-        record = {
+        if isinstance(err, subprocess.TimeoutExpired):
+            err = RuntimeError(f"a process ran past the budget's end or its timeout ({err.timeout:.0f} s)")
+        return {
             "status": "error",
             "error": f"{type(err).__name__}: {str(err)[-4000:]}",
             "traceback": traceback.format_exc()[-3000:],
         }
+
+
+def _isolated(name: str, sizes: Sizes, out: Path) -> dict:
+    """The section in a child process (`--child NAME`), killed at the budget's end; its record."""
+    record_file = out / f"{name}.section.json"
+    record_file.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--child", name]
+    if sizes.device == "cpu":
+        cmd.append("--tiny")
+    proc = bounded(cmd, seconds_left(3600), cwd=ROOT)
+    if not record_file.exists():
+        raise RuntimeError(f"the child process of section {name} exited with {proc.returncode} and no record")
+    return json.loads(record_file.read_text())
+
+
+def run_section(name: str, sizes: Sizes, out: Path) -> dict:
+    """One section, its failure caught and recorded, with its wall time."""
+    start = time.perf_counter()
+    if name in ISOLATED:
+        record = _record(lambda sizes, out: _isolated(name, sizes, out), sizes, out)
+        if record["status"] == "pass":
+            record = record["result"]  # the child's own record
+    else:
+        record = _record(SECTIONS[name], sizes, out)
     record["seconds"] = time.perf_counter() - start
     try:
+        import gc
+
         import torch
 
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the run.py sections get the whole GPU
     except Exception:
         pass
-    print(f"[gpu_check] {name}: {record['status']} ({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return record
 
 
@@ -550,19 +698,48 @@ def _phases(phases: dict) -> str:
     )
 
 
+def _seconds(section: dict) -> str:
+    return f"{section['seconds']:.1f}" if "seconds" in section else "-"
+
+
+def _one_line(section: dict) -> str:
+    """A failed or skipped section's error on one line (for the status table)."""
+    if "error" not in section:
+        return ""
+    line = section["error"].strip().splitlines()[0] if section["error"].strip() else ""
+    return (line[:200] + " ...") if len(line) > 200 else line
+
+
 def markdown(report: dict) -> str:
     """gpu_check.md: the environment, one status line per section, then each section's figures."""
-    lines = [f"# GPU check ({report['mode']}), {report['seconds']:.0f} s", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in report["env"].items()]
-    lines += ["", "| section | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {name} | {s['status']} | {s['seconds']:.0f} |" for name, s in report["sections"].items()]
+    lines = [
+        f"# GPU check ({report['mode']}), {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget"
+        + ("" if report.get("finished") else " (in progress, or stopped: this report is rewritten per section)"),
+        "",
+    ]
+    env = report["sections"].get("environment", {}).get("result")
+    if env:
+        lines += ["| | |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in env.items()), ""]
+    lines += ["| section | status | seconds | estimate s | |", "|---|---|---:|---:|---|"]
+    lines += [
+        f"| {name} | {s['status']} | {_seconds(s)} | {s['estimate_s']} | {_one_line(s)} |"
+        for name, s in report["sections"].items()
+    ]
     for name, s in report["sections"].items():
         lines += ["", f"## {name}: {s['status']}", ""]
+        if s["status"] == "skipped":
+            lines += [s["error"]]
+            continue
+        if s["status"] == "running":
+            lines += ["started; the check was stopped during this section if this is the final report"]
+            continue
         if s["status"] != "pass":
             lines += [s["error"], "", "```", s["traceback"], "```"]
             continue
         r = s["result"]
-        if name == "probe":
+        if name == "environment":
+            lines += ["(the table above)"]
+        elif name == "probe":
             lines += [f"- {k}: {_fmt(v)}" for k, v in r.items()]
         elif name == "kernels":
             lines += [
@@ -598,14 +775,30 @@ def markdown(report: dict) -> str:
                     + ", ".join(f"{k} {_fmt(v)}" for k, v in resume["metric_abs_diff"].items())
                 ]
         elif name == "rollout":
-            lines += [r["markdown"]]
+            lines += [
+                "cold first call (compiled: torch.compile + CUDA-graph capture + one decode) apart from the "
+                "steady state (median of the warm calls)",
+                "",
+                "| sampler | first call s | compile/capture s | steady s | steady tokens/s | share of peak HBM |",
+                "|---|---:|---:|---:|---:|---:|",
+                *(
+                    f"| {k} | {_fmt(v['first_call_s'])} | {_fmt(v['compile_capture_s'])} | {_fmt(v['steady_s'])} | "
+                    f"{v['steady_tokens_per_s']:,.0f} | {_fmt(v['hbm_bandwidth_share'])} |"
+                    for k, v in r.get("samplers", {}).items()
+                ),
+                "",
+                r["markdown"],
+            ]
         elif name == "8b":
+            lines += ["seconds per phase: the warm-up step (compile, capture) / the timed step", ""]
             for algo, run in r.items():
                 bw = run["assumed_peak_bandwidth"]
                 lines += [
-                    f"- **{algo}**: {_phases(run['phases_s'])} s; {_fmt(run['generated_tokens_per_s'])} "
-                    f"generated tokens/s ({run['tokens_generated']:.0f} tokens, {run['decode_steps']:.0f} "
-                    f"decode steps); peak CUDA {_fmt(run['peak_cuda_gib'])} GiB vs projected "
+                    f"- **{algo}**: {_phases(run['phases_s'])} s; timed step {_fmt(run['warm_step_s'])} s "
+                    f"(warm-up {_fmt(run['cold_step_s'])} s, its generate {_fmt(run['warmup_extra_generate_s'])} s "
+                    f"longer than the timed step's pace); {_fmt(run['generated_tokens_per_s'])} "
+                    f"generated tokens/s in the timed step ({run['tokens_generated']:.0f} tokens, "
+                    f"{run['decode_steps']:.0f} decode steps); peak CUDA {_fmt(run['peak_cuda_gib'])} GiB vs projected "
                     f"{_fmt(run['projected_gib'])} GiB (ratio {_fmt(run['measured_over_projected'])}); "
                     f"decode bandwidth fraction {_fmt(run['decode_bandwidth_fraction'])} of "
                     f"{_fmt(bw[1] / 1e12) + ' TB/s assumed for ' + bw[0] if bw else 'an unknown peak'}; "
@@ -614,11 +807,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def write_report(report: dict, out: Path) -> None:
+    """gpu_check.json and gpu_check.md, each written to a temp file and renamed over the old (atomic)."""
+    for name, text in (
+        ("gpu_check.json", json.dumps(report, indent=1, default=str)),
+        ("gpu_check.md", markdown(report)),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def main(started: float | None = None) -> int:
+    """The check; the budget counts from `started` (the script's start when run as one, else now)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.md, gpu_check.json and logs")
     parser.add_argument("--tiny", action="store_true", help="every section on the CPU at tiny shapes")
     parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=BUDGET_S,
+        help="seconds for the whole check: a section whose estimated cost no longer fits is skipped, and no "
+        "process runs past the end (default %(default)s)",
+    )
+    parser.add_argument("--child", choices=sorted(ISOLATED), help=argparse.SUPPRESS)  # one section, in a child
     args = parser.parse_args()
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -626,24 +839,54 @@ def main() -> int:
 
     sizes = TINY if args.tiny else GPU
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:  # the parent's timeout bounds it; its record goes back through a file
+        record = _record(SECTIONS[args.child], sizes, args.out)
+        (args.out / f"{args.child}.section.json").write_text(json.dumps(record, default=str))
+        return 0
     if sizes.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device is visible; run with --tiny for the CPU version", file=sys.stderr)
         return 2
-    start = time.perf_counter()
+    costs = TINY_COST_S if args.tiny else COST_S
+    start = time.perf_counter() if started is None else started
+    BUDGET["deadline"] = deadline = start + args.budget_s
     report = {
         "mode": "tiny (CPU)" if args.tiny else "GPU",
-        "env": environment(),
+        "budget_s": args.budget_s,
+        "seconds": 0.0,
+        "finished": False,
         "sizes": asdict(sizes),
         "sections": {},
     }
     for name in args.sections:
-        report["sections"][name] = run_section(name, sizes, args.out)
-    report["seconds"] = time.perf_counter() - start
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (args.out / "gpu_check.md").write_text(markdown(report))
+        left = deadline - time.perf_counter()
+        need = costs.get(name, 0)
+        if need > left:
+            report["sections"][name] = {
+                "status": "skipped",
+                "error": f"skipped: needs ~{need} s, {max(left, 0):.0f} s left of the budget",
+                "estimate_s": need,
+            }
+        else:
+            report["sections"][name] = {"status": "running", "estimate_s": need}
+            report["seconds"] = time.perf_counter() - start
+            write_report(report, args.out)  # a run stopped in this section says so
+            report["sections"][name] = {**run_section(name, sizes, args.out), "estimate_s": need}
+        s = report["sections"][name]
+        took = f"{s['seconds']:.1f} s, estimate {need} s" if "seconds" in s else s["error"]
+        print(f"[gpu_check] {name}: {s['status']} ({took})", file=sys.stderr, flush=True)
+        report["env"] = report["sections"].get("environment", {}).get("result", {})
+        report["seconds"] = time.perf_counter() - start
+        write_report(report, args.out)
+    report["finished"] = True
+    write_report(report, args.out)
+    timings = ", ".join(
+        f"{name} {s['seconds']:.1f} s" if "seconds" in s else f"{name} {s['status']}"
+        for name, s in report["sections"].items()
+    )
+    print(f"section timings: {timings}")
     print(f"wrote {args.out / 'gpu_check.md'} and gpu_check.json ({report['seconds']:.0f} s)")
-    return 0 if all(s["status"] == "pass" for s in report["sections"].values()) else 1
+    return 0 if all(s["status"] in ("pass", "skipped") for s in report["sections"].values()) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(STARTED))

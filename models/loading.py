@@ -74,6 +74,16 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def embedded_tokenizer_dir() -> Path:
+    """Where the embedded tokenizer is: the cache directory as soon as it holds the tokenizer files (a GPU pack
+    ships those without the weights, for random-weight models with the real tokenizer), else the converted
+    model's directory (converting once)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    return embedded_model_dir()
+
+
 def _converted(target: Path) -> bool:
     return (target / "config.json").exists() and (target / "model.safetensors").exists()
 
@@ -129,9 +139,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if cfg.tokenizer is not None:
         name, kwargs = cfg.tokenizer, {}
         if cfg.tokenizer == "embedded":
-            name = str(embedded_model_dir())
+            name = str(embedded_tokenizer_dir())
     elif cfg.source == "random":
-        name, kwargs = str(embedded_model_dir()), {}
+        name, kwargs = str(embedded_tokenizer_dir()), {}
     else:
         name, kwargs = _pretrained_source(cfg)
     try:
