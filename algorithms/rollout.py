@@ -178,7 +178,9 @@ def static_decoder(model: torch.nn.Module, mode: str | None, pack_rows: int = 0)
 
 
 def _bucket(alive: int) -> int:
-    return 1 << max(alive - 1, 0).bit_length()  # the next power of two >= alive
+    # the next power of two >= alive, and at least 2: a compiled step takes one row as a size of its own (dynamo
+    # specializes sizes 0 and 1), which would be a second compile
+    return max(1 << max(alive - 1, 0).bit_length(), 2)
 
 
 @torch.inference_mode()

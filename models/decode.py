@@ -20,6 +20,7 @@ returns the untruncated tempered policy's log-prob of it.
 
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Any
 
@@ -78,14 +79,25 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: floa
     Written as two matmuls rather than scaled_dot_product_attention: for a single query the CPU kernel's
     per-call cost was most of the attention time. Query head h reads key/value head h // (Hq / Hkv), as
     transformers' repeat_kv lays them out; the softmax is in fp32, as its eager attention does.
+
+    The matmuls run in the cache's dtype: q is cast (one row), never the cache. Under bf16 autocast over fp32
+    weights q comes out of the rotary embedding in fp32 (its cos/sin are), and `k.to(q.dtype)` copied every
+    layer's whole cache to fp32 each step, only for autocast to cast it back to bf16 for the matmul.
     """
     n, hq, _, d = q.shape
     hkv = k.shape[1]
-    q = q.reshape(n, hkv, hq // hkv, d)  # [n, Hkv, g, D]
-    scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)).float() * scale  # [n, Hkv, g, T]
+    q = q.reshape(n, hkv, hq // hkv, d).to(k.dtype)  # [n, Hkv, g, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [n, Hkv, g, T]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(weights, v.to(q.dtype)).reshape(n, 1, hq * d)  # [n, Hkv, g, D] -> [n, 1, Hq * D]
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(n, 1, hq * d)  # [n, Hkv, g, D] -> [n, 1, Hq * D]
+
+
+def mark_dynamic(x: Tensor, *dims: int) -> None:
+    """Compile `x`'s dimensions `dims` as sizes rather than constants. `maybe_`: a dimension of size 1 (a chunk of
+    one row) is specialized instead of raising, and so is its step (one more compile, once)."""
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(x, dim)
 
 
 class StaticKVCache(nn.Module):
@@ -113,6 +125,12 @@ class StaticKVCache(nn.Module):
             # memory of its own on every replay (here, the whole cache each token); a new address re-records
             for buffer in self.buffers():
                 torch._dynamo.mark_static_address(buffer, guard=False)
+            # and a compiled step sees its rows (compaction: 64, 32, 16, ...) and positions (grown in LENGTH_STEPs)
+            # as sizes, not constants: one compile for all of them (CUDA graphs still record one graph per shape)
+            for i in range(self.layers):
+                mark_dynamic(self.keys(i), 0, 2)
+                mark_dynamic(self.values(i), 0, 2)
+            mark_dynamic(self.valid, 0, 1)
 
     @classmethod
     def empty(
@@ -203,13 +221,18 @@ class StaticDecoder:
 
     A compiled decoder lives as long as its model and keeps one cache for all its rollouts, grown when a rollout
     needs more rows or positions (positions in steps of LENGTH_STEP): its step then sees few shapes (one per
-    compaction size and cache length: few recompiles) and, under CUDA graphs, the same cache memory every
-    rollout (a graph is recorded once per shape, not once per rollout). It attends over all the cache's
-    positions, the unused ones masked.
+    compaction size and cache length) and, under CUDA graphs, the same cache memory every rollout (a graph is
+    recorded once per shape, not once per rollout). It attends over all the cache's positions, the unused ones
+    masked. The rows and the cache length are compiled as dynamic sizes, so all those shapes share one compile
+    (a model's step compiled per shape took 1-2 minutes for each); a single row would be one more (dynamo
+    specializes size 1), which the rollout's compaction avoids.
     """
 
     LENGTH_STEP = 128
-    RECOMPILE_LIMIT = 64  # compaction sizes x cache lengths: dynamo's default of 8 would fall back to eager
+    BACKEND = "inductor"  # torch.compile's backend; tests count compiles with a cheaper one ("eager")
+    # a margin over this decoder's few compiled entries (top_p < 1 or not, a chunk of one row, automatic dynamic
+    # shapes): dynamo's default of 8 per code object would fall back to eager
+    RECOMPILE_LIMIT = 16
 
     def __init__(self, model: CausalLM, compile_mode: str | None = None, pack_rows: int = 0):
         # weakly: a decoder kept for a model (the compiled ones) must not keep the model alive
@@ -226,12 +249,30 @@ class StaticDecoder:
         self.projections = (
             PackedProjections(model, pack_rows, self.cache_dtype) if pack_rows else ModuleProjections(model)
         )
-        self._step = (
-            self.step_eager
-            if compile_mode is None
-            else torch.compile(self.step_eager, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-        )
+        self._step = self.step_eager if compile_mode is None else self._compiled_step(compile_mode)
         self._storage: StaticKVCache | None = None  # a compiled decoder's cache, kept between rollouts
+
+    def _compiled_step(self, compile_mode: str):
+        """`step_eager` compiled: on a copy of its code, so that this decoder's compiled entries (dynamo keeps them
+        per code object) are its own, and without dynamo's guards on the model's modules.
+
+        Those guards (each module's type, hooks, attributes such as `training`, and each parameter's metadata,
+        reached through the module tree) were ~1.2 ms of every step's ~1.3 ms of guard checks for a 32-layer LoRA
+        model (811 graph inputs), per token. What they guard does not change under one decoder: it serves one
+        model for the model's lifetime (the code copy: never another model's entry), every rollout decodes in eval
+        mode with the policy's adapter active, and a training update writes the parameters in place (the step
+        reads them at call time, and guards on the cache and the step's other inputs stay). Swapping a module,
+        or casting the model, after its decoder compiled is what would go unseen."""
+        code = StaticDecoder.step_eager.__code__.replace()  # a distinct code object, dynamo's cache key
+        function = types.FunctionType(code, StaticDecoder.step_eager.__globals__, "step_eager")
+        options: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.BACKEND == "inductor" and compile_mode != "default":
+            from torch._inductor import list_mode_options
+
+            options.update(list_mode_options(compile_mode))  # reduce-overhead: CUDA graphs
+        # no dimension is dynamic but those marked so (mark_dynamic: the decode rows and the cache length), or a later
+        # call finds varying (dynamo's automatic dynamic shapes); mode and options are exclusive: the mode's options
+        return torch.compile(types.MethodType(function, self), backend=self.BACKEND, options=options)
 
     @property
     def model(self) -> nn.Module:
@@ -307,18 +348,26 @@ class StaticDecoder:
     ) -> tuple[Tensor, Tensor]:
         """Feed token [n] at `position` [n] into cache slot `slot` (0-d), then draw the next token:
         (next token [n], its log-prob [n])."""
+        # the cache as plain tensors, not a module's buffers: a compiled step takes a module's tensors as of static
+        # shape (dynamo's force_nn_module_property_static_shapes), and the cache's rows and length are dynamic
+        keys = [cache.keys(i) for i in range(cache.layers)]
+        values = [cache.values(i) for i in range(cache.layers)]
         if self.compile_mode is None:
-            return self._step(cache, token, position, slot, uniform, temperature, top_p)
+            return self._step(keys, values, cache.valid, token, position, slot, uniform, temperature, top_p)
         # a CUDA graph replay writes its outputs into the same memory every time: a new step begins, and what
         # the loop keeps of this one is copied out
         torch.compiler.cudagraph_mark_step_begin()
+        for x in (token, position, uniform):
+            mark_dynamic(x, 0)
         with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-            token, logp = self._step(cache, token, position, slot, uniform, temperature, top_p)
+            token, logp = self._step(keys, values, cache.valid, token, position, slot, uniform, temperature, top_p)
         return token.clone(), logp.clone()
 
     def step_eager(
         self,
-        cache: StaticKVCache,
+        keys: list[Tensor],  # [n, Hkv, T, D] per layer: the cache (StaticKVCache)
+        values: list[Tensor],
+        valid: Tensor,  # [n, T]
         token: Tensor,
         position: Tensor,
         slot: Tensor,
@@ -328,7 +377,7 @@ class StaticDecoder:
     ) -> tuple[Tensor, Tensor]:
         n = token.shape[0]
         slot = slot.view(1)
-        cache.valid.index_fill_(1, slot, True)
+        valid.index_fill_(1, slot, True)
         with self._autocast():
             x = self.decoder.embed_tokens(token[:, None])  # [n, 1, H]
             cos, sin = self.decoder.rotary_emb(x, position[:, None])
@@ -338,10 +387,9 @@ class StaticDecoder:
                 k = k.view(n, 1, -1, self.head_dim).transpose(1, 2)  # [n, Hkv, 1, D]
                 v = v.view(n, 1, -1, self.head_dim).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
-                keys, values = cache.keys(i), cache.values(i)
-                keys.index_copy_(2, slot, k.to(keys.dtype))
-                values.index_copy_(2, slot, v.to(values.dtype))
-                o = cached_attention(q, keys, values, cache.valid, layer.self_attn.scaling)  # [n, 1, Hq * D]
+                keys[i].index_copy_(2, slot, k.to(keys[i].dtype))
+                values[i].index_copy_(2, slot, v.to(values[i].dtype))
+                o = cached_attention(q, keys[i], values[i], valid, layer.self_attn.scaling)  # [n, 1, Hq * D]
                 x = x + self.projections.attention_out(i, layer, o)
                 x = x + self.projections.mlp(i, layer, layer.post_attention_layernorm(x))
             logits = self.projections.head(self.decoder.norm(x))[:, -1]  # [n, V]

@@ -8,6 +8,11 @@ that train keep fp32 master copies: an AdamW step of lr 1e-5 is below half a bf1
   or lets FSDP2 cast them (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, parallel.fsdp);
 - LoRA keeps the frozen base in the low precision (it never updates) and the adapters in fp32 (models.lora);
 - a stage that trains nothing (eval, rejection sampling) loads the weights in the compute dtype.
+
+The fp32 matmuls that remain under full fine-tuning in bf16 (lm_head and its log-softmax in models.logprobs and
+models.fused_loss: `out=` matmuls and the head called after the autocast forward returned, on fp32 hidden states
+and fp32 master weights) run in TF32 on CUDA (`tf32_matmuls`): a bf16-precision run does not need IEEE fp32 there,
+and without it lm_head was ~15x slower on an H200. A CPU, or trainer.precision=fp32, keeps them exact.
 """
 
 from __future__ import annotations
@@ -60,10 +65,21 @@ def prepare_policy(policy: CausalLM, model: ModelConfig, trainer: TrainerConfig,
     if trainer.lora.enabled:
         policy = apply_lora(policy, trainer.lora)
     dtype = autocast_dtype(model, trainer, trains)
+    if tf32_matmuls(model, trainer, next(policy.parameters()).device, trains):
+        # process-wide; the legacy flag rather than `fp32_precision = "tf32"`: torch refuses to read either API's
+        # setting once both were written, and experiments/gpu_measure.py reads this one
+        torch.backends.cuda.matmul.allow_tf32 = True
     if dtype is not None and trainer.strategy != "fsdp":
         autocast_forward(policy, dtype)
         autocast_forward(policy.get_decoder(), dtype)  # the log-prob and value passes call the decoder directly
     return policy
+
+
+def tf32_matmuls(model: ModelConfig, trainer: TrainerConfig, device: torch.device, trains: bool = True) -> bool:
+    """Whether fp32 matmuls may run in TF32 (CUDA's allow_tf32): on CUDA, when fp32 master weights compute in a
+    lower precision. Then only what runs outside autocast is fp32, lm_head's log-prob passes above all (their
+    `out=` matmuls bypass autocast), and TF32's 10-bit mantissa is still finer than the bf16 forward's 7."""
+    return device.type == "cuda" and autocast_dtype(model, trainer, trains) is not None
 
 
 _autocast = threading.local()  # per thread: the autocast contexts entered by the hooks, innermost last

@@ -9,7 +9,7 @@ from conf.schema import LoraOptions, ModelConfig, TrainerConfig
 from models.loading import load_causal_lm
 from models.logprobs import completion_logprobs
 from models.lora import actor_parameters
-from models.scale import autocast_dtype, frozen_copy, model_config_for, prepare_policy
+from models.scale import autocast_dtype, frozen_copy, model_config_for, prepare_policy, tf32_matmuls
 from tests.conftest import TINY
 from training.update import build_optimizer
 
@@ -70,3 +70,37 @@ def test_which_weights_keep_fp32_masters(lora, trains, expected):
     assert model_config_for(model_cfg, trainer, trains=trains).dtype == expected  # LoRA: a frozen bf16 base
     assert autocast_dtype(model_cfg, trainer, trains) == (torch.bfloat16 if expected == "float32" else None)
     assert model_config_for(model_cfg, TrainerConfig(precision="fp32")).dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "precision, lora, trains, device, expected",
+    [
+        ("bf16", False, True, "cuda", True),  # fp32 master weights: lm_head's fp32 matmuls in TF32
+        ("bf16", False, True, "cpu", False),  # a CPU stays exact
+        ("fp32", False, True, "cuda", False),  # fp32 asked for: IEEE fp32
+        ("bf16", True, True, "cuda", False),  # LoRA: a bf16 base, no fp32 lm_head
+        ("bf16", False, False, "cuda", False),  # a stage that trains nothing loads bf16 weights
+    ],
+)
+def test_tf32_only_for_fp32_master_weights_on_cuda(precision, lora, trains, device, expected):
+    model_cfg = ModelConfig(name="tiny_llama", **TINY)
+    trainer = TrainerConfig(precision=precision, lora=LoraOptions(enabled=lora))
+    assert tf32_matmuls(model_cfg, trainer, torch.device(device), trains) is expected
+
+
+def test_bf16_full_fine_tuning_on_a_cpu_leaves_fp32_matmuls_exact(tokenizer):
+    assert not torch.backends.cuda.matmul.allow_tf32
+    loaded_policy(TrainerConfig(precision="bf16"), tokenizer)
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_prepare_policy_switches_tf32_on_where_it_is_decided(tokenizer, monkeypatch):
+    import models.scale
+
+    monkeypatch.setattr(models.scale, "tf32_matmuls", lambda *args: True)  # as on CUDA under bf16
+    before = torch.backends.cuda.matmul.allow_tf32  # a custom __getattr__: monkeypatch cannot restore it
+    try:
+        loaded_policy(TrainerConfig(precision="bf16"), tokenizer)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
