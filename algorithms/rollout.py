@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from conf.checks import ConfigError, check_choice, check_range
 from conf.options import option
 from models.decode import StaticDecoder, sample_token, supports_static_cache, top_p_filter
-from models.forward import position_ids
+from models.forward import position_ids, with_cache
 from models.packed import packable
 from parallel.fsdp import is_sharded, sampling_weights
 
@@ -255,8 +255,7 @@ def _decode_dynamic(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=positions,
-        cache=cache,
-        use_cache=True,
+        **with_cache(cache),
         logits_to_keep=1,
     )
     cache.batch_select_indices(rows)  # the prompt's cache copied to each of its samples
@@ -275,7 +274,7 @@ def _decode_dynamic(
         if bool(finished.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, **with_cache(cache))
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from models.forward import CausalLM, position_ids
+from models.forward import CausalLM, position_ids, with_cache
 from models.packed import PackedProjections
 from models.scale import forward_autocast_dtype
 
@@ -322,8 +322,7 @@ class StaticDecoder:
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             position_ids=position_ids(prompt_mask),
-            cache=dynamic,
-            use_cache=True,
+            **with_cache(dynamic),
             logits_to_keep=1,
         )
         # a Llama-shaped model's layers are DynamicLayers, their keys and values filled [U, Hkv, Tp, D]; transformers

@@ -15,6 +15,7 @@ how ranks agree (`set_prefill_agreement`), and a prefill is shared on every rank
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,32 @@ def set_prefill_agreement(agree: PrefillAgreement | None) -> None:
     _prefill_agreement["agree"] = agree
 
 
+def _cache_keyword() -> str:
+    """The forwards' name for the KV cache: `cache` since transformers 5.2x, `past_key_values` before (5.17, the
+    GPU machines' version, takes `cache` silently into **kwargs and runs without it)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+
+
+def with_cache(cache: Any) -> dict[str, Any]:
+    """The keyword arguments that give a transformers forward its KV cache, whatever this version calls it."""
+    return {CACHE_KEYWORD: cache, "use_cache": True}
+
+
+def is_checkpointing(model: CausalLM) -> bool:
+    """Whether activation checkpointing is on: `is_activation_checkpointing` since transformers 5.2x (and on
+    models.lora.AdapterView), `is_gradient_checkpointing` before (5.17, the GPU machines' version)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        flag = getattr(model, name, None)
+        if flag is not None:
+            return bool(flag)
+    return False
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """[B, T] position of each token under left padding (padding at 0): what the HF forwards are given."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
@@ -62,7 +89,7 @@ def completion_hidden(
     cache in transformers, so then (and when every prompt is distinct) the plain pass is used.
     """
     tp = input_ids.shape[1] - completion_len
-    checkpointing = getattr(decoder, "is_activation_checkpointing", False) and decoder.training
+    checkpointing = is_checkpointing(decoder) and decoder.training
     if share_prompts and tp > 0 and not checkpointing:
         prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
         unique, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)  # [U, 2 Tp], [B]
@@ -93,13 +120,12 @@ def _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, pr
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=position_ids(prompt_mask),
-        cache=cache,
-        use_cache=True,
+        **with_cache(cache),
     ).last_hidden_state  # [U, Tp, H]
     cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...]: an indexing op, so gradients flow back
     positions = position_ids(attention_mask)[:, tp:]  # [B, Tc]
     completion = decoder(
-        input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
+        input_ids=input_ids[:, tp:], attention_mask=attention_mask, position_ids=positions, **with_cache(cache)
     ).last_hidden_state  # [B, Tc, H]
     # the last prompt position predicts completion token 0; completion position t predicts token t + 1
     return torch.cat([prefill[inverse, -1:], completion[:, : completion_len - 1]], dim=1)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conf.schema import LoraOptions
-from models.forward import CausalLM
+from models.forward import CausalLM, is_checkpointing
 
 ACTOR = "default"
 CRITIC = "critic"
@@ -53,7 +53,7 @@ def apply_lora(model: CausalLM, opts: LoraOptions) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config, adapter_name=ACTOR, autocast_adapter_dtype=True)
-    if model.is_activation_checkpointing:
+    if is_checkpointing(model):
         enable_checkpointing(peft_model)
     return peft_model
 
@@ -121,7 +121,9 @@ def enable_checkpointing(model: CausalLM) -> None:
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if is_lora(model):
         kwargs["context_fn"] = checkpoint_context_fn(model)
-    base.activation_checkpointing_enable(kwargs)
+    # transformers renamed gradient_checkpointing_enable (5.17, the GPU machines') to activation_checkpointing_enable
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable(kwargs)
 
 
 class AdapterView(nn.Module):

@@ -16,6 +16,7 @@ from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
 from conf.schema import Config, DataConfig, LoggerConfig, LoraOptions, ModelConfig, RewardConfig, TrainerConfig
 from data.loading import Batch
+from models.forward import is_checkpointing
 from models.heads import ValueModel
 from models.loading import load_causal_lm
 from models.lora import ACTOR, CRITIC, AdapterView, adapter_of, add_critic_adapter, apply_lora, enable_checkpointing
@@ -119,7 +120,7 @@ def test_grpo_lora_bf16_checkpointing(tokenizer, letter_e_reward):
     model_cfg = model_config_for(cfg.model, cfg.trainer)
     assert model_cfg.dtype == "bfloat16"
     policy = prepare_policy(load_causal_lm(model_cfg, tokenizer), model_cfg, cfg.trainer)
-    assert policy.get_base_model().is_activation_checkpointing
+    assert is_checkpointing(policy.get_base_model())
     assert {p.dtype for n, p in policy.named_parameters() if adapter_of(n)} == {torch.float32}
     assert {p.dtype for n, p in policy.named_parameters() if not adapter_of(n)} == {torch.bfloat16}
     algo = build_grpo(context(cfg, policy, tokenizer, letter_e_reward)).algorithm

@@ -18,6 +18,7 @@ from conf.registry import discover, get_stage, stage_names
 from conf.schema import LoraOptions, ModelConfig, TrainerConfig
 from models.loading import load_causal_lm
 from models.logprobs import completion_logprobs
+from models.lora import enable_checkpointing
 from models.memory import DTYPE_BYTES, KNOWN_ARCHITECTURES, Architecture, architecture, project
 from models.scale import model_config_for, prepare_policy
 from tests.conftest import TINY, stage_context
@@ -125,7 +126,7 @@ def test_checkpointed_activations_match_measured(dtype, tokenizer):
     for layers in (2, 4):
         cfg = ModelConfig(name="tiny_llama", **{**TINY, "dtype": dtype, "num_hidden_layers": layers})
         model = load_causal_lm(cfg, tokenizer)
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_checkpointing(model)
         model.train()
         measured[layers] = saved_activation_bytes(model, ids, mask, Tc)
     arch = Architecture(len(tokenizer), 64, 128, 4, 4, 2, True)
