@@ -16,7 +16,9 @@ how ranks agree (`set_prefill_agreement`), and a prefill is shared on every rank
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +72,48 @@ def is_checkpointing(model: CausalLM) -> bool:
     return False
 
 
+@dataclass
+class PassTally:
+    """What the decoder passes over prompt + completion (`completion_hidden`: old log-probs, reference, the
+    training passes, critic values) forwarded while it was open, counted as they run."""
+
+    forwarded: float = 0.0  # positions the decoder ran, padding included
+    real: float = 0.0  # of which real tokens
+    prompt_repeats_avoided: float = 0.0  # real prompt tokens a shared prefill did not run again
+
+    def metrics(self) -> dict[str, float]:
+        """compute/pass_*: empty when no pass ran."""
+        if not self.forwarded:
+            return {}
+        return {
+            "compute/pass_forward_tokens": self.forwarded,
+            "compute/pass_real_tokens": self.real,
+            "compute/pass_padding_frac": 1.0 - self.real / self.forwarded,
+            "compute/pass_prompt_repeats_avoided": self.prompt_repeats_avoided,
+        }
+
+
+_tallies: list[PassTally] = []  # the open tallies (nested ones all count)
+
+
+@contextmanager
+def tally_passes() -> Iterator[PassTally]:
+    """Count the tokens every `completion_hidden` call forwards while the block runs."""
+    tally = PassTally()
+    _tallies.append(tally)
+    try:
+        yield tally
+    finally:
+        _tallies.remove(tally)
+
+
+def _count(forwarded: float, real: float, avoided: float = 0.0) -> None:
+    for tally in _tallies:
+        tally.forwarded += forwarded
+        tally.real += real
+        tally.prompt_repeats_avoided += avoided
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """[B, T] position of each token under left padding (padding at 0): what the HF forwards are given."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding shifts positions
@@ -98,6 +142,15 @@ def completion_hidden(
         if agree is not None:  # sharded over ranks: the same passes everywhere
             share = agree(share)
         if share:
+            if _tallies:
+                prompt_mask = attention_mask[:, :tp]
+                unique_real = float(unique[:, tp:].sum())
+                completion_real = float(attention_mask[:, tp:].sum())
+                _count(
+                    unique.shape[0] * tp + input_ids.shape[0] * completion_len,
+                    unique_real + completion_real,
+                    float(prompt_mask.sum()) - unique_real,
+                )
             return _shared_prefix_hidden(
                 decoder,
                 input_ids,
@@ -107,6 +160,8 @@ def completion_hidden(
                 unique[:, tp:].to(attention_mask.dtype),
                 inverse,
             )
+    if _tallies:
+        _count(input_ids.numel(), float(attention_mask.sum()))
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [B, Tp + Tc, H]

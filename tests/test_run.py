@@ -60,6 +60,8 @@ def check_run_dir(run_dir: Path, steps: int) -> list[dict]:
         "compute/actor_forward_tokens",
         "compute/flops",
         "compute/flops_total",
+        "compute/pass_forward_tokens",
+        "compute/pass_padding_frac",
         "time/train_total",
         "memory/peak_rss_mb",
     ):

@@ -10,9 +10,11 @@ TOTALLED = ("tokens/", "compute/", "time/")  # per-step metrics that also get a 
 
 
 def accumulate_totals(totals: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
-    """Add this step's token, compute and phase-time metrics into the running `<key>_total`s."""
+    """Add this step's token, compute and phase-time metrics into the running `<key>_total`s (not shares, `_frac`:
+    a sum of shares means nothing)."""
     for key, value in metrics.items():
-        if key.startswith(TOTALLED) and not key.endswith("_total") and key not in ("time/total", "time/step"):
+        summable = not key.endswith(("_total", "_frac")) and key not in ("time/total", "time/step")
+        if key.startswith(TOTALLED) and summable:
             totals[f"{key}_total"] = totals.get(f"{key}_total", 0.0) + value
     return totals
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from conf.schema import Config, TrainerConfig
 from data.loading import Batch
+from models.forward import tally_passes
 from parallel.distributed import DistContext, is_main_process, reduce_metrics
 from parallel.fsdp import gather_full_state
 from training.accounting import accumulate_totals, peak_cuda_mb, peak_rss_mb
@@ -288,9 +289,10 @@ class Trainer:
         with GracefulStop() as stop:
             for step in bar:
                 start = time.perf_counter()
-                with self.out_of_memory_stops(step):
+                with self.out_of_memory_stops(step), tally_passes() as passes:
                     out = self.algo.step(self.sampler.draw(self.seeded_sampling))
-                metrics = reduce_metrics(out.metrics)  # over ranks (the identity in one process)
+                # what the passes over prompt + completion really forwarded: padding, and prompts shared
+                metrics = reduce_metrics(out.metrics | passes.metrics())  # over ranks (the identity in one process)
                 for scheduler in self.schedulers:
                     scheduler.step()
                 metrics["time/step"] = time.perf_counter() - start

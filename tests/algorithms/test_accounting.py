@@ -54,7 +54,14 @@ def test_totals_accumulate_step_metrics_only():
     totals = {"time/total": 3.0}
     accumulate_totals(
         totals,
-        {"tokens/generated": 5.0, "compute/flops": 2.0, "time/train": 1.5, "time/step": 9.0, "reward/total_mean": 0.3},
+        {
+            "tokens/generated": 5.0,
+            "compute/flops": 2.0,
+            "compute/pass_padding_frac": 0.25,  # a share: no total
+            "time/train": 1.5,
+            "time/step": 9.0,
+            "reward/total_mean": 0.3,
+        },
     )
     accumulate_totals(totals, {"tokens/generated": 7.0, "compute/flops": 4.0, "time/train": 0.5})
     assert totals == {

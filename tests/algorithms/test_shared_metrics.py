@@ -18,7 +18,7 @@ from algorithms.rloo import RLOOConfig, build_rloo
 from tests.conftest import say_rows, stage_context
 
 # logged by the loop around a step (training.loop) or by the held-out eval, not by the step itself
-LOOP_KEYS = {"time/step", "lr", "skipped_steps", "memory/peak_rss_mb", "eval/<metric>"}
+LOOP_KEYS = {"time/step", "lr", "skipped_steps", "memory/peak_rss_mb", "eval/<metric>", "compute/pass_<stat>"}
 EXAMPLES = {"<name>": "letter_e", "<model>": "actor", "<phase>": "generate", "<stat>": "kl"}
 SMALL = dict(
     prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=4, max_new_tokens=6, beta=0.1,

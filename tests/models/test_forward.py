@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.forward import completion_hidden, set_prefill_agreement
+from models.forward import completion_hidden, set_prefill_agreement, tally_passes
 from models.logprobs import completion_logprobs
 
 PROMPTS = [[19556, 905, 28], [638, 359, 346, 47, 905, 19556]]  # lengths 3 and 6
@@ -102,3 +102,29 @@ def test_the_registered_agreement_decides_whether_prompts_share_a_prefill(tiny_m
     real = attention_mask[:, -TC:].bool()
     torch.testing.assert_close(vetoed, plain)
     torch.testing.assert_close(shared[real[distinct]], plain[distinct][real[distinct]], atol=1e-5, rtol=1e-5)
+
+
+def test_the_pass_tally_counts_what_ran_padding_and_the_prompts_shared(tiny_model, tokenizer):
+    # Tp = 6, Tc = 4, B = 5; real prompt tokens 3 + 6 + 3 + 6 + 3 = 21, real completion tokens 4 + 4 + 3 + 2 + 4 = 17
+    input_ids, attention_mask = batch(tokenizer.pad_token_id)
+    decoder = tiny_model.get_decoder()
+    with torch.no_grad(), tally_passes() as shared:
+        completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=True)
+    # two distinct prompts prefilled once each (2 x 6 positions, 9 real), then 5 x 4 completion positions
+    assert (shared.forwarded, shared.real, shared.prompt_repeats_avoided) == (32, 26, 12)
+    with torch.no_grad(), tally_passes() as plain, tally_passes() as inner:
+        completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
+    assert (
+        (plain.forwarded, plain.real, plain.prompt_repeats_avoided)
+        == (50, 38, 0)
+        == (
+            inner.forwarded,
+            inner.real,
+            inner.prompt_repeats_avoided,
+        )
+    )
+    assert plain.metrics()["compute/pass_padding_frac"] == pytest.approx(12 / 50)
+    assert shared.metrics()["compute/pass_padding_frac"] == pytest.approx(6 / 32)
+    with tally_passes() as idle:
+        pass
+    assert idle.metrics() == {}
