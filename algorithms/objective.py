@@ -78,7 +78,7 @@ def policy_objective(
         loss, logp, entropy = completion_token_loss(
             model,
             *micro_inputs(micro),
-            token_loss_for(None),
+            None if sequence else token_loss_for(None),
             cfg.temperature,
             with_entropy=True,
             token_loss_for=token_loss_for if sequence else None,

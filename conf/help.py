@@ -14,12 +14,10 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from conf.options import option_help
 
-CONF = Path(__file__).resolve().parent
 SHOWN_GROUPS = ("algo", "model", "data", "reward", "trainer", "logger")  # the groups a user picks from
 
 
@@ -69,16 +67,11 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def choices(group: str) -> list[str]:
-    """The choices of a config group: the YAMLs of conf/<group>/ (e.g. `hydra/launcher`)."""
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def help_text(overrides: list[str]) -> str:
     """The help page of `python run.py <overrides> --help`: the groups and their choices, then every option of
     the chosen groups with its value and help (the internal `schema/*` groups are never shown)."""
     from conf.registry import discover
-    from conf.schema import compose_config
+    from conf.schema import compose_config, group_choices
 
     discover()
     cfg = compose_config([o for o in overrides if o not in ("--help", "-h")])
@@ -91,7 +84,7 @@ def help_text(overrides: list[str]) -> str:
     chosen |= {"trainer": cfg.trainer.name, "logger": cfg.logger.name}
     groups = [*SHOWN_GROUPS, "experiment", "hydra/launcher"]
     for group in groups:
-        names = [f"*{c}" if chosen.get(group) == c else c for c in choices(group)]
+        names = [f"*{c}" if chosen.get(group) == c else c for c in group_choices(group)]
         lines.append(f"  {group:<15} {', '.join(names)}")
     for group in SHOWN_GROUPS:
         lines += ["", f"{group}={chosen[group]} options:"]

@@ -410,15 +410,22 @@ def check_override_keys(overrides: list[str], default_algo: str | None) -> None:
             _check_type(schema, arg)
 
 
+CONF_DIR = Path(__file__).resolve().parent
+
+
+def group_choices(group: str) -> list[str]:
+    """The choices of a config group: the YAMLs of conf/<group>/ (e.g. `algo`, `hydra/launcher`)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 def check_group_choices(overrides: list[str]) -> None:
     """Fail on `algo=grp`, `model=nope`, `experiment=nope` (each value of a sweep too) with one line naming the
     choices of that group, before Hydra's multi-line MissingConfigException."""
-    conf = Path(__file__).resolve().parent
     for arg in overrides:
         key, sep, value = arg.lstrip("+").partition("=")
-        if not sep or "." in key or key.startswith(("-", "~", "hydra")) or not (conf / key).is_dir():
+        if not sep or "." in key or key.startswith(("-", "~", "hydra")) or not (CONF_DIR / key).is_dir():
             continue
-        valid = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        valid = group_choices(key)
         for one in _sweep_values(value):
             if one not in valid and one != "null" and "(" not in one and "${" not in one:
                 raise ConfigError(f"{key}={one} is not a choice of {key}; choose one of: {', '.join(valid)}")
@@ -519,7 +526,7 @@ def compose_config(overrides: list[str] | tuple = ()) -> Config:
     """The validated Config that `python run.py [overrides]` runs with (for tests and tools)."""
     from hydra import compose, initialize_config_dir  # here: composing is what tools do, not what runs import
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return validate(compose(config_name="config", overrides=list(overrides)))
 
 

@@ -77,19 +77,21 @@ class PassTally:
     """What the decoder passes over prompt + completion (`completion_hidden`: old log-probs, reference, the
     training passes, critic values) forwarded while it was open, counted as they run."""
 
+    # the real-token counts stay on the device until `metrics` (no host sync per pass)
     forwarded: float = 0.0  # positions the decoder ran, padding included
-    real: float = 0.0  # of which real tokens
-    prompt_repeats_avoided: float = 0.0  # real prompt tokens a shared prefill did not run again
+    real: float | Tensor = 0.0  # of which real tokens
+    prompt_repeats_avoided: float | Tensor = 0.0  # real prompt tokens a shared prefill did not run again
 
     def metrics(self) -> dict[str, float]:
         """compute/pass_*: empty when no pass ran."""
         if not self.forwarded:
             return {}
+        real = float(self.real)
         return {
             "compute/pass_forward_tokens": self.forwarded,
-            "compute/pass_real_tokens": self.real,
-            "compute/pass_padding_frac": 1.0 - self.real / self.forwarded,
-            "compute/pass_prompt_repeats_avoided": self.prompt_repeats_avoided,
+            "compute/pass_real_tokens": real,
+            "compute/pass_padding_frac": 1.0 - real / self.forwarded,
+            "compute/pass_prompt_repeats_avoided": float(self.prompt_repeats_avoided),
         }
 
 
@@ -107,7 +109,7 @@ def tally_passes() -> Iterator[PassTally]:
         _tallies.remove(tally)
 
 
-def _count(forwarded: float, real: float, avoided: float = 0.0) -> None:
+def _count(forwarded: float, real: Tensor, avoided: float | Tensor = 0.0) -> None:
     for tally in _tallies:
         tally.forwarded += forwarded
         tally.real += real
@@ -143,13 +145,11 @@ def completion_hidden(
             share = agree(share)
         if share:
             if _tallies:
-                prompt_mask = attention_mask[:, :tp]
-                unique_real = float(unique[:, tp:].sum())
-                completion_real = float(attention_mask[:, tp:].sum())
+                unique_real = unique[:, tp:].sum()  # the distinct prompts' real tokens
                 _count(
                     unique.shape[0] * tp + input_ids.shape[0] * completion_len,
-                    unique_real + completion_real,
-                    float(prompt_mask.sum()) - unique_real,
+                    unique_real + attention_mask[:, tp:].sum(),
+                    attention_mask[:, :tp].sum() - unique_real,
                 )
             return _shared_prefix_hidden(
                 decoder,
@@ -161,7 +161,7 @@ def completion_hidden(
                 inverse,
             )
     if _tallies:
-        _count(input_ids.numel(), float(attention_mask.sum()))
+        _count(input_ids.numel(), attention_mask.sum())
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [B, Tp + Tc, H]

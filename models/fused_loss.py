@@ -207,7 +207,7 @@ def completion_token_loss(
     input_ids: Tensor,  # [B, Tp + Tc] prompt (left-padded) then completion (right-padded)
     attention_mask: Tensor,  # [B, Tp + Tc]
     completion_len: int,  # Tc
-    token_loss: TokenLoss,  # positions index the flattened [B, Tc] completion grid
+    token_loss: TokenLoss | None,  # positions index the flattened [B, Tc] completion grid; None: token_loss_for
     temperature: float = 1.0,
     with_entropy: bool = False,
     backend: str = "auto",
@@ -223,18 +223,20 @@ def completion_token_loss(
     """
 
     def head(hidden: Tensor, lm_head: torch.nn.Linear, tokens: Tensor, mask: Tensor):
-        loss_fn = token_loss
+        biased = getattr(lm_head, "bias", None) is not None  # rare: full logits, then the loss over real positions
         if token_loss_for is not None:
             with torch.no_grad():
-                logits_fn = lm_head if getattr(lm_head, "bias", None) is not None else None
-                if logits_fn is not None:
-                    logp_now, _ = token_logprobs(logits_fn(hidden), tokens, temperature, mask=mask, backend=backend)
+                if biased:
+                    logp_now, _ = token_logprobs(lm_head(hidden), tokens, temperature, mask=mask, backend=backend)
                 else:
                     logp_now, _ = fused_token_logprobs(
                         hidden, lm_head.weight, tokens, temperature=temperature, mask=mask, backend=backend
                     )
-            loss_fn = token_loss_for(logp_now.detach() * mask)
-        if getattr(lm_head, "bias", None) is not None:  # rare: full logits, then the loss over real positions
+            loss_fn = token_loss_for(logp_now * mask)
+        else:
+            assert token_loss is not None, "completion_token_loss needs token_loss or token_loss_for"
+            loss_fn = token_loss
+        if biased:
             logp, entropy = token_logprobs(
                 lm_head(hidden),
                 tokens,

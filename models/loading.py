@@ -55,13 +55,18 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_cache_dir() -> Path:
+    """Where the converted embedded model lives (or, in a GPU pack, its tokenizer and config alone)."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors directory, converting the GGUF on first use.
 
     The conversion writes into a temporary directory and renames it into place, so an interrupted
     conversion never leaves a half-written cache that later loads would trust.
     """
-    target = cache_root() / "smollm2-135m-instruct"
+    target = embedded_cache_dir()
     if _converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +83,7 @@ def embedded_tokenizer_dir() -> Path:
     """Where the embedded tokenizer is: the cache directory as soon as it holds the tokenizer files (a GPU pack
     ships those without the weights, for random-weight models with the real tokenizer), else the converted
     model's directory (converting once)."""
-    target = cache_root() / "smollm2-135m-instruct"
+    target = embedded_cache_dir()
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     return embedded_model_dir()
