@@ -30,6 +30,16 @@ def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     return grouped.max(dim=1).values > grouped.min(dim=1).values
 
 
+def group_scores(scored: RewardOutput, metric: str) -> Tensor:
+    """[N] the scores dynamic sampling compares within a group: the total, or one component's."""
+    if metric == "total":
+        return scored.total
+    if metric not in scored.parts:
+        choices = ", ".join(["total", *sorted(scored.parts)])
+        raise ValueError(f"algo.dynamic_sampling_metric={metric} is not a reward here; choose one of: {choices}")
+    return scored.parts[metric]
+
+
 def select_rollouts(parts: list[tuple[Rollout, Tensor]], pad_id: int) -> Rollout:
     """One Rollout of the samples `index` [n] picks from each rollout, in order: prompts left-padded and
     completions right-padded to the widest."""
@@ -92,18 +102,20 @@ def refill_groups(
     group_size: int,
     max_draws: int,
     pad_id: int,
+    metric: str = "total",
 ) -> Refilled:
     """Dynamic sampling from the first draw's (rollout, scores) of `batch`: the informative groups of up to
     1 + max_draws draws (each `sample(batch.refill())`), the first len(batch.rows) of them in draw order,
     topped up with dropped groups when too few. Under data parallelism every rank draws until all ranks are
-    full (the draws pair up with the sampler's global batches)."""
+    full (the draws pair up with the sampler's global batches). `metric`: total, or the reward component whose
+spread decides."""
     target = len(batch.rows)
     draws = [first]
     kept: list[tuple[int, int]] = []  # (draw, group) of informative groups
     dropped: list[tuple[int, int]] = []
     while True:
         rollout, scored = draws[-1]
-        mask = informative_groups(scored.total, group_size).tolist()
+        mask = informative_groups(group_scores(scored, metric), group_size).tolist()
         for g, informative in enumerate(mask):
             (kept if informative else dropped).append((len(draws) - 1, g))
         if all_ranks(len(kept) >= target) or len(draws) > max_draws or batch.refill is None:

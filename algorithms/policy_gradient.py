@@ -106,6 +106,12 @@ class PolicyGradientConfig:
         "DAPO's dynamic sampling (Yu et al. 2025): drop groups whose scores are all equal and draw more prompts "
         "until prompts_per_step groups remain (needs group_size >= 2)",
     )
+    dynamic_sampling_metric: str = option(
+        "total",
+        "the score whose spread makes a group informative: total (the weighted reward) | the name of one reward "
+        "component, e.g. accuracy or format_strict (verl's filter_groups.metric): a small shaping term then does "
+        "not keep a group that the task reward cannot tell apart",
+    )
     dynamic_sampling_max_draws: int = option(
         4, "extra draws of prompts_per_step prompts a step may make; still short then, dropped groups fill the batch"
     )
@@ -275,6 +281,7 @@ class PolicyGradient:
                 cfg.group_size,
                 cfg.dynamic_sampling_max_draws,
                 self.tokenizer.pad_token_id,
+                cfg.dynamic_sampling_metric,
             )
             rollout, scored, self.draw_cost = refilled.rollout, refilled.scored, refilled.cost
         tensors = rollout_tensors(rollout)

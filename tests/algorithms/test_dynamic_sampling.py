@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from algorithms.advantages import overlong_penalty
-from algorithms.dynamic_sampling import informative_groups, refill_groups
+from algorithms.dynamic_sampling import group_scores, informative_groups, refill_groups
 from algorithms.grpo import GRPOConfig, build_grpo
 from algorithms.rollout import Rollout
 from conf.checks import ConfigError
@@ -141,3 +141,13 @@ def _timer():
     from training.timers import PhaseTimer
 
     return PhaseTimer()
+
+
+def test_the_metric_picks_which_reward_decides_a_group():
+    # the total differs within every group (a shaping term), the task reward only in the second group
+    total = torch.tensor([0.1, 0.2, 0.3, 1.4])
+    scored = RewardOutput(total, {"format_strict": torch.tensor([0.0, 0.0, 0.0, 1.0])}, {})
+    assert informative_groups(group_scores(scored, "total"), 2).tolist() == [True, True]
+    assert informative_groups(group_scores(scored, "format_strict"), 2).tolist() == [False, True]
+    with pytest.raises(ValueError, match="choose one of: total, format_strict"):
+        group_scores(scored, "acuracy")
