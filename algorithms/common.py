@@ -15,6 +15,7 @@ from models.logprobs import completion_logprobs
 from rewards.combine import RewardOutput
 from rewards.reasoning import reasoning_stats
 from training.timers import PhaseTimer
+from training.update import MicroBatch
 
 
 def sample_and_score(
@@ -87,20 +88,26 @@ def micro_values(critic: ValueModel, micro: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()  # not inference_mode: FSDP's gathered weights made there could not be trained on later
-def batched_forward(fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout, micro_batch_size: int) -> Tensor:
-    """fn(micro) -> [n, Tc] over the rollout in micro-batches, no grad: [N, Tc] fp32, 0 on padding."""
+def batched_forward(
+    fn: Callable[[dict[str, Tensor]], Tensor], rollout: Rollout, micro_batch: MicroBatch | int
+) -> Tensor:
+    """fn(micro) -> [n, Tc] over the rollout in micro-batches (`MicroBatch.split`: by count, or balanced by
+    tokens), no grad: [N, Tc] fp32, 0 on padding."""
+    if isinstance(micro_batch, int):
+        micro_batch = MicroBatch(micro_batch)
     batch = rollout_tensors(rollout)
     n, tc = rollout.completion_ids.shape
     out = torch.zeros(n, tc, dtype=torch.float32, device=rollout.completion_ids.device)
-    for start in range(0, n, micro_batch_size):
-        micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
-        out[start : start + micro_batch_size] = fn(micro)
+    for idx in micro_batch.split(batch, torch.arange(n, device=out.device)):
+        out[idx] = fn({k: v[idx] for k, v in batch.items()})
     return out * rollout.completion_mask
 
 
-def batched_logprobs(model: torch.nn.Module, rollout: Rollout, micro_batch_size: int, temperature: float) -> Tensor:
+def batched_logprobs(
+    model: torch.nn.Module, rollout: Rollout, micro_batch: MicroBatch | int, temperature: float
+) -> Tensor:
     """Log-probs of the rollout's completions under `model` (reference or old policy), [N, Tc], no grad."""
-    return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch_size)
+    return batched_forward(lambda micro: micro_logprobs(model, micro, temperature)[0], rollout, micro_batch)
 
 
 def rollout_metrics(

@@ -247,14 +247,17 @@ def value_loss(
     return loss, stats
 
 
-def accumulation_weight(loss_type: str, share: float) -> float:
+def accumulation_weight(loss_type: str, share: float, token_share: float | None = None) -> float:
     """Weight of one micro-batch's loss when several are accumulated into one optimiser step.
 
     Per-sequence and per-token means are means over the micro-batch, so they are weighted by its share
     of the minibatch; dapo's loss is already divided by the minibatch's token count.
-    share: the micro-batch's fraction of the minibatch's sequences.
+    share: the micro-batch's fraction of the minibatch's sequences; token_share: the weight of a token mean
+    over the micro-batch (bnpo's), `share` when None (training.update.MicroShare.token_mean).
     """
-    return 1.0 if loss_type == "dapo" else share
+    if loss_type == "dapo":
+        return 1.0
+    return token_share if loss_type == "bnpo" and token_share is not None else share
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -36,7 +36,7 @@ from rewards.combine import RewardOutput
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
 from training.tracking import sample_records
-from training.update import MicroBatch, OptimTarget, actor_target, minibatch_update
+from training.update import MicroBatch, MicroShare, OptimTarget, actor_target, minibatch_update
 
 KL_PLACEMENTS = ("loss", "reward")
 EVAL_SEED_OFFSET = 10_000  # held-out samples are drawn with seed + this at every eval: comparable across steps
@@ -54,6 +54,12 @@ class PolicyGradientConfig:
     )
     minibatch_size: int = option(8, "sequences per optimiser step (N / minibatch_size optimiser steps per pass)")
     micro_batch_size: int = option(8, "sequences per forward/backward; gradients accumulate up to minibatch_size")
+    micro_batch_tokens: int = option(
+        0,
+        "> 0: padding-free passes: micro-batches of at most this many real tokens (a shared prompt once), "
+        "balanced, each run as packed rows (micro_batch_size is then unused; the gradient is the same for any "
+        "budget); 0: micro_batch_size padded sequences",
+    )
     max_new_tokens: int = option(40, "completion budget, in tokens; longer completions are truncated (no EOS)")
     temperature: float = option(1.0, "sampling temperature; the log-probs are of the same tempered policy")
     top_p: float = option(1.0, "nucleus sampling (1.0 = off); recorded log-probs stay the untruncated policy's")
@@ -160,6 +166,7 @@ class PolicyGradientConfig:
             check_range(f"algo.{key}", getattr(self, key), 0.0)
         check_choice("algo.kl_in", self.kl_in, KL_PLACEMENTS)
         check_range("algo.dynamic_sampling_max_draws", self.dynamic_sampling_max_draws, 0)
+        check_range("algo.micro_batch_tokens", self.micro_batch_tokens, 0)
         check_range("algo.overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
         check_range("algo.eval_samples", self.eval_samples, 1)
         check_rollout(self.rollout)
@@ -194,7 +201,9 @@ class PolicyGradient:
         self.targets = targets  # the optimisers one update steps together (PPO: actor and critic)
         # the micro-batch size every forward runs at: algo.micro_batch_size, halved by an update that ran out
         # of memory (training.update.MicroBatch); checkpointed, so a resumed run keeps the smaller size
-        self.micro_batch = MicroBatch(cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries)
+        self.micro_batch = MicroBatch(
+            cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries, tokens=cfg.micro_batch_tokens
+        )
         self.generator = ctx.generator  # sampling and minibatch order (checkpointed by the loop)
         self.eval_rows = ctx.eval_rows
         self.eval_batch_size = ctx.cfg.trainer.eval_batch_size
@@ -288,7 +297,7 @@ class PolicyGradient:
         self.correction_metrics = {}
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
             with timer("old_logp"):
-                tensors["old_logp"] = batched_logprobs(self.policy, rollout, self.micro_batch.size, cfg.temperature)
+                tensors["old_logp"] = batched_logprobs(self.policy, rollout, self.micro_batch, cfg.temperature)
             # the sampler's log-probs beside the trainer's: their mismatch, measured every step, corrected if asked
             weights, self.correction_metrics = rollout_correction(
                 tensors["old_logp"],
@@ -303,7 +312,7 @@ class PolicyGradient:
                 tensors["is_weight"] = weights  # [N, Tc], sliced into micro-batches with the rest
         if self.reference is not None:
             with timer("reference"):
-                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch.size, cfg.temperature)
+                tensors["ref_logp"] = batched_logprobs(self.reference, rollout, self.micro_batch, cfg.temperature)
         return rollout, scored, tensors
 
     def kl_penalty(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -336,15 +345,15 @@ class PolicyGradient:
         over minibatches; `tensors` carries advantages ([N] or [N, Tc]). Returns the update's statistics."""
         cfg = self.cfg
 
-        def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
+        def loss_fn(micro: dict[str, Tensor], share: MicroShare):
             objective = policy_objective(
                 self.policy,
                 micro,
                 cfg,
-                minibatch_tokens,
-                weight=accumulation_weight(cfg.loss_type, share),
+                share.minibatch_tokens,
+                weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
                 beta=beta_in_loss,
-                entropy_weight=cfg.ent_coef * share,
+                entropy_weight=cfg.ent_coef * share.token_mean,
             )
             stats = objective.stats
             stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))

@@ -40,7 +40,7 @@ from models.lora import add_critic_adapter, is_lora
 from parallel.distributed import all_mean, world_size
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
-from training.update import minibatch_update, optim_target
+from training.update import MicroShare, minibatch_update, optim_target
 
 
 @dataclass
@@ -143,7 +143,7 @@ class PPO(PolicyGradient):
         if (critic := self.critic) is not None:
             with timer("critic"):
                 old_values = batched_forward(
-                    lambda micro: micro_values(critic, micro), rollout, self.micro_batch.size
+                    lambda micro: micro_values(critic, micro), rollout, self.micro_batch
                 )  # [N, Tc]
 
         # ---- ALGO LOGIC: per-token rewards, GAE (or a group baseline), whitening ----------------
@@ -162,7 +162,7 @@ class PPO(PolicyGradient):
         if old_values is not None:
             tensors["old_values"] = old_values
 
-        def loss_fn(micro: dict[str, Tensor], share: float, minibatch_tokens: float):
+        def loss_fn(micro: dict[str, Tensor], share: MicroShare):
             micro_mask = micro["completion_mask"]
             # a KL term only with kl_in=loss (by default the KL is in the rewards); dapo's policy loss is already
             # divided by the minibatch's tokens, the token means are not
@@ -170,10 +170,10 @@ class PPO(PolicyGradient):
                 self.policy,
                 micro,
                 cfg,
-                minibatch_tokens,
-                weight=accumulation_weight(cfg.loss_type, share),
+                share.minibatch_tokens,
+                weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
                 beta=self.loss_beta(beta),
-                entropy_weight=cfg.ent_coef * share,
+                entropy_weight=cfg.ent_coef * share.token_mean,
             )
             assert self.critic is not None  # the value loss is only trained with a critic
             values = micro_values(self.critic, micro)  # [n, Tc]
@@ -183,7 +183,7 @@ class PPO(PolicyGradient):
             stats["value_loss"] = v_loss.detach()
             stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro_mask))
             stats["loss"] = objective.policy_loss  # the policy loss, as every algorithm logs it
-            return objective.loss + cfg.vf_coef * v_loss * share, stats
+            return objective.loss + cfg.vf_coef * v_loss * share.token_mean, stats
 
         # ---- UPDATE: num_iterations passes over minibatches, actor and critic together ----------
         if self.critic is None:  # a group baseline: the policy loss alone, as the critic-free algorithms

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from models.packing import packed_hidden
+
 # A causal LM as this code reads one: transformers' PreTrainedModel, peft's PeftModel or a models.lora.AdapterView,
 # FSDP-sharded or not. They share get_decoder(), get_output_embeddings() and config, but no class declares them:
 # torch types the other attributes of an nn.Module as `Tensor | Module`. So, to the type checker, Any.
@@ -96,6 +98,24 @@ class PassTally:
 
 
 _tallies: list[PassTally] = []  # the open tallies (nested ones all count)
+_packing: dict[str, int] = {"budget": 0}  # tokens per packed row; 0: the padded passes
+
+
+@contextmanager
+def packed_passes(budget: int) -> Iterator[None]:
+    """Run every decoder pass of the block packed (`models.packing`: real tokens end to end, rows of at most
+    `budget` tokens); 0 keeps the padded passes. An algorithm opens it around its step (algo.micro_batch_tokens)."""
+    before = _packing["budget"]
+    _packing["budget"] = budget
+    try:
+        yield
+    finally:
+        _packing["budget"] = before
+
+
+def packing_budget() -> int:
+    """Tokens per packed row in the current block (`packed_passes`); 0 when the passes are padded."""
+    return _packing["budget"]
 
 
 @contextmanager
@@ -109,7 +129,7 @@ def tally_passes() -> Iterator[PassTally]:
         _tallies.remove(tally)
 
 
-def _count(forwarded: float, real: Tensor, avoided: float | Tensor = 0.0) -> None:
+def _count(forwarded: float, real: float | Tensor, avoided: float | Tensor = 0.0) -> None:
     for tally in _tallies:
         tally.forwarded += forwarded
         tally.real += real
@@ -135,6 +155,9 @@ def completion_hidden(
     cache in transformers, so then (and when every prompt is distinct) the plain pass is used.
     """
     tp = input_ids.shape[1] - completion_len
+    if _packing["budget"] > 0:
+        hidden = sequence_hidden(decoder, input_ids, attention_mask, tp, share_prompts)
+        return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
     checkpointing = is_checkpointing(decoder) and decoder.training
     if share_prompts and tp > 0 and not checkpointing:
         prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
@@ -166,6 +189,29 @@ def completion_hidden(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [B, Tp + Tc, H]
     return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
+
+
+def sequence_hidden(
+    decoder: torch.nn.Module,
+    input_ids: Tensor,  # [B, T] (left-padded; with prompt_len, prompt left-padded then completion right-padded)
+    attention_mask: Tensor,  # [B, T]
+    prompt_len: int = 0,  # Tp: the columns that hold the prompt, shared by the rows where it is identical
+    share_prompts: bool = True,
+) -> Tensor:
+    """Last hidden states [B, T, H] of every position (padding: 0 when packed), packed inside a `packed_passes`
+    block, one padded pass outside it."""
+    budget = _packing["budget"]
+    if budget <= 0:
+        return decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+    hidden, layout = packed_hidden(decoder, input_ids, attention_mask, prompt_len, budget, share_prompts)
+    if _tallies:
+        _count(layout.forwarded, layout.real, layout.prompt_repeats_avoided)
+    return hidden
 
 
 def _shared_prefix_hidden(decoder, input_ids, attention_mask, completion_len, prompt_ids, prompt_mask, inverse):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
-from models.forward import CausalLM, completion_hidden, position_ids
+from models.forward import CausalLM, completion_hidden, sequence_hidden
 
 if TYPE_CHECKING:
     from models.lora import AdapterView
@@ -57,10 +57,7 @@ class ScalarHeadModel(nn.Module):
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Last hidden states [B, T, H] (backbone dtype); positions count real tokens only (left padding)."""
-        positions = position_ids(attention_mask)
-        return self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
+        return sequence_hidden(self.backbone, input_ids, attention_mask)  # packed inside forward.packed_passes
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The head at every position: [B, T] fp32."""

@@ -28,7 +28,7 @@ from data.loading import Batch, PromptSampler
 from models.heads import RewardModel, ScalarHeadModel, encode_texts
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
-from training.update import MicroBatch, OptimTarget, minibatch_update, optim_target
+from training.update import MicroBatch, MicroShare, OptimTarget, minibatch_update, optim_target
 
 REJECTED = ("other_response", "truncated", "policy_sample")
 BT_STATS = ("loss", "accuracy", "margin")  # the update's statistics logged under rm/
@@ -146,9 +146,9 @@ def bt_update(
     returns the mean loss, accuracy and margin, with minibatch_update's grad norm and optimizer_steps /
     skipped_steps (a non-finite loss or gradient skips the step, as in the RL update)."""
 
-    def loss_fn(micro: dict[str, Tensor], share: float, _tokens: float):
+    def loss_fn(micro: dict[str, Tensor], share: MicroShare):
         loss, stats = bradley_terry_loss(*pair_scores(rm, micro))
-        return loss * share, {"loss": loss.detach(), **stats}  # share: the pair mean over the whole batch
+        return loss * share.sequences, {"loss": loss.detach(), **stats}  # the pair mean over the whole batch
 
     rm.train()
     stats = minibatch_update(

@@ -25,7 +25,7 @@ from models.heads import ScalarHeadModel
 from rewards.text import THINK_CLOSE, THINK_OPEN
 from training.loop import Built, StageContext, StepOutput
 from training.timers import PhaseTimer
-from training.update import MicroBatch, OptimTarget, actor_target, minibatch_update
+from training.update import MicroBatch, MicroShare, OptimTarget, actor_target, minibatch_update
 
 SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
 
@@ -35,6 +35,9 @@ class SFTConfig:
     name: str = option("sft", "the stage's name (algo=<name>)")
     batch_size: int = option(4, "rows per optimiser step")
     micro_batch_size: int = option(4, "rows per forward/backward; gradients accumulate up to batch_size")
+    micro_batch_tokens: int = option(
+        0, "> 0: micro-batches of at most this many real tokens, run packed (micro_batch_size unused); 0: padded"
+    )
     max_length: int = option(512, "prompt + target tokens; a longer row loses the end of its target (counted)")
     # cut so that `</think>` and the answer stay within a short (CPU-sized, at these defaults) generation budget
     max_cot_tokens: int | None = option(
@@ -52,6 +55,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.lr is not None:
             check_range("algo.lr", self.lr, 0.0)
+        check_range("algo.micro_batch_tokens", self.micro_batch_tokens, 0)
         for key in ("batch_size", "micro_batch_size", "max_length"):
             check_range(f"algo.{key}", getattr(self, key), 1)
         for key in ("max_cot_tokens", "max_response_tokens"):
@@ -171,11 +175,12 @@ def sft_update(
     with minibatch_update's optimizer_steps / skipped_steps (a non-finite loss or gradient skips it)
     and its oom/ back-off counters."""
 
-    def loss_fn(micro: dict[str, Tensor], share: float, batch_tokens: float):
+    def loss_fn(micro: dict[str, Tensor], share: MicroShare):
         logp, _ = micro_logprobs(policy, micro, temperature=1.0)
-        loss = sft_loss(logp, micro["completion_mask"], batch_tokens)
+        loss = sft_loss(logp, micro["completion_mask"], share.minibatch_tokens)  # a sum over the batch's tokens
         # the micro-batch's own token mean, for the log
-        return loss, {"loss": loss.detach() * batch_tokens / max(float(micro["completion_mask"].sum()), 1.0)}
+        tokens = max(float(micro["completion_mask"].sum()), 1.0)
+        return loss, {"loss": loss.detach() * share.minibatch_tokens / tokens}
 
     policy.train()
     stats = minibatch_update(
@@ -207,7 +212,8 @@ class SFT:
         max_oom_retries: int,
     ):
         self.cfg, self.policy, self.pad_id, self.target = cfg, policy, pad_id, target
-        self.micro_batch = MicroBatch(cfg.micro_batch_size, max_oom_retries)  # halved on out of memory
+        # halved on out of memory
+        self.micro_batch = MicroBatch(cfg.micro_batch_size, max_oom_retries, tokens=cfg.micro_batch_tokens)
         self.held_out, self.eval_batch_size = held_out, eval_batch_size
         self.device = next(policy.parameters()).device
 

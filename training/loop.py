@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from conf.schema import Config, TrainerConfig
 from data.loading import Batch
-from models.forward import tally_passes
+from models.forward import packed_passes, tally_passes
 from parallel.distributed import DistContext, is_main_process, reduce_metrics
 from parallel.fsdp import gather_full_state
 from training.accounting import accumulate_totals, peak_cuda_mb, peak_rss_mb
 from training.checkpoint import describe_os_error, load_checkpoint, prune_checkpoints, save_checkpoint
 from training.interrupts import GracefulStop, TrainingError, TrainingInterrupted
 from training.tracking import RunLogger
-from training.update import OutOfMemoryStop
+from training.update import MicroBatch, OutOfMemoryStop
 
 if TYPE_CHECKING:
     from models.heads import ScalarHeadModel
@@ -58,6 +58,9 @@ class Algorithm(Protocol):
     def evaluate(self) -> StepOutput: ...
 
     def checkpoint_models(self) -> dict[str, ScalarHeadModel]: ...  # trained models besides the policy
+
+    # its micro-batches (training.update.MicroBatch): its `tokens` > 0 runs the step's passes packed
+    micro_batch: MicroBatch
 
     def state_dict(self) -> dict: ...  # algorithm state a resume needs (PPO's KL coefficient)
 
@@ -289,7 +292,8 @@ class Trainer:
         with GracefulStop() as stop:
             for step in bar:
                 start = time.perf_counter()
-                with self.out_of_memory_stops(step), tally_passes() as passes:
+                packed = packed_passes(self.algo.micro_batch.tokens)  # padding-free passes when budgeted
+                with self.out_of_memory_stops(step), tally_passes() as passes, packed:
                     out = self.algo.step(self.sampler.draw(self.seeded_sampling))
                 # what the passes over prompt + completion really forwarded: padding, and prompts shared
                 metrics = reduce_metrics(out.metrics | passes.metrics())  # over ranks (the identity in one process)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from conf.schema import TrainerConfig
 from models.lora import actor_parameters
+from models.packing import balanced_micro_batches
 from parallel.distributed import sync_hooks
 from training.interrupts import TrainingError
 
@@ -95,28 +96,42 @@ class MicroBatch:
     size: int  # sequences (SFT rows, preference pairs) per forward/backward, now
     max_retries: int = 0  # trainer.max_oom_retries: halvings allowed over the run; 0 = the first OOM stops
     retries: int = 0  # halvings so far
+    # > 0: micro-batches of at most this many real tokens (a shared prompt once), balanced, and every decoder
+    # pass packed (models.packing); `size` is then unused. 0: `size` sequences, padded
+    tokens: int = 0
+
+    @property
+    def knob(self) -> str:
+        return "micro_batch_tokens" if self.tokens > 0 else "micro_batch_size"
 
     def back_off(self, error: str) -> None:
-        """Halve the size after an out-of-memory error; OutOfMemoryStop when no halving is left."""
-        if self.size == 1 or self.retries >= self.max_retries:
+        """Halve the size (or the token budget) after an out-of-memory error; OutOfMemoryStop when no halving
+        is left."""
+        now = self.tokens or self.size
+        if now == 1 or self.retries >= self.max_retries:
             raise OutOfMemoryStop(
-                f"the update ran out of memory at micro_batch_size={self.size} after {self.retries} halving(s) "
+                f"the update ran out of memory at {self.knob}={now} after {self.retries} halving(s) "
                 f"(trainer.max_oom_retries={self.max_retries}): {error}"
             )
-        smaller = self.size // 2
+        smaller = now // 2
         self.retries += 1
         log.warning(
-            "out of memory at micro_batch_size=%d: freed what could be freed, retrying the minibatch at "
-            "micro_batch_size=%d (retry %d of trainer.max_oom_retries=%d)",
-            self.size,
+            "out of memory at %s=%d: freed what could be freed, retrying the minibatch at %s=%d "
+            "(retry %d of trainer.max_oom_retries=%d)",
+            self.knob,
+            now,
+            self.knob,
             smaller,
             self.retries,
             self.max_retries,
         )
-        self.size = smaller
+        if self.tokens > 0:
+            self.tokens = smaller
+        else:
+            self.size = smaller
 
     def state_dict(self) -> dict[str, int]:
-        return {"size": self.size, "retries": self.retries}
+        return {"size": self.size, "retries": self.retries, "tokens": self.tokens}
 
     def load_state_dict(self, state: dict[str, int] | None) -> None:
         """Resume the backed-off size; a smaller configured size wins (the user lowered it to resume).
@@ -124,6 +139,30 @@ class MicroBatch:
         if state is not None:
             self.size = min(self.size, int(state["size"]))
             self.retries = int(state["retries"])
+            if self.tokens > 0 and state.get("tokens", 0) > 0:
+                self.tokens = min(self.tokens, int(state["tokens"]))
+
+    def split(self, batch: dict[str, Tensor], idx: Tensor) -> list[Tensor]:
+        """The micro-batches of the rows `idx` of `batch`: consecutive runs of `size`, or (tokens > 0) the
+        balanced partition of `models.packing.balanced_micro_batches`, each micro-batch in `idx`'s order."""
+        if self.tokens <= 0:
+            return [idx[start : start + self.size] for start in range(0, len(idx), self.size)]
+        input_ids = torch.cat([batch["prompt_ids"][idx], batch["completion_ids"][idx]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"][idx], batch["completion_mask"][idx]], dim=1)
+        parts = balanced_micro_batches(input_ids, attention_mask, batch["prompt_ids"].shape[1], self.tokens)
+        return [idx[part] for part in parts]
+
+
+@dataclass(frozen=True)
+class MicroShare:
+    """How one micro-batch's loss enters its minibatch's (the loss functions weight their terms by it)."""
+
+    sequences: float  # the micro-batch's share of the minibatch's sequences: for per-sequence means
+    # the weight of a mean over the micro-batch's real tokens: `sequences` on the padded path (today's mean of
+    # micro-batch means, as TRL accumulates); its share of the minibatch's real tokens when micro-batches are
+    # balanced by tokens, so that the token mean is the minibatch's whatever the partition
+    token_mean: float
+    minibatch_tokens: float  # real completion tokens of the minibatch (dapo's denominator)
 
 
 def release_memory(targets: list[OptimTarget]) -> None:
@@ -135,21 +174,22 @@ def release_memory(targets: list[OptimTarget]) -> None:
         torch.cuda.empty_cache()
 
 
-LossFn = Callable[[dict[str, Tensor], float, float], tuple[Tensor, dict[str, Tensor]]]
+LossFn = Callable[[dict[str, Tensor], MicroShare], tuple[Tensor, dict[str, Tensor]]]
 
 
 def accumulate_gradients(
-    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], size: int
+    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], micro_batch: MicroBatch
 ) -> tuple[bool, list[dict[str, float]]]:
-    """Forward and backward of the minibatch `mb_idx` of `batch` in micro-batches of `size`, the gradients
-    accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the first
-    non-finite loss, before its backward."""
+    """Forward and backward of the minibatch `mb_idx` of `batch` in the micro-batches of `micro_batch.split`,
+    the gradients accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the
+    first non-finite loss, before its backward."""
     mb_tokens = float(batch["completion_mask"][mb_idx].sum())
     micro_stats: list[dict[str, float]] = []
-    for m_start in range(0, len(mb_idx), size):
-        idx = mb_idx[m_start : m_start + size]
+    for idx in micro_batch.split(batch, mb_idx):
         micro = trim_padding({k: v[idx] for k, v in batch.items()})
-        loss, stats = loss_fn(micro, len(idx) / len(mb_idx), mb_tokens)
+        sequences = len(idx) / len(mb_idx)
+        token_mean = float(micro["completion_mask"].sum()) / max(mb_tokens, 1.0) if micro_batch.tokens else sequences
+        loss, stats = loss_fn(micro, MicroShare(sequences, token_mean, mb_tokens))
         loss_finite = bool(torch.isfinite(loss))
         if targets[0].finite_sync is not None:
             loss_finite = targets[0].finite_sync(loss_finite)
@@ -170,7 +210,7 @@ def accumulate_with_backoff(
         for t in targets:
             t.optimizer.zero_grad(set_to_none=True)
         try:
-            return accumulate_gradients(batch, mb_idx, loss_fn, targets, micro_batch.size)
+            return accumulate_gradients(batch, mb_idx, loss_fn, targets, micro_batch)
         except torch.OutOfMemoryError as err:
             error = " ".join(str(err).split())[:200]
             if targets[0].finite_sync is not None:  # fsdp: the other ranks wait in this pass's collectives
@@ -195,8 +235,8 @@ def minibatch_update(
 ) -> dict[str, float]:
     """Run num_epochs passes of shuffled minibatches; returns the mean of every stat plus counters.
 
-    loss_fn(micro, micro_share, minibatch_tokens) -> (loss, stats): micro_share is the micro-batch's
-    fraction of its minibatch's samples, minibatch_tokens the real completion tokens of the minibatch.
+    loss_fn(micro, share) -> (loss, stats): `share` (MicroShare) says how the micro-batch's loss enters the
+    minibatch's.
     A non-finite loss or gradient norm skips that optimiser step (counted in `skipped_steps`).
     micro_batch: the algorithm's MicroBatch, halved (and the minibatch redone) on an out-of-memory error;
     a plain int runs at that size and stops at the first such error. `oom/retries` counts this update's
@@ -239,4 +279,6 @@ def minibatch_update(
     out.update(optimizer_steps=float(steps), skipped_steps=float(skipped))
     out["oom/retries"] = float(micro_batch.retries - retries_before)
     out["oom/micro_batch_size"] = float(micro_batch.size)
+    if micro_batch.tokens > 0:
+        out["oom/micro_batch_tokens"] = float(micro_batch.tokens)
     return out

@@ -38,7 +38,7 @@ def test_rollout_layout_masks_and_logprobs(tiny_model, tokenizer):
     # the short prompt is left-padded: padding at the start, the prompt's last token at the end
     assert rollout.prompt_mask[0, 0] == 0 and rollout.prompt_mask[0, -1] == 1
     # sampling-time log-probs (KV cache, shared prefill) equal a full forward on prompt + completion
-    recomputed = batched_logprobs(tiny_model, rollout, micro_batch_size=4, temperature=1.0)
+    recomputed = batched_logprobs(tiny_model, rollout, 4, temperature=1.0)
     real = rollout.completion_mask.bool()
     torch.testing.assert_close(recomputed[real], rollout.logp[real], atol=1e-4, rtol=1e-4)
     assert (rollout.logp[~real] == 0).all()

@@ -117,8 +117,8 @@ def _nan_on_one_rank(rank: int, init_file: str, results: dict) -> None:
         )
         batch = {"x": torch.randn(4, 3), "prompt_mask": torch.ones(4, 1), "completion_mask": torch.ones(4, 3)}
 
-        def loss_fn(micro, share, tokens):
-            loss = layer(micro["x"]).sum() * share * (float("nan") if rank == 1 else 1.0)
+        def loss_fn(micro, share):
+            loss = layer(micro["x"]).sum() * share.sequences * (float("nan") if rank == 1 else 1.0)
             return loss, {"loss": loss.detach(), "clip_frac": torch.tensor(0.25)}
 
         stats = minibatch_update(batch, loss_fn, [target], 1, 4, 2, shuffle=False)

@@ -80,7 +80,7 @@ def test_an_oom_in_the_update_halves_the_micro_batch_and_matches_an_update_at_th
     assert metrics[1]["optimizer_steps"] == 1 and metrics[1]["skipped_steps"] == 0  # one step, not two
     warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "micro_batch_size=4" in warnings[0] and "micro_batch_size=2" in warnings[0]
-    assert oom.algo.state_dict()["micro_batch"] == {"size": 2, "retries": 1}  # in the checkpoint: resumes at 2
+    assert oom.algo.state_dict()["micro_batch"] == {"size": 2, "retries": 1, "tokens": 0}  # in the checkpoint: resumes at 2
 
 
 def test_retrying_a_minibatch_discards_its_partial_gradients_and_steps_once():
@@ -103,12 +103,12 @@ def test_retrying_a_minibatch_discards_its_partial_gradients_and_steps_once():
         target = OptimTarget(torch.optim.SGD(model.parameters(), lr=0.1), list(model.parameters()), 1e9)
         calls = [0]
 
-        def loss_fn(micro, share, _tokens):
+        def loss_fn(micro, share):
             calls[0] += 1
             if calls[0] in fail_at:
                 raise injected_oom()
             loss = ((model(micro["x"].squeeze(-1)).squeeze(-1) - micro["y"]) ** 2).mean()
-            return loss * share, {"loss": loss.detach()}
+            return loss * share.sequences, {"loss": loss.detach()}
 
         stats = minibatch_update(
             batch, loss_fn, [target], num_epochs=1, minibatch_size=4, micro_batch=micro_batch, shuffle=False
