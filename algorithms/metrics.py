@@ -53,10 +53,12 @@ SHARED_METRICS: dict[str, str] = {
     # cost (algorithms.compute)
     "compute/<model>_forward_tokens": "real tokens forwarded by actor, reference, critic, reward_model",
     "compute/<model>_backward_tokens": "real tokens backpropagated by actor and critic",
-    "compute/flops": "2 x params per forward token + 4 x params per backward token, over the models run",
-    "compute/pass_<stat>": "what the passes over prompt + completion (old log-probs, reference, training, critic) "
-    "really forwarded, counted as they ran: forward_tokens (padding included), real_tokens, padding_frac, "
-    "prompt_repeats_avoided (real prompt tokens a shared prefill did not run again)",
+    "compute/flops": "2 x params per forward token + 4 x params per backward token, over the models run, counting "
+    "real tokens with each prompt once per sequence (what the step needs, however it is run)",
+    "compute/pass_<stat>": "what the decoder passes over prompt + completion (old log-probs, reference, training, "
+    "critic, reward-model scores) really forwarded, counted as they ran: forward_tokens (padding included), "
+    "real_tokens, padding_frac, prompt_repeats_avoided (real prompt tokens a shared prefill or a packed unit did "
+    "not run again), flops (2 x, or 6 x with a backward, decoder params per forwarded token)",
     "time/<phase>": "wall seconds of a phase: generate, score, old_logp, reference, critic, train (cpu_time/ too)",
     # the loop (training.loop)
     "time/step": "wall seconds of the whole step",

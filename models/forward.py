@@ -77,10 +77,15 @@ def is_checkpointing(model: CausalLM) -> bool:
 @dataclass
 class PassTally:
     """What the decoder passes over prompt + completion (`completion_hidden`: old log-probs, reference, the
-    training passes, critic values) forwarded while it was open, counted as they run."""
+    training passes, critic values; `sequence_hidden`: reward-model scores) forwarded while it was open, counted
+    as they run."""
 
     # the real-token counts stay on the device until `metrics` (no host sync per pass)
     forwarded: float = 0.0  # positions the decoder ran, padding included
+    # 2 x decoder parameters per forwarded position, + 4 x when a backward follows (grad enabled): the decoder's
+    # dense FLOPs (Kaplan et al. 2020; attention's quadratic term left out) of what really ran, padding included;
+    # under FSDP the parameters are this rank's shards
+    flops: float = 0.0
     real: float | Tensor = 0.0  # of which real tokens
     prompt_repeats_avoided: float | Tensor = 0.0  # real prompt tokens a shared prefill did not run again
 
@@ -94,6 +99,7 @@ class PassTally:
             "compute/pass_real_tokens": real,
             "compute/pass_padding_frac": 1.0 - real / self.forwarded,
             "compute/pass_prompt_repeats_avoided": float(self.prompt_repeats_avoided),
+            "compute/pass_flops": self.flops,
         }
 
 
@@ -129,9 +135,12 @@ def tally_passes() -> Iterator[PassTally]:
         _tallies.remove(tally)
 
 
-def _count(forwarded: float, real: float | Tensor, avoided: float | Tensor = 0.0) -> None:
+def _count(decoder: torch.nn.Module, forwarded: float, real: float | Tensor, avoided: float | Tensor = 0.0) -> None:
+    params = sum(p.numel() for p in decoder.parameters())
+    backward = torch.is_grad_enabled() and any(p.requires_grad for p in decoder.parameters())
     for tally in _tallies:
         tally.forwarded += forwarded
+        tally.flops += (6.0 if backward else 2.0) * params * forwarded
         tally.real += real
         tally.prompt_repeats_avoided += avoided
 
@@ -170,6 +179,7 @@ def completion_hidden(
             if _tallies:
                 unique_real = unique[:, tp:].sum()  # the distinct prompts' real tokens
                 _count(
+                    decoder,
                     unique.shape[0] * tp + input_ids.shape[0] * completion_len,
                     unique_real + attention_mask[:, tp:].sum(),
                     attention_mask[:, :tp].sum() - unique_real,
@@ -184,7 +194,7 @@ def completion_hidden(
                 inverse,
             )
     if _tallies:
-        _count(input_ids.numel(), attention_mask.sum())
+        _count(decoder, input_ids.numel(), attention_mask.sum())
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     ).last_hidden_state  # [B, Tp + Tc, H]
@@ -202,6 +212,8 @@ def sequence_hidden(
     block, one padded pass outside it."""
     budget = _packing["budget"]
     if budget <= 0:
+        if _tallies:
+            _count(decoder, input_ids.numel(), attention_mask.sum())
         return decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -210,7 +222,7 @@ def sequence_hidden(
         ).last_hidden_state
     hidden, layout = packed_hidden(decoder, input_ids, attention_mask, prompt_len, budget, share_prompts)
     if _tallies:
-        _count(layout.forwarded, layout.real, layout.prompt_repeats_avoided)
+        _count(decoder, layout.forwarded, layout.real, layout.prompt_repeats_avoided)
     return hidden
 
 

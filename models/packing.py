@@ -67,15 +67,16 @@ def build_units(
 
 
 def assign_bins(costs: list[int], budget: int) -> list[list[int]]:
-    """Items (by cost) in as few bins of at most `budget` as longest-first assignment to the lightest bin finds
-    (starting from ceil(total / budget) bins); an item over the budget gets a bin of its own. Returns each
-    bin's item indices, sorted, the bins in order of their first item."""
+    """Items (by cost) in as few bins of at most `budget` as the assignment finds, starting from
+    ceil(total / budget) bins: longest first into the lightest bin (balanced loads), else longest first into the
+    first bin it fits (first-fit decreasing: fuller bins, where balancing would need one bin more). An item over
+    the budget gets a bin of its own. Returns each bin's item indices, sorted, in order of their first item."""
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     bins = [[i] for i in order if costs[i] > budget]
     rest = [i for i in order if costs[i] <= budget]
     k = max(1, -(-sum(costs[i] for i in rest) // budget))
     while rest:
-        fitted = _longest_first(rest, costs, budget, k)
+        fitted = _longest_first(rest, costs, budget, k, lightest=True) or _longest_first(rest, costs, budget, k)
         if fitted is not None:
             bins += [b for b in fitted if b]
             break
@@ -83,11 +84,17 @@ def assign_bins(costs: list[int], budget: int) -> list[list[int]]:
     return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
 
-def _longest_first(order: list[int], costs: list[int], budget: int, k: int) -> list[list[int]] | None:
-    """Each item (longest first) into the lightest of k bins; None when one does not fit."""
-    loads, bins = [0] * k, [[] for _ in range(k)]
+def _longest_first(
+    order: list[int], costs: list[int], budget: int, k: int, lightest: bool = False
+) -> list[list[int]] | None:
+    """Each item (longest first) into the lightest of k bins, or the first it fits; None when one does not fit."""
+    loads: list[int] = [0] * k
+    bins: list[list[int]] = [[] for _ in range(k)]
     for i in order:
-        j = min(range(k), key=lambda j: (loads[j], j))
+        if lightest:
+            j = min(range(k), key=lambda j: (loads[j], j))
+        else:
+            j = next((j for j in range(k) if loads[j] + costs[i] <= budget), 0)
         if loads[j] + costs[i] > budget:
             return None
         loads[j] += costs[i]

@@ -278,3 +278,18 @@ def test_surrogates_and_rollout_corrections_run_through_run_py(tmp_path, options
     for m in steps:  # the correction forces the recompute, so the mismatch is measured every step
         for key in ("rollout_corr/ratio_mean", "rollout_corr/kl", "rollout_corr/masked_frac", "loss", "kl"):
             assert math.isfinite(m[key]), (key, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_padding_free_passes_through_run_py(tmp_path, algo):
+    """algo.micro_batch_tokens: micro-batches balanced by tokens, every pass packed; nothing but real tokens is
+    forwarded (one row per pass at this budget), and at one epoch the ratio to the sampler's log-probs is 1."""
+    out = tmp_path / "run"
+    extra = ["algo.group_size=1", "algo.prompts_per_step=4"] if algo == "ppo" else []
+    proc = run_py([f"algo={algo}", *TINY, *extra, "algo.micro_batch_tokens=512", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in [m for m in check_run_dir(out, steps=2) if "reward/total_mean" in m]:
+        assert step["compute/pass_padding_frac"] == 0.0
+        assert step["clip_frac"] == 0.0
+        assert step["oom/micro_batch_tokens"] == 512

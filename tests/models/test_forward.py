@@ -108,6 +108,7 @@ def test_the_pass_tally_counts_what_ran_padding_and_the_prompts_shared(tiny_mode
     # Tp = 6, Tc = 4, B = 5; real prompt tokens 3 + 6 + 3 + 6 + 3 = 21, real completion tokens 4 + 4 + 3 + 2 + 4 = 17
     input_ids, attention_mask = batch(tokenizer.pad_token_id)
     decoder = tiny_model.get_decoder()
+    params = sum(p.numel() for p in decoder.parameters())
     with torch.no_grad(), tally_passes() as shared:
         completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=True)
     # two distinct prompts prefilled once each (2 x 6 positions, 9 real), then 5 x 4 completion positions
@@ -116,6 +117,7 @@ def test_the_pass_tally_counts_what_ran_padding_and_the_prompts_shared(tiny_mode
         "compute/pass_real_tokens": 26,
         "compute/pass_padding_frac": pytest.approx(6 / 32),
         "compute/pass_prompt_repeats_avoided": 12,
+        "compute/pass_flops": 2 * params * 32,  # forward only
     }
     with torch.no_grad(), tally_passes() as plain, tally_passes() as inner:
         completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
@@ -127,8 +129,12 @@ def test_the_pass_tally_counts_what_ran_padding_and_the_prompts_shared(tiny_mode
             "compute/pass_real_tokens": 38,
             "compute/pass_padding_frac": pytest.approx(12 / 50),
             "compute/pass_prompt_repeats_avoided": 0,
+            "compute/pass_flops": 2 * params * 50,
         }
     )
+    with tally_passes() as trained:  # grad enabled on trainable weights: a backward follows
+        completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
+    assert trained.metrics()["compute/pass_flops"] == 6 * params * 50
     with tally_passes() as idle:
         pass
     assert idle.metrics() == {}

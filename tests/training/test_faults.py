@@ -80,7 +80,8 @@ def test_an_oom_in_the_update_halves_the_micro_batch_and_matches_an_update_at_th
     assert metrics[1]["optimizer_steps"] == 1 and metrics[1]["skipped_steps"] == 0  # one step, not two
     warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "micro_batch_size=4" in warnings[0] and "micro_batch_size=2" in warnings[0]
-    assert oom.algo.state_dict()["micro_batch"] == {"size": 2, "retries": 1, "tokens": 0}  # in the checkpoint: resumes at 2
+    # in the checkpoint: resumes at 2
+    assert oom.algo.state_dict()["micro_batch"] == {"size": 2, "retries": 1, "tokens": 0}
 
 
 def test_retrying_a_minibatch_discards_its_partial_gradients_and_steps_once():
