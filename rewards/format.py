@@ -7,7 +7,14 @@ from rewards.reasoning import dominant_script, is_reasoned_format, split_think, 
 from rewards.registry import register
 from rewards.text import THINK_CLOSE, THINK_OPEN
 
-__all__ = ["format_reward", "format_soft_reward", "format_strict_reward", "is_think_format", "with_prefill"]
+__all__ = [
+    "format_reward",
+    "format_soft_reward",
+    "format_strict_reward",
+    "is_think_format",
+    "think_closed_reward",
+    "with_prefill",
+]
 
 
 def is_think_format(text: str) -> bool:
@@ -76,5 +83,31 @@ def format_strict_reward(
     sources = question if question else prompts
     return [
         float(is_reasoned_format(with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct))
+        for p, c, q in zip(prompts, completions, sources, strict=True)
+    ]
+
+
+@register("think_closed")
+def think_closed_reward(
+    prompts: list[str],
+    completions: list[str],
+    question: list[str] | None = None,
+    min_words: int = 15,
+    min_script_share: float = 0.9,
+    min_distinct: float = 0.3,
+    **_,
+) -> list[float]:
+    """Shaping toward `format_strict` that the tag hack cannot collect: 1.0 when the think block closes on real
+    reasoning (every check of `format_strict` but the answer), else 0.0. A small model that reasons and then
+    stops without `</think>` never meets the strict format; this pays for the first half of it.
+    """
+    check_range("reward.options.think_closed.min_words", min_words, 1)
+    sources = question if question else prompts
+    return [
+        float(
+            is_reasoned_format(
+                with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct, require_answer=False
+            )
+        )
         for p, c, q in zip(prompts, completions, sources, strict=True)
     ]

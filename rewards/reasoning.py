@@ -107,19 +107,25 @@ def dominant_script(text: str, default: str = "latin") -> str:
 
 
 def is_reasoned_format(
-    text: str, min_words: int = 15, min_script_share: float = 0.9, script: str = "latin", min_distinct: float = 0.3
+    text: str,
+    min_words: int = 15,
+    min_script_share: float = 0.9,
+    script: str = "latin",
+    min_distinct: float = 0.3,
+    require_answer: bool = True,
 ) -> bool:
     """The R1 format with real reasoning in it (prefill already applied to `text`):
     - exactly one `<think>` reasoning `</think>` answer block (`split_think`), and a non-empty answer;
     - no tag fragments in the reasoning or the answer (`" </think</think>"` is markup, not reasoning);
     - at least `min_words` words of reasoning, at least `min_distinct` of them distinct (not one word
       repeated), and at least `min_script_share` of them in `script` (the question's: no language mixing).
+    require_answer=False drops the non-empty answer (the block closing on real reasoning is enough).
     """
     parts = split_think(text)
     if parts is None:
         return False
     reasoning, answer = parts
-    if has_fragments(reasoning) or has_fragments(answer) or not words(answer):
+    if has_fragments(reasoning) or has_fragments(answer) or (require_answer and not words(answer)):
         return False
     found = words(reasoning)
     if len(found) < max(min_words, 1):

@@ -107,3 +107,18 @@ def test_reasoning_stats():
     assert stats["think_words_median"] == 4.0  # 35, 4, 0 words
     assert stats["recheck_frac"] == pytest.approx(1 / 3)
     assert reasoning_stats([], []) == {}
+
+
+def test_think_closed_pays_the_reasoned_block_without_the_answer_and_no_hack():
+    think_closed = REWARDS["think_closed"]
+    completions = [
+        REAL,  # the full format
+        f"{REASONING}</think>",  # closed on reasoning, no answer yet: the half the shaping pays for
+        f"{REASONING}",  # never closes
+        " </think</think> The the patient has a a big bad case of the sickness, so so so give medicine now please.",
+        "Scurvy.\n</think>\n",  # a one-word block
+        f"{REASONING}\n</think>\n<|im_end|>",  # debris after the close
+    ]
+    scores = think_closed([PREFILLED] * 6, completions, question=[QUESTION] * 6)
+    assert scores == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert strict(completions) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]

@@ -11,7 +11,10 @@ from conf.schema import ConfigError, load_choice
 from rewards import REWARDS, CombinedReward, build_reward, register
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = "accuracy, format, format_soft, format_strict, keyword, language, language_consistency, length, similarity"
+SHIPPED = (
+    "accuracy, format, format_soft, format_strict, keyword, language, language_consistency, length, similarity, "
+    "think_closed"
+)
 
 
 def rows(n, **extra):
