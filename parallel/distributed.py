@@ -198,6 +198,11 @@ def any_rank(flag: bool) -> bool:
     return _agree(flag, dist.ReduceOp.MAX)
 
 
+def all_max(value: int) -> int:
+    """The largest of the ranks' integers."""
+    return int(all_reduce_(torch.tensor([float(value)], device=comm_device()), dist.ReduceOp.MAX)[0])
+
+
 def average_gradients(params: list[torch.nn.Parameter], finite: bool) -> bool:
     """Average the gradients of `params` over ranks in one flat all-reduce; returns whether every
     rank's loss was finite (a rank that skipped its backward contributes zeros, and all skip the step).

@@ -326,10 +326,12 @@ def test_torchrun_ppo_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp_grpo_matches_one_process(tmp_path):
+@pytest.mark.parametrize("packed", [[], ["algo.micro_batch_tokens=40"]], ids=["padded", "packed"])
+def test_torchrun_fsdp_grpo_matches_one_process(tmp_path, packed):
+    # packed: micro-batches by tokens, which every rank must cut alike (training.update.set_micro_batch_agreement)
     compare_one_and_two_processes(
         tmp_path,
-        ["algo=grpo", "algo.group_size=2", *TINY],
+        ["algo=grpo", "algo.group_size=2", *TINY, *packed],
         ("loss", "kl", "clip_frac", "advantages/abs_mean", "grad_norm/actor", "entropy"),
         strategy="fsdp",
     )

@@ -10,14 +10,14 @@ import dataclasses
 import pytest
 import torch
 
-from algorithms.common import batched_logprobs
+from algorithms.common import batched_logprobs, rollout_tensors
 from algorithms.grpo import GRPOConfig, build_grpo
 from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
 from conf.schema import TrainerConfig
 from models.forward import packed_passes
 from tests.conftest import say_rows, stage_context
-from training.update import MicroBatch
+from training.update import MicroBatch, set_micro_batch_agreement
 
 # 4 prompts x G=3, 12 new tokens at temperature 1.5 on the tiny model: lengths differ, some stop early at EOS
 SETTING = dict(prompts_per_step=4, group_size=3, minibatch_size=12, max_new_tokens=12, temperature=1.5, ent_coef=0.01)
@@ -116,3 +116,21 @@ def test_old_logprobs_do_not_depend_on_how_the_passes_are_cut(eos_prone, tokeniz
     for label, logp in results.items():
         assert (logp[~real] == 0).all()
         assert float((logp - base)[real].abs().max()) < 1e-5, label
+
+
+def test_ranks_that_must_agree_cut_as_many_micro_batches(eos_prone, tokenizer):
+    generator = torch.Generator().manual_seed(0)
+    rollout = generate_rollout(eos_prone, tokenizer, say_rows(tokenizer, 4), 3, 12, 1.5, generator=generator)
+    batch = rollout_tensors(rollout)
+    idx = torch.arange(12)
+    micro = MicroBatch(1, tokens=10_000)
+    assert len(micro.split(batch, idx)) == 1
+    set_micro_batch_agreement(lambda count: max(count, 5))  # another rank cut five
+    try:
+        parts = micro.split(batch, idx)
+        assert len(parts) == 5 and sorted(torch.cat(parts).tolist()) == list(range(12))
+        with pytest.raises(RuntimeError, match="the ranks run 13 micro-batches, but this rank holds 12"):
+            set_micro_batch_agreement(lambda count: 13)
+            micro.split(batch, idx)
+    finally:
+        set_micro_batch_agreement(None)
