@@ -62,6 +62,7 @@ ALGOS = {
     # batch's own rows, so a batch of more than 2 for the picks to matter
     "reward_model": ["algo=reward_model", "algo.batch_size=4", "algo.max_response_tokens=32"],
 }
+ALGOS["ppo_packed"] = [*ALGOS["ppo"], "algo.micro_batch_tokens=48"]  # micro-batches by tokens, passes packed
 STEP_KEY = {"grpo": "reward/total_mean", "ppo": "reward/total_mean", "sft": "sft/loss", "reward_model": "rm/loss"}
 
 
@@ -109,7 +110,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert state_a["algo"] == state_b["algo"] and state_a["sampler"] == state_b["sampler"]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo_dynamic"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo_dynamic", "ppo_packed"])
 def test_resume_is_exact(tmp_path, algo):
     full, split = tmp_path / "full", tmp_path / "split"
     assert train(full, [*ALGOS[algo], f"trainer.max_steps={2 * K}"]) == 0
@@ -122,7 +123,7 @@ def test_resume_is_exact(tmp_path, algo):
     assert resumed == expected
     if algo == "grpo_dynamic":  # steps drew more prompts than the batch holds
         assert sum(m["dynamic_sampling/extra_draws"] for m in expected.values()) > 0
-    if algo == "ppo":  # the adaptive beta moved, and moved identically
+    if algo.startswith("ppo"):  # the adaptive beta moved, and moved identically
         assert expected[2 * K]["kl_coef"] != expected[1]["kl_coef"]
     assert_same_checkpoint(full / "checkpoints" / "final", split / "checkpoints" / "final")
 
