@@ -19,8 +19,9 @@ micro-batch's tokens, prompts counted once, stay within the budget, in as few mi
 balanced by longest-first assignment to the lightest micro-batch.
 
 The dense mask suits SDPA and eager attention on a CPU or a GPU (its cost grows with the square of the row
-length, so the budget also bounds the attention's wasted work across units); FlexAttention takes the same
-rule as a block mask when the model was loaded with it.
+length, so the budget also bounds the attention's wasted work across units). Flash attention's varlen kernels
+and FlexAttention take sequence bounds from position ids instead (`packed_hidden(by_positions=...)`): every
+sequence laid out whole, no mask.
 """
 
 from __future__ import annotations
@@ -223,17 +224,25 @@ def unpack(hidden: Tensor, layout: PackedLayout, B: int, T: int) -> Tensor:
     return hidden.new_zeros(B * T, H).index_copy(0, real, states).view(B, T, H)
 
 
-def attention_mask_for(model_config, layout: PackedLayout, dtype: torch.dtype) -> Tensor:
+MASKED = ("sdpa", "eager")  # attention that takes the layout's [R, 1, L, L] mask
+BY_POSITIONS = ("flash_attention_2", "flash_attention_3", "flex_attention")  # sequence bounds from position ids
+
+
+def attention_of(decoder: torch.nn.Module) -> str:
+    """The decoder's attention implementation (sdpa when it does not say)."""
+    return getattr(getattr(decoder, "config", None), "_attn_implementation", None) or "sdpa"
+
+
+def attention_mask_for(impl: str, layout: PackedLayout, dtype: torch.dtype) -> Tensor:
     """The layout's mask in the form the model's attention takes: bool for SDPA, additive for eager."""
-    impl = getattr(model_config, "_attn_implementation", None) or "sdpa"  # None: no config to say otherwise
     mask = layout.mask()
     if impl == "sdpa":
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     raise ValueError(
-        f"packed passes run on attn_implementation sdpa or eager (a [R, 1, L, L] mask), not {impl!r}: "
-        "load the model with attn_implementation=sdpa, or set the token budget to 0 (the padded path)"
+        f"packed passes run on attn_implementation {' | '.join(MASKED + BY_POSITIONS)}, not {impl!r}: load the "
+        "model with one of them, or set the token budget to 0 (the padded path)"
     )
 
 
@@ -244,14 +253,24 @@ def packed_hidden(
     prompt_len: int,  # Tp; 0 for whole sequences with nothing to share
     budget: int,
     share_prompts: bool = True,
+    by_positions: bool | None = None,  # None: as the decoder's attention needs (BY_POSITIONS)
 ) -> tuple[Tensor, PackedLayout]:
-    """Last hidden states on the padded grid [B, Tp + Tc, H] (0 on padding) from one packed pass, and its layout."""
+    """Last hidden states on the padded grid [B, Tp + Tc, H] (0 on padding) from one packed pass, and its layout.
+
+    With the layout's mask (sdpa, eager) a unit's prompt runs once for its completions. Flash attention's varlen
+    kernels (and FlexAttention's block mask) take sequence bounds instead, which transformers reads from position
+    ids that restart at 0 (`by_positions`): then every sequence is laid out whole, its prompt with it, and no mask
+    is passed; a flash kernel then skips the pairs across sequences rather than masking them.
+    """
     B, T = input_ids.shape
-    layout = pack(input_ids, attention_mask, prompt_len, budget, share_prompts)
+    impl = attention_of(decoder)
+    if by_positions is None:
+        by_positions = impl in BY_POSITIONS
+    layout = pack(input_ids, attention_mask, prompt_len, budget, share_prompts and not by_positions)
     dtype = next(decoder.parameters()).dtype
     hidden = decoder(
         input_ids=layout.input_ids,
-        attention_mask=attention_mask_for(getattr(decoder, "config", None), layout, dtype),
+        attention_mask=None if by_positions else attention_mask_for(impl, layout, dtype),
         position_ids=layout.position_ids,
         use_cache=False,
     ).last_hidden_state  # [R, L, H]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.forward import packed_passes, tally_passes
+from models.forward import completion_hidden, packed_passes, tally_passes
 from models.heads import RewardModel, ValueModel
 from models.logprobs import completion_logprobs
-from models.packing import assign_bins, balanced_micro_batches, build_units, pack
+from models.packing import assign_bins, balanced_micro_batches, build_units, pack, packed_hidden
 
 TC = 9
 
@@ -131,7 +131,7 @@ def test_micro_batches_hold_the_budget_keep_groups_whole_and_cover_the_batch(tok
     assert len(balanced_micro_batches(input_ids, attention_mask, tp, budget=10_000)) == 1
 
 
-def test_eager_attention_takes_an_additive_mask_and_flash_says_what_to_do(tiny_model, tokenizer):
+def test_eager_attention_takes_an_additive_mask_and_an_unknown_one_is_refused(tiny_model, tokenizer):
     input_ids, attention_mask = mixed_batch(tokenizer.pad_token_id, 2)
     with torch.no_grad():
         padded, _ = completion_logprobs(tiny_model, input_ids, attention_mask, TC)
@@ -139,9 +139,24 @@ def test_eager_attention_takes_an_additive_mask_and_flash_says_what_to_do(tiny_m
         try:
             with packed_passes(30):
                 eager, _ = completion_logprobs(tiny_model, input_ids, attention_mask, TC)
-            tiny_model.config._attn_implementation = "flash_attention_2"
-            with packed_passes(30), pytest.raises(ValueError, match="attn_implementation sdpa or eager"):
+            tiny_model.config._attn_implementation = "paged_attention"
+            with packed_passes(30), pytest.raises(ValueError, match="attn_implementation sdpa | eager"):
                 completion_logprobs(tiny_model, input_ids, attention_mask, TC)
         finally:
             tiny_model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(eager, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [12, 40, 1000])
+def test_sequence_bounds_by_position_ids_equal_the_padded_pass(tiny_model, tokenizer, budget):
+    """The layout flash attention's varlen kernels get (whole sequences, no mask: transformers reads the bounds
+    from position ids that restart), run here through SDPA, which builds its mask from the same position ids."""
+    input_ids, attention_mask = mixed_batch(tokenizer.pad_token_id, 3)
+    decoder = tiny_model.get_decoder()
+    tp = input_ids.shape[1] - TC
+    with torch.no_grad():
+        plain = completion_hidden(decoder, input_ids, attention_mask, TC, share_prompts=False)
+        hidden, layout = packed_hidden(decoder, input_ids, attention_mask, tp, budget, by_positions=True)
+    real = attention_mask[:, -TC:].bool()
+    torch.testing.assert_close(hidden[:, -TC - 1 : -1][real], plain[real], atol=1e-5, rtol=1e-5)
+    assert layout.prompt_repeats_avoided == 0  # every sequence whole, its prompt with it
