@@ -142,7 +142,8 @@ def test_eager_attention_takes_an_additive_mask_and_an_unknown_one_is_refused(ti
             with packed_passes(30):
                 eager, _ = completion_logprobs(tiny_model, input_ids, attention_mask, TC)
             tiny_model.config._attn_implementation = "paged_attention"
-            with packed_passes(30), pytest.raises(ValueError, match=re.escape("attn_implementation sdpa | eager | flash")):
+            refused = re.escape("attn_implementation sdpa | eager | flash")
+            with packed_passes(30), pytest.raises(ValueError, match=refused):
                 completion_logprobs(tiny_model, input_ids, attention_mask, TC)
         finally:
             tiny_model.config._attn_implementation = "sdpa"
