@@ -27,7 +27,8 @@ First an untimed run per mode (warm-up) gives the exactness figures (packed vs p
 real tokens; the two train phases' gradients, taken after clipping, relative to the gradient's scale), the tokens
 the decoder passes forwarded (`models.forward.tally_passes`) and the bytes of activations autograd saved for the
 backward (see below); then `--repeats` timed runs, the modes interleaved (padded, packed, padded, ...), and the
-median of each is reported. The ratios packed / padded are taken within this one run, on the same machine state.
+median of each is reported ("ref+train" is the median of the per-repeat sums). The ratios packed / padded are
+taken within this one run, on the same machine state.
 
 Memory: "saved activation MiB" is the peak, over the train phase, of the bytes of the tensors autograd keeps for
 the backward (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters left out): a
@@ -629,7 +630,8 @@ def report(args, device: torch.device, work: Workload, figures: list[dict]) -> d
         f"gradients (after clipping to 1.0) max |diff| {packed['grad_max_abs_diff']:.3e} = "
         f"{packed['grad_max_abs_diff_rel']:.3e} of max |grad|, ||diff|| / ||grad|| {packed['grad_norm_diff_rel']:.3e}; "
         f"grad norm before clipping padded {padded['grad_norm']:.6g}, packed {packed['grad_norm']:.6g}; "
-        f"loss padded {padded['loss']:.6g}, packed {packed['loss']:.6g}",
+        f"logged loss statistic (mean of the micro-batches' unweighted policy losses: depends on the partition, not an "
+        f"exactness figure) padded {padded['loss']:.6g}, packed {packed['loss']:.6g}",
         "",
         f"target: forwarded tokens <= {TOKENS_TARGET}x real (packed, real with each distinct prompt once): "
         f"{targets['tokens']['figure']:.3f}x -> {verdict(targets['tokens']['pass'])}",
