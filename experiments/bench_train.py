@@ -73,21 +73,11 @@ from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout
 from conf.schema import ModelConfig, TrainerConfig
 from models.forward import packed_passes, tally_passes
-from models.loading import load_causal_lm, random_llama
+from models.loading import TINY_LLAMA, load_causal_lm, random_llama
 from models.scale import reference_model
 from training.update import MicroBatch, MicroShare, actor_target, minibatch_update
 
-# the tests' tiny Llama (tests/conftest.py), with the embedded tokenizer's vocabulary
-TINY = dict(
-    source="random",
-    tokenizer="embedded",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    init_seed=0,
-)
+TINY = TINY_LLAMA  # the tests' tiny Llama, with the embedded tokenizer's vocabulary
 TINY_VOCAB = 49152
 # workload knobs: (default, --quick default)
 KNOBS = {

@@ -59,6 +59,30 @@ def format_soft_reward(prompts: list[str], completions: list[str], **_) -> list[
     return scores
 
 
+def _reasoned_scores(
+    name: str,
+    prompts: list[str],
+    completions: list[str],
+    question: list[str] | None,
+    min_words: int,
+    min_script_share: float,
+    min_distinct: float,
+    require_answer: bool,
+) -> list[float]:
+    check_range(f"reward.options.{name}.min_words", min_words, 1)
+    check_range(f"reward.options.{name}.min_script_share", min_script_share, 0.0, 1.0)
+    check_range(f"reward.options.{name}.min_distinct", min_distinct, 0.0, 1.0)
+    sources = question if question else prompts
+    return [
+        float(
+            is_reasoned_format(
+                with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct, require_answer
+            )
+        )
+        for p, c, q in zip(prompts, completions, sources, strict=True)
+    ]
+
+
 @register("format_strict")
 def format_strict_reward(
     prompts: list[str],
@@ -77,14 +101,8 @@ def format_strict_reward(
     `min_words` words, no tag fragments in it or in the answer, `min_distinct` of the words distinct, and
     `min_script_share` of them in the script of the question (of the prompt when the rows have none).
     """
-    check_range("reward.options.format_strict.min_words", min_words, 1)
-    check_range("reward.options.format_strict.min_script_share", min_script_share, 0.0, 1.0)
-    check_range("reward.options.format_strict.min_distinct", min_distinct, 0.0, 1.0)
-    sources = question if question else prompts
-    return [
-        float(is_reasoned_format(with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct))
-        for p, c, q in zip(prompts, completions, sources, strict=True)
-    ]
+    args = (prompts, completions, question, min_words, min_script_share, min_distinct)
+    return _reasoned_scores("format_strict", *args, require_answer=True)
 
 
 @register("think_closed")
@@ -101,13 +119,5 @@ def think_closed_reward(
     reasoning (every check of `format_strict` but the answer), else 0.0. A small model that reasons and then
     stops without `</think>` never meets the strict format; this pays for the first half of it.
     """
-    check_range("reward.options.think_closed.min_words", min_words, 1)
-    sources = question if question else prompts
-    return [
-        float(
-            is_reasoned_format(
-                with_prefill(p, c), min_words, min_script_share, dominant_script(q), min_distinct, require_answer=False
-            )
-        )
-        for p, c, q in zip(prompts, completions, sources, strict=True)
-    ]
+    args = (prompts, completions, question, min_words, min_script_share, min_distinct)
+    return _reasoned_scores("think_closed", *args, require_answer=False)

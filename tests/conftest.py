@@ -14,21 +14,12 @@ if not torch.cuda.is_available():
 
 from conf.registry import discover
 from conf.schema import Config, DataConfig, LoggerConfig, ModelConfig, RewardConfig, TrainerConfig
-from models.loading import load_causal_lm, load_tokenizer
+from models.loading import TINY_LLAMA, load_causal_lm, load_tokenizer
 from training.loop import StageContext
 
 discover()  # every stage registers its config, so that Hydra can compose conf/algo/* (as run.py does)
 
-TINY = dict(
-    source="random",
-    tokenizer="embedded",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    init_seed=0,
-)
+TINY = TINY_LLAMA
 
 
 @pytest.fixture(scope="session")
