@@ -10,13 +10,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from algorithms.common import batched_logprobs, micro_logprobs, micro_values, rollout_tensors
+from algorithms.common import batched_forward, batched_logprobs, micro_logprobs, micro_values, rollout_tensors
 from algorithms.grpo import GRPOConfig, build_grpo
 from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
 from conf.schema import Config, DataConfig, LoggerConfig, LoraOptions, ModelConfig, RewardConfig, TrainerConfig
 from data.loading import Batch
-from models.forward import is_checkpointing
+from models.forward import is_checkpointing, packed_passes
 from models.heads import ValueModel
 from models.loading import load_causal_lm
 from models.lora import ACTOR, CRITIC, AdapterView, adapter_of, add_critic_adapter, apply_lora, enable_checkpointing
@@ -24,6 +24,7 @@ from models.scale import model_config_for, prepare_policy
 from tests.conftest import TINY
 from training.checkpoint import save_checkpoint
 from training.loop import StageContext
+from training.update import MicroBatch
 
 
 def rows_for(tokenizer, n: int = 2) -> list[dict]:
@@ -98,6 +99,17 @@ def test_ppo_lora_trains_only_adapters_and_head(tiny_model, tokenizer, letter_e_
     torch.testing.assert_close(ref, batched_logprobs(base, rollout, 4, 1.0), rtol=0, atol=1e-5)
     assert not torch.allclose(batched_logprobs(policy, rollout, 4, 1.0), ref, atol=1e-4)
 
+    # packed passes through the adapters, the reference's adapters-off view and the critic's: the same numbers
+    packed = MicroBatch(1, tokens=48)
+    for model in (policy, algo.reference):
+        padded_logp = batched_logprobs(model, rollout, 4, 1.0)
+        with packed_passes(packed.tokens):
+            torch.testing.assert_close(batched_logprobs(model, rollout, packed, 1.0), padded_logp, atol=1e-5, rtol=1e-5)
+    padded_values = batched_forward(lambda micro: micro_values(algo.critic, micro), rollout, 4)
+    with packed_passes(packed.tokens):
+        values = batched_forward(lambda micro: micro_values(algo.critic, micro), rollout, packed)
+    torch.testing.assert_close(values, padded_values, atol=1e-5, rtol=1e-5)
+
     # the checkpoint holds the adapters and the head, no base weights
     state = {"step": 2}
     ckpt = save_checkpoint(tmp_path / "ckpt", policy, tokenizer, optimizers, state, algo.checkpoint_models())
@@ -128,6 +140,10 @@ def test_grpo_lora_bf16_checkpointing(tokenizer, letter_e_reward):
     metrics = algo.step(Batch(rows_for(tokenizer))).metrics
     assert metrics["optimizer_steps"] == 1 and torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(p, b) for p, b in zip(algo.targets[0].params, before))
+    algo.micro_batch = MicroBatch(2, tokens=64)  # packed passes under bf16 and activation checkpointing
+    with packed_passes(64):
+        metrics = algo.step(Batch(rows_for(tokenizer))).metrics
+    assert metrics["optimizer_steps"] == 1 and torch.isfinite(torch.tensor(metrics["loss"]))
 
 
 def adapter_grads(model, checkpointing: bool, tokenizer) -> dict[str, torch.Tensor]:
