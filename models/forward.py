@@ -138,11 +138,11 @@ def tally_passes() -> Iterator[PassTally]:
 def _count(decoder: torch.nn.Module, forwarded: float, real: float | Tensor, avoided: float | Tensor = 0.0) -> None:
     params = sum(p.numel() for p in decoder.parameters())
     backward = torch.is_grad_enabled() and any(p.requires_grad for p in decoder.parameters())
-    for tally in _tallies:
+    for tally in _tallies:  # not in place: `real` may come from a pass under inference_mode (reward scoring)
         tally.forwarded += forwarded
         tally.flops += (6.0 if backward else 2.0) * params * forwarded
-        tally.real += real
-        tally.prompt_repeats_avoided += avoided
+        tally.real = tally.real + real
+        tally.prompt_repeats_avoided = tally.prompt_repeats_avoided + avoided
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ sequence laid out whole, no mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,39 @@ def balanced_micro_batches(
     units = build_units(keys, prompt_lens, completion_lens, budget)
     bins = assign_bins([u.tokens for u in units], budget)
     return [torch.tensor(sorted(b for u in bin_ for b in units[u].members), dtype=torch.long) for bin_ in bins]
+
+
+# (this rank's number of micro-batches) -> the number every rank runs; None: each process decides alone
+CountAgreement = Callable[[int], int]
+_count_agreement: dict[str, CountAgreement | None] = {"agree": None}
+
+
+def set_micro_batch_agreement(agree: CountAgreement | None) -> None:
+    """How the ranks agree on the number of micro-batches a token budget cuts a minibatch into: under FSDP every
+    forward and backward runs collectives, so every rank must run as many (parallel.fsdp registers the max)."""
+    _count_agreement["agree"] = agree
+
+
+def split_to(parts: list[Tensor], count: int) -> list[Tensor]:
+    """`parts` cut into `count` micro-batches by halving the one with most sequences, as often as needed."""
+    parts = list(parts)
+    while len(parts) < count:
+        largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        if len(parts[largest]) < 2:
+            raise RuntimeError(
+                f"the ranks run {count} micro-batches, but this rank holds {len(parts)} sequences: give every rank "
+                "more sequences per minibatch, or a token budget that cuts the ranks' minibatches alike"
+            )
+        part = parts.pop(largest)
+        half = len(part) // 2
+        parts[largest:largest] = [part[:half], part[half:]]
+    return parts
+
+
+def agreed_count(parts: list[Tensor]) -> list[Tensor]:
+    """`parts` cut into as many micro-batches as every rank runs (`set_micro_batch_agreement`); as they are alone."""
+    agree = _count_agreement["agree"]
+    return parts if agree is None else split_to(parts, agree(len(parts)))
 
 
 @dataclass

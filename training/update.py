@@ -18,7 +18,7 @@ from torch import Tensor
 
 from conf.schema import TrainerConfig
 from models.lora import actor_parameters
-from models.packing import balanced_micro_batches
+from models.packing import agreed_count, balanced_micro_batches
 from parallel.distributed import sync_hooks
 from training.interrupts import TrainingError
 
@@ -86,33 +86,6 @@ class OutOfMemoryStop(TrainingError):
     """The update ran out of memory and may not back off further; the loop adds the last checkpoint."""
 
 
-# (this rank's number of micro-batches) -> the number every rank runs; None: each process decides alone
-CountAgreement = Callable[[int], int]
-_count_agreement: dict[str, CountAgreement | None] = {"agree": None}
-
-
-def set_micro_batch_agreement(agree: CountAgreement | None) -> None:
-    """How the ranks agree on the number of micro-batches a token budget cuts a minibatch into: under FSDP every
-    forward and backward runs collectives, so every rank must run as many (parallel.fsdp registers the max)."""
-    _count_agreement["agree"] = agree
-
-
-def split_to(parts: list[Tensor], count: int) -> list[Tensor]:
-    """`parts` cut into `count` micro-batches by halving the one with most sequences, as often as needed."""
-    parts = list(parts)
-    while len(parts) < count:
-        largest = max(range(len(parts)), key=lambda i: len(parts[i]))
-        if len(parts[largest]) < 2:
-            raise RuntimeError(
-                f"the ranks run {count} micro-batches, but this rank holds {len(parts)} sequences: give every rank "
-                "more sequences per minibatch, or a token budget that cuts the ranks' minibatches alike"
-            )
-        part = parts.pop(largest)
-        half = len(part) // 2
-        parts[largest:largest] = [part[:half], part[half:]]
-    return parts
-
-
 @dataclass
 class MicroBatch:
     """The micro-batch size an algorithm's updates run at: its configured one, halved after each
@@ -177,10 +150,7 @@ class MicroBatch:
         input_ids = torch.cat([batch["prompt_ids"][idx], batch["completion_ids"][idx]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"][idx], batch["completion_mask"][idx]], dim=1)
         parts = balanced_micro_batches(input_ids, attention_mask, batch["prompt_ids"].shape[1], self.tokens)
-        agree = _count_agreement["agree"]
-        if agree is not None:  # sharded over ranks: as many forwards and backwards everywhere
-            parts = split_to(parts, agree(len(parts)))
-        return [idx[part] for part in parts]
+        return [idx[part] for part in agreed_count(parts)]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
 from conf.schema import TrainerConfig
 from models.forward import packed_passes
+from models.packing import set_micro_batch_agreement
 from tests.conftest import say_rows, stage_context
-from training.update import MicroBatch, set_micro_batch_agreement
+from training.update import MicroBatch
 
 # 4 prompts x G=3, 12 new tokens at temperature 1.5 on the tiny model: lengths differ, some stop early at EOS
 SETTING = dict(prompts_per_step=4, group_size=3, minibatch_size=12, max_new_tokens=12, temperature=1.5, ent_coef=0.01)
