@@ -73,8 +73,9 @@ from algorithms.objective import policy_objective
 from algorithms.rollout import Rollout
 from conf.schema import ModelConfig, TrainerConfig
 from models.forward import packed_passes, tally_passes
-from models.loading import TINY_LLAMA, load_causal_lm, random_llama
+from models.loading import load_causal_lm, random_llama
 from models.scale import reference_model
+from models.shapes import SMOLLM2_SHAPE, TINY_LLAMA
 from training.update import MicroBatch, MicroShare, actor_target, minibatch_update
 
 TINY = TINY_LLAMA  # the tests' tiny Llama, with the embedded tokenizer's vocabulary
@@ -191,6 +192,9 @@ def rollout_to(rollout: Rollout, device: torch.device) -> Rollout:
 def load_policy(name: str, device: torch.device) -> torch.nn.Module:
     if name == "tiny":
         model = random_llama(ModelConfig(name="tiny_llama", **TINY), vocab_size=TINY_VOCAB, device=device)
+    elif name == "smollm2_random":  # its shapes, random weights: where the weights cannot go (the GPU check)
+        cfg = ModelConfig(name="smollm2_135m", source="random", tokenizer="embedded", **SMOLLM2_SHAPE)
+        model = random_llama(cfg, vocab_size=TINY_VOCAB, device=device)
     else:  # the embedded SmolLM2-135M-Instruct (model=smollm2_135m), offline
         model = load_causal_lm(ModelConfig(), device=device)
     return model.eval()
@@ -650,7 +654,10 @@ def report(args, device: torch.device, work: Workload, figures: list[dict]) -> d
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", choices=("tiny", "embedded"), default=None, help="default tiny with --quick, else embedded"
+        "--model",
+        choices=("tiny", "embedded", "smollm2_random"),
+        default=None,
+        help="default tiny with --quick, else embedded; smollm2_random: its shapes, random weights",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")

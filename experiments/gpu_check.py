@@ -58,17 +58,10 @@ STARTED = time.perf_counter()  # the budget counts from here, the imports (torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.shapes import SMOLLM2_SHAPE  # noqa: E402  (plain data: no torch before the clock starts)
 
 # SmolLM2-135M-Instruct's shapes with random weights and its real tokenizer: what the GPU machine can run, where
 # the model's weights cannot travel (experiments/gpu_pack.py carries the tokenizer and config only)
-SMOLLM2_SHAPE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-)
 SMOLLM2_RANDOM = (
     "model=smollm2_135m",
     "model.source=random",
@@ -230,7 +223,8 @@ BUDGET_S = 480  # default --budget-s: the device allows one command of <= 10 min
 # Estimated seconds of each section on one H100, in the order they run (the order of value): a section starts
 # only when its estimate fits what is left of the budget. No GPU run has measured them yet: estimates from the
 # shapes (8B bf16 weights 16 GB, ~3.3 TB/s, ~400 TFLOP/s) and the process starts; revise them from a report's
-# seconds. At the default budget the first four fit (env + kernels + rollout + 8b = 435 s).
+# seconds. At the default budget the first four fit (env + kernels + rollout + 8b = 435 s); the rest (embedded,
+# fsdp, packing, probe) run with a larger --budget-s.
 COST_S = {
     "environment": 5,  # version queries and one nvidia-smi
     "kernels": 60,  # Triton compiles (3 paths x 2 backends x 2 dtypes x 2 shapes) + a bench_logprobs.py process
@@ -238,6 +232,7 @@ COST_S = {
     "8b": 240,  # 2 run.py processes (start + 8B init ~35 s; cold step ~60 s compile/capture + ~20 s; warm ~20 s)
     "embedded": 120,  # 4 run.py processes (3 steps or 1 resumed step of SmolLM2-135M), ~30 s each
     "fsdp": 60,  # 2 torchrun processes (2 steps, then 1 resumed) of SmolLM2-135M on NCCL
+    "packing": 40,  # bench_train.py: SmolLM2-135M, 16 sequences of up to ~450 tokens, 2 modes x 4 runs
     "probe": 20,  # SmolLM2-135M loaded in-process, one padded forward, a 32-token rollout
 }
 # The same on 2 CPU cores at --tiny's shapes (measured there, other work sharing the cores: ~260 s in all; the
@@ -249,6 +244,7 @@ TINY_COST_S = {
     "8b": 45,  # 2 run.py processes of 2 steps (38 s measured)
     "embedded": 90,  # 4 run.py processes (76-91 s measured)
     "fsdp": 60,  # 2 torchrun processes (46-75 s measured)
+    "packing": 20,  # bench_train.py --quick in its own process
     "probe": 20,  # (15-30 s measured)
 }
 ISOLATED = {"rollout"}  # sections run in a child process: the 8B weights, compiled code and CUDA graphs leave with it
@@ -613,6 +609,31 @@ def sampler_speeds(report: dict) -> dict:
     return out
 
 
+def section_packing(sizes: Sizes, out: Path) -> dict:
+    """Padded against packed training passes (`experiments/bench_train.py`): a SmolLM2-135M-shaped random Llama on
+    the GPU (the tiny one under --tiny), tokens forwarded, time and memory ratios, and the two paths' agreement."""
+    report = out / "bench_train.json"
+    args = ["--device", sizes.device, "--json", str(report)]
+    args += ["--quick"] if sizes.device == "cpu" else ["--model", "smollm2_random", "--budget", "4096"]
+    bench = bounded(
+        [sys.executable, str(ROOT / "experiments" / "bench_train.py"), *args],
+        seconds_left(600),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if bench.returncode != 0 or not report.exists():
+        raise RuntimeError(f"bench_train.py exited with {bench.returncode}: {bench.stderr[-2000:]}")
+    figures = json.loads(report.read_text())
+    packed = figures["modes"][1]
+    result = {"ratios": figures["ratios"], "targets": figures["targets"], "table": figures["table"]}
+    result["exactness"] = {k: packed.get(k) for k in ("ref_logp_max_abs_diff", "grad_max_abs_diff_rel")}
+    # fp32 (TF32 matmuls where the process enables them): the paths sum in other orders, nothing more
+    if not (packed["ref_logp_max_abs_diff"] < 1e-2 and packed["grad_max_abs_diff_rel"] < 1e-2):
+        raise CheckFailed(f"packed and padded passes disagree: {result['exactness']}")
+    return result
+
+
 def section_environment(sizes: Sizes, out: Path) -> dict:
     return environment()
 
@@ -624,6 +645,7 @@ SECTIONS = {  # in the order they run: the order of value
     "8b": section_8b,
     "embedded": section_embedded,
     "fsdp": section_fsdp,
+    "packing": section_packing,
     "probe": section_probe,
 }
 

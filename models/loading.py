@@ -173,20 +173,6 @@ def chat_template(name: str) -> str:
     return path.read_text()
 
 
-# the tests' tiny random Llama (64 wide, 2 layers) with the embedded tokenizer: `ModelConfig(name="tiny_llama",
-# **TINY_LLAMA)`; the real code path in seconds, also for the benchmarks' quick modes
-TINY_LLAMA = dict(
-    source="random",
-    tokenizer="embedded",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    init_seed=0,
-)
-
-
 def random_llama(cfg: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> LlamaForCausalLM:
     """A Llama with seeded random weights: the same code path as real models, in seconds.
 

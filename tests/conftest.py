@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 from conf.registry import discover
 from conf.schema import Config, DataConfig, LoggerConfig, ModelConfig, RewardConfig, TrainerConfig
-from models.loading import TINY_LLAMA, load_causal_lm, load_tokenizer
+from models.loading import load_causal_lm, load_tokenizer
+from models.shapes import TINY_LLAMA
 from training.loop import StageContext
 
 discover()  # every stage registers its config, so that Hydra can compose conf/algo/* (as run.py does)

@@ -51,6 +51,7 @@ def test_tiny_gpu_check_passes_and_writes_the_report(tmp_path):
         assert big["timed_step"] == 2 and big["tokens_generated"] > 0  # a warm-up step, then the timed one
         assert big["phases_s"]["generate"]["later_mean"] == big["warm_generate_s"]
     assert sections["fsdp"]["result"]["resume"]["bit_exact"]
+    assert sections["packing"]["result"]["targets"]["tokens"]["pass"]  # padding-free: real tokens only
     assert "| ours static |" in sections["rollout"]["result"]["markdown"]
     text = (tmp_path / "gpu_check.md").read_text()
     assert all(f"## {name}: pass" in text for name in gpu_check.SECTIONS)
