@@ -45,6 +45,9 @@ class RewardModelConfig:
     truncate_frac: float = option(0.5, "rejected=truncated: share of the reference's words kept, in [0, 1]")
     batch_size: int = option(8, "preference pairs per optimiser step")
     micro_batch_size: int = option(8, "pairs per forward/backward (gradient accumulation up to batch_size)")
+    micro_batch_tokens: int = option(
+        0, "> 0: micro-batches of pairs with at most this many real tokens, run packed (micro_batch_size unused)"
+    )
     max_response_tokens: int = option(
         256, "responses are cut to this many tokens, chosen and rejected alike (before the truncated variant is made)"
     )
@@ -55,6 +58,7 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         check_choice("algo.rejected", self.rejected, REJECTED)
         check_range("algo.truncate_frac", self.truncate_frac, 0.0, 1.0)
+        check_range("algo.micro_batch_tokens", self.micro_batch_tokens, 0)
         for key in ("batch_size", "micro_batch_size", "max_response_tokens", "max_new_tokens"):
             check_range(f"algo.{key}", getattr(self, key), 1)
         check_range("algo.temperature", self.temperature, 1e-3)
@@ -192,7 +196,8 @@ class RewardModelTraining:
         eval_rows: list[dict],
     ):
         self.cfg, self.rm, self.target = cfg, rm, target
-        self.micro_batch = MicroBatch(cfg.micro_batch_size, ctx.cfg.trainer.max_oom_retries)  # halved on OOM
+        retries = ctx.cfg.trainer.max_oom_retries
+        self.micro_batch = MicroBatch(cfg.micro_batch_size, retries, tokens=cfg.micro_batch_tokens)  # halved on OOM
         self.policy, self.tokenizer, self.generator = ctx.policy, ctx.tokenizer, ctx.generator
         self.everything = train_rows + eval_rows
         self.eval_batch_size = ctx.cfg.trainer.eval_batch_size

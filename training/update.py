@@ -18,7 +18,7 @@ from torch import Tensor
 
 from conf.schema import TrainerConfig
 from models.lora import actor_parameters
-from models.packing import agreed_count, balanced_micro_batches
+from models.packing import agreed_count, assign_bins, balanced_micro_batches
 from parallel.distributed import sync_hooks
 from training.interrupts import TrainingError
 
@@ -143,13 +143,18 @@ class MicroBatch:
                 self.tokens = min(self.tokens, int(state["tokens"]))
 
     def split(self, batch: dict[str, Tensor], idx: Tensor) -> list[Tensor]:
-        """The micro-batches of the rows `idx` of `batch`: consecutive runs of `size`, or (tokens > 0) the
-        balanced partition of `models.packing.balanced_micro_batches`, each micro-batch in `idx`'s order."""
+        """The micro-batches of the rows `idx` of `batch`: consecutive runs of `size`, or (tokens > 0) balanced by
+        real tokens: prompt + completion rows by `models.packing.balanced_micro_batches` (a shared prompt once),
+        rows of whole sequences (preference pairs: input_ids [B, 2, T]) by their `completion_mask` tokens."""
         if self.tokens <= 0:
             return [idx[start : start + self.size] for start in range(0, len(idx), self.size)]
-        input_ids = torch.cat([batch["prompt_ids"][idx], batch["completion_ids"][idx]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"][idx], batch["completion_mask"][idx]], dim=1)
-        parts = balanced_micro_batches(input_ids, attention_mask, batch["prompt_ids"].shape[1], self.tokens)
+        if "prompt_ids" in batch:
+            input_ids = torch.cat([batch["prompt_ids"][idx], batch["completion_ids"][idx]], dim=1)
+            attention_mask = torch.cat([batch["prompt_mask"][idx], batch["completion_mask"][idx]], dim=1)
+            parts = balanced_micro_batches(input_ids, attention_mask, batch["prompt_ids"].shape[1], self.tokens)
+        else:
+            costs = batch["completion_mask"][idx].flatten(1).sum(1).tolist()
+            parts = [torch.tensor(b, dtype=torch.long) for b in assign_bins([int(c) for c in costs], self.tokens)]
         return [idx[part] for part in agreed_count(parts)]
 
 

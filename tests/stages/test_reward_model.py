@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from algorithms.losses import bradley_terry_loss
+from models.forward import packed_passes
 from models.heads import RewardModel, encode_texts
 from stages.reward_model import (
     PreferencePair,
@@ -23,7 +24,7 @@ from stages.reward_model import (
     pair_scores,
     pair_tensors,
 )
-from training.update import OptimTarget
+from training.update import MicroBatch, OptimTarget
 
 ROWS = [{"prompt": f"Q{i}: ", "reference": f"answer number {i} with several words in it"} for i in range(5)]
 
@@ -123,3 +124,32 @@ def test_the_pair_rng_is_saved_and_restored(tmp_path, tokenizer):
     next_pairs = first.make_pairs(ROWS, first.rng)
     assert next_pairs == second.make_pairs(ROWS, second.rng)
     assert next_pairs != fresh.make_pairs(ROWS, fresh.rng)  # a fresh rng would repeat the first step's picks
+
+
+def test_pairs_in_token_budget_micro_batches_run_packed_on_the_same_gradient(tiny_model, tokenizer):
+    """algo.micro_batch_tokens: pairs grouped by their real tokens, every score from a packed pass; the pair mean
+    and its gradient are the padded path's."""
+    rm = RewardModel.from_causal_lm(tiny_model)
+    torch.nn.init.normal_(rm.head.weight, std=0.1)
+    params = [p for p in rm.parameters() if p.requires_grad]
+    pairs = [
+        PreferencePair(f"Question {i}: " + "why " * (i % 3), "yes " * (1 + 3 * i), "no") for i in range(6)
+    ]  # uneven lengths
+    batch = pair_tensors(tokenizer, pairs, rm.device)
+    grads = []
+    for micro, budget in ((MicroBatch(6), 0), (MicroBatch(6, tokens=60), 60)):
+        recorder = SimpleNamespace(step=lambda: grads.append([p.grad.clone() for p in params]), zero_grad=zero(params))
+        with packed_passes(budget):
+            stats = bt_update(rm, batch, [OptimTarget(recorder, params, max_grad_norm=1e9)], micro_batch=micro)
+        assert stats["optimizer_steps"] == 1
+    assert len(MicroBatch(6, tokens=60).split(batch, torch.arange(6))) > 1  # the budget cut the batch
+    for packed, padded in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+
+
+def zero(params):
+    def zero_grad(set_to_none=True):
+        for p in params:
+            p.grad = None
+
+    return zero_grad
