@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from models.packing import packed_hidden
+from models.padding_free import packed_hidden
 
 # A causal LM as this code reads one: transformers' PreTrainedModel, peft's PeftModel or a models.lora.AdapterView,
 # FSDP-sharded or not. They share get_decoder(), get_output_embeddings() and config, but no class declares them:
@@ -109,7 +109,7 @@ _packing: dict[str, int] = {"budget": 0}  # tokens per packed row; 0: the padded
 
 @contextmanager
 def packed_passes(budget: int) -> Iterator[None]:
-    """Run every decoder pass of the block packed (`models.packing`: real tokens end to end, rows of at most
+    """Run every decoder pass of the block packed (`models.padding_free`: real tokens end to end, rows of at most
     `budget` tokens); 0 keeps the padded passes. An algorithm opens it around its step (algo.micro_batch_tokens)."""
     before = _packing["budget"]
     _packing["budget"] = budget

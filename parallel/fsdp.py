@@ -51,7 +51,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from models.forward import set_prefill_agreement
 from models.logprobs import SHARDED_METHOD, direct_completion_pass
-from models.packing import set_micro_batch_agreement
+from models.padding_free import set_micro_batch_agreement
 from parallel.distributed import all_max, any_rank
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0's CPU
@@ -88,7 +88,7 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
         fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=policy)
     set_prefill_agreement(any_rank)  # models.forward: one prefill per prompt on every rank, or on none
-    set_micro_batch_agreement(all_max)  # models.packing: as many token-budget micro-batches on every rank
+    set_micro_batch_agreement(all_max)  # models.padding_free: as many token-budget micro-batches on every rank
     return model
 
 

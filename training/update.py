@@ -18,7 +18,7 @@ from torch import Tensor
 
 from conf.schema import TrainerConfig
 from models.lora import actor_parameters
-from models.packing import agreed_count, assign_bins, balanced_micro_batches
+from models.padding_free import agreed_count, assign_bins, balanced_micro_batches
 from parallel.distributed import sync_hooks
 from training.interrupts import TrainingError
 
@@ -97,7 +97,7 @@ class MicroBatch:
     max_retries: int = 0  # trainer.max_oom_retries: halvings allowed over the run; 0 = the first OOM stops
     retries: int = 0  # halvings so far
     # > 0: micro-batches of at most this many real tokens (a shared prompt once), balanced, and every decoder
-    # pass packed (models.packing); `size` is then unused. 0: `size` sequences, padded
+    # pass packed (models.padding_free); `size` is then unused. 0: `size` sequences, padded
     tokens: int = 0
 
     @property
@@ -144,7 +144,7 @@ class MicroBatch:
 
     def split(self, batch: dict[str, Tensor], idx: Tensor) -> list[Tensor]:
         """The micro-batches of the rows `idx` of `batch`: consecutive runs of `size`, or (tokens > 0) balanced by
-        real tokens: prompt + completion rows by `models.packing.balanced_micro_batches` (a shared prompt once),
+        real tokens: prompt + completion rows by `models.padding_free.balanced_micro_batches` (a shared prompt once),
         rows of whole sequences (preference pairs: input_ids [B, 2, T]) by their `completion_mask` tokens."""
         if self.tokens <= 0:
             return [idx[start : start + self.size] for start in range(0, len(idx), self.size)]

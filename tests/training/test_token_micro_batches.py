@@ -16,7 +16,7 @@ from algorithms.ppo import PPOConfig, build_ppo
 from algorithms.rollout import generate_rollout
 from conf.schema import TrainerConfig
 from models.forward import packed_passes
-from models.packing import set_micro_batch_agreement
+from models.padding_free import set_micro_batch_agreement
 from tests.conftest import say_rows, stage_context
 from training.update import MicroBatch
 

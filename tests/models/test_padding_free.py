@@ -12,7 +12,7 @@ import torch
 from models.forward import completion_hidden, packed_passes, tally_passes
 from models.heads import RewardModel, ValueModel
 from models.logprobs import completion_logprobs
-from models.packing import assign_bins, balanced_micro_batches, build_units, pack, packed_hidden
+from models.padding_free import assign_bins, balanced_micro_batches, build_units, pack, packed_hidden
 
 TC = 9
 
