@@ -138,7 +138,8 @@ class DataConfig:
     prefill: str = option(
         "",
         "text appended after the chat template's generation prompt, where the model starts writing (e.g. "
-        "'<think>\\n' opens the think block for it); not repeated when the template already ends with it",
+        "'<think>\\n' opens the think block for it); not repeated when the template already ends with it; a \\n "
+        "or \\t typed on the command line (which Hydra keeps as two characters) is a newline or a tab",
     )
     max_prompt_tokens: int = option(384, "longest prompt, in tokens; longer prompts are skipped and counted")
     max_rows: int | None = option(
@@ -152,6 +153,8 @@ class DataConfig:
         check_choice("data.kind", self.kind, ("open", "mcq", "sft"))
         check_range("data.eval_size", self.eval_size, 0)
         check_range("data.max_prompt_tokens", self.max_prompt_tokens, 8)
+        # `data.prefill="<think>\n"` reaches here as a backslash and an n: a prompt ending in them is never meant
+        self.prefill = self.prefill.replace("\\n", "\n").replace("\\t", "\t")
 
 
 @dataclass

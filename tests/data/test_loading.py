@@ -271,6 +271,8 @@ def test_prefill_follows_the_generation_prompt(tokenizer):
     assert once == render_prompt(r1_distill, "Q?", "") and once.count("<think>") == 1  # not repeated
     kept, _ = attach_prompts([{"id": "0", "question": "Q?"}], tokenizer, data_cfg("medical_o1", prefill="<think>\n"))
     assert kept[0]["prompt"].endswith("assistant\n<think>\n")
+    typed = data_cfg("medical_o1", prefill="<think>\\n")  # data.prefill="<think>\n" as Hydra passes it on
+    assert typed.prefill == "<think>\n"
 
 
 def test_attach_prompts_skips_long_prompts(tokenizer):
