@@ -15,8 +15,9 @@ pass's up to float rounding (the softmax sums the same terms, without the masked
 end attends to itself, so that no softmax row is empty (an empty one is NaN, and 0 * NaN in the backward).
 
 The same units decide the micro-batches (`balanced_micro_batches`): sequences grouped so that each
-micro-batch's tokens, prompts counted once, stay within the budget, in as few micro-batches as that allows,
-balanced by longest-first assignment to the lightest micro-batch.
+micro-batch's tokens, prompts counted once, stay within the budget, in as few micro-batches as the assignment
+finds (`assign_bins`: longest first into the lightest micro-batch, or first-fit decreasing where balancing would
+need one more).
 
 The dense mask suits SDPA and eager attention on a CPU or a GPU (its cost grows with the square of the row
 length, so the budget also bounds the attention's wasted work across units). Flash attention's varlen kernels
