@@ -108,3 +108,17 @@ def learn(builder, algo_cfg, model, tokenizer, reward, steps: int, seed: int = 0
     )
     built = builder(ctx)
     return [built.algorithm.step(built.sampler.draw()).metrics for _ in range(steps)]
+
+
+class Recorder:
+    """Stands in for an optimiser: keeps the accumulated gradients at step()."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None

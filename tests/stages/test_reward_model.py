@@ -24,6 +24,7 @@ from stages.reward_model import (
     pair_scores,
     pair_tensors,
 )
+from tests.conftest import Recorder
 from training.update import MicroBatch, OptimTarget
 
 ROWS = [{"prompt": f"Q{i}: ", "reference": f"answer number {i} with several words in it"} for i in range(5)]
@@ -138,18 +139,11 @@ def test_pairs_in_token_budget_micro_batches_run_packed_on_the_same_gradient(tin
     batch = pair_tensors(tokenizer, pairs, rm.device)
     grads = []
     for micro, budget in ((MicroBatch(6), 0), (MicroBatch(6, tokens=60), 60)):
-        recorder = SimpleNamespace(step=lambda: grads.append([p.grad.clone() for p in params]), zero_grad=zero(params))
+        recorder = Recorder(params)
         with packed_passes(budget):
             stats = bt_update(rm, batch, [OptimTarget(recorder, params, max_grad_norm=1e9)], micro_batch=micro)
         assert stats["optimizer_steps"] == 1
+        grads.append(recorder.grads[0])
     assert len(MicroBatch(6, tokens=60).split(batch, torch.arange(6))) > 1  # the budget cut the batch
     for packed, padded in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
-
-
-def zero(params):
-    def zero_grad(set_to_none=True):
-        for p in params:
-            p.grad = None
-
-    return zero_grad

@@ -17,7 +17,7 @@ from algorithms.rollout import generate_rollout
 from conf.schema import TrainerConfig
 from models.forward import packed_passes
 from models.padding_free import set_micro_batch_agreement
-from tests.conftest import say_rows, stage_context
+from tests.conftest import Recorder, say_rows, stage_context
 from training.update import MicroBatch
 
 # 4 prompts x G=3, 12 new tokens at temperature 1.5 on the tiny model: lengths differ, some stop early at EOS
@@ -37,20 +37,6 @@ def eos_prone(tiny_model, tokenizer):
         row = tiny_model.get_output_embeddings().weight[tokenizer.eos_token_id]
         row.copy_(direction * 11.0 / float((hidden @ direction).mean()))  # lengths 1 to 12 at the setting below
     return tiny_model
-
-
-class Recorder:
-    """Stands in for an optimiser: keeps the accumulated gradients at step()."""
-
-    def __init__(self, params):
-        self.params, self.grads = list(params), []
-
-    def step(self):
-        self.grads.append([p.grad.clone() for p in self.params])
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
 
 
 def step_gradients(builder, cfg, model, tokenizer, reward, micro: MicroBatch) -> list[torch.Tensor]:
