@@ -105,9 +105,9 @@ def refill_groups(
     metric: str = "total",
 ) -> Refilled:
     """Dynamic sampling from the first draw's (rollout, scores) of `batch`: the informative groups of up to
-        1 + max_draws draws (each `sample(batch.refill())`), the first len(batch.rows) of them in draw order,
-        topped up with dropped groups when too few. Under data parallelism every rank draws until all ranks are
-        full (the draws pair up with the sampler's global batches). `metric`: total, or the reward component whose
+    1 + max_draws draws (each `sample(batch.refill())`), the first len(batch.rows) of them in draw order,
+    topped up with dropped groups when too few. Under data parallelism every rank draws until all ranks are
+    full (the draws pair up with the sampler's global batches). `metric`: total, or the reward component whose
     spread decides."""
     target = len(batch.rows)
     draws = [first]

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from algorithms.advantages import masked_mean
-from algorithms.common import micro_inputs, micro_logprobs
+from algorithms.common import micro_inputs, micro_logprobs, sequence_mean
 from algorithms.losses import (
     SurrogateParams,
+    accumulation_weight,
     kl_estimate,
     policy_loss,
     sequence_ratio_old_logp,
@@ -29,6 +30,7 @@ from algorithms.losses import (
     token_policy_loss,
 )
 from models.fused_loss import TokenLoss, completion_token_loss
+from training.update import MicroShare
 
 
 @dataclass
@@ -96,6 +98,27 @@ def policy_objective(
     if entropy_weight:
         loss = loss - entropy_weight * masked_mean(entropy, mask)
     return PolicyObjective(loss, pg_loss.detach(), entropy.detach(), stats)
+
+
+def policy_micro_loss(
+    model: torch.nn.Module, micro: dict[str, Tensor], cfg, share: MicroShare, beta: float = 0.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Every algorithm's policy loss on one micro-batch, weighted for its share of the minibatch
+    (training.update.MicroShare), and the statistics it logs: policy_loss's, `entropy` and `loss` (the unweighted
+    policy loss). `beta`: the KL coefficient in the loss (0 when the KL is in the rewards)."""
+    objective = policy_objective(
+        model,
+        micro,
+        cfg,
+        share.minibatch_tokens,
+        weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
+        beta=beta,
+        entropy_weight=cfg.ent_coef * share.token_mean,
+    )
+    stats = objective.stats
+    stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
+    stats["loss"] = objective.policy_loss
+    return objective.loss, stats
 
 
 def _token_loss(

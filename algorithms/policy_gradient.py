@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from algorithms.advantages import masked_mean, overlong_penalty
-from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors, sample_and_score, sequence_mean
+from algorithms.common import batched_logprobs, rollout_metrics, rollout_tensors, sample_and_score
 from algorithms.compute import add_discarded_generation, model_params, step_compute_metrics
 from algorithms.dynamic_sampling import DrawCost, refill_groups
 from algorithms.evaluate import evaluate_policy
-from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, accumulation_weight, kl_estimate
+from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, kl_estimate
 from algorithms.metrics import step_tensor_metrics
-from algorithms.objective import policy_objective
+from algorithms.objective import policy_micro_loss
 from algorithms.rollout import Rollout, RolloutConfig, check_rollout
 from algorithms.rollout_correction import ROLLOUT_CORRECTIONS, rollout_correction
 from conf.checks import ConfigError, check_choice, check_range
@@ -346,19 +346,7 @@ class PolicyGradient:
         cfg = self.cfg
 
         def loss_fn(micro: dict[str, Tensor], share: MicroShare):
-            objective = policy_objective(
-                self.policy,
-                micro,
-                cfg,
-                share.minibatch_tokens,
-                weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
-                beta=beta_in_loss,
-                entropy_weight=cfg.ent_coef * share.token_mean,
-            )
-            stats = objective.stats
-            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
-            stats["loss"] = objective.policy_loss
-            return objective.loss, stats
+            return policy_micro_loss(self.policy, micro, cfg, share, beta_in_loss)
 
         with timer("train"):
             self.policy.train()

@@ -26,10 +26,10 @@ from algorithms.advantages import (
     masked_mean,
 )
 from algorithms.batch_stats import global_whiten
-from algorithms.common import batched_forward, micro_values, sequence_mean
+from algorithms.common import batched_forward, micro_values
 from algorithms.kl_control import KLController
-from algorithms.losses import accumulation_weight, value_loss
-from algorithms.objective import policy_objective
+from algorithms.losses import value_loss
+from algorithms.objective import policy_micro_loss
 from algorithms.policy_gradient import PolicyGradient, PolicyGradientConfig, build_actor_and_reference
 from conf.checks import ConfigError, check_choice, check_range
 from conf.options import option
@@ -163,27 +163,16 @@ class PPO(PolicyGradient):
             tensors["old_values"] = old_values
 
         def loss_fn(micro: dict[str, Tensor], share: MicroShare):
-            micro_mask = micro["completion_mask"]
-            # a KL term only with kl_in=loss (by default the KL is in the rewards); dapo's policy loss is already
-            # divided by the minibatch's tokens, the token means are not
-            objective = policy_objective(
-                self.policy,
-                micro,
-                cfg,
-                share.minibatch_tokens,
-                weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
-                beta=self.loss_beta(beta),
-                entropy_weight=cfg.ent_coef * share.token_mean,
-            )
+            # a KL term only with kl_in=loss (by default the KL is in the rewards)
+            loss, stats = policy_micro_loss(self.policy, micro, cfg, share, self.loss_beta(beta))
             assert self.critic is not None  # the value loss is only trained with a critic
             values = micro_values(self.critic, micro)  # [n, Tc]
-            v_loss, v_stats = value_loss(values, micro["old_values"], micro["returns"], micro_mask, cfg.value_clip)
-            stats = objective.stats
+            v_loss, v_stats = value_loss(
+                values, micro["old_values"], micro["returns"], micro["completion_mask"], cfg.value_clip
+            )
             stats.update(v_stats)
             stats["value_loss"] = v_loss.detach()
-            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro_mask))
-            stats["loss"] = objective.policy_loss  # the policy loss, as every algorithm logs it
-            return objective.loss + cfg.vf_coef * v_loss * share.token_mean, stats
+            return loss + cfg.vf_coef * v_loss * share.token_mean, stats
 
         # ---- UPDATE: num_iterations passes over minibatches, actor and critic together ----------
         if self.critic is None:  # a group baseline: the policy loss alone, as the critic-free algorithms

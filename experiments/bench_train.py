@@ -66,10 +66,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algorithms.batch_stats import sharded_group_advantages
-from algorithms.common import batched_logprobs, rollout_tensors, sequence_mean
+from algorithms.common import batched_logprobs, rollout_tensors
 from algorithms.grpo import GRPOConfig
-from algorithms.losses import accumulation_weight
-from algorithms.objective import policy_objective
+from algorithms.objective import policy_micro_loss
 from algorithms.rollout import Rollout
 from conf.schema import ModelConfig, TrainerConfig
 from models.forward import packed_passes, tally_passes
@@ -436,19 +435,7 @@ class Bench:
         cfg, policy = self.cfg, self.policy
 
         def loss_fn(micro: dict[str, Tensor], share: MicroShare):
-            objective = policy_objective(
-                policy,
-                micro,
-                cfg,
-                share.minibatch_tokens,
-                weight=accumulation_weight(cfg.loss_type, share.sequences, share.token_mean),
-                beta=cfg.beta,
-                entropy_weight=cfg.ent_coef * share.token_mean,
-            )
-            stats = objective.stats
-            stats["entropy"] = torch.tensor(sequence_mean(objective.entropy, micro["completion_mask"]))
-            stats["loss"] = objective.policy_loss
-            return objective.loss, stats
+            return policy_micro_loss(policy, micro, cfg, share, cfg.beta)  # GRPO's: the KL in the loss
 
         n = self.tensors["completion_mask"].shape[0]
         generator = torch.Generator().manual_seed(self.args.seed + 2)  # the same shuffle every time

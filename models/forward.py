@@ -119,11 +119,6 @@ def packed_passes(budget: int) -> Iterator[None]:
         _packing["budget"] = before
 
 
-def packing_budget() -> int:
-    """Tokens per packed row in the current block (`packed_passes`); 0 when the passes are padded."""
-    return _packing["budget"]
-
-
 @contextmanager
 def tally_passes() -> Iterator[PassTally]:
     """Count the tokens every `completion_hidden` call forwards while the block runs."""
@@ -164,11 +159,9 @@ def completion_hidden(
     cache in transformers, so then (and when every prompt is distinct) the plain pass is used.
     """
     tp = input_ids.shape[1] - completion_len
-    if _packing["budget"] > 0:
-        hidden = sequence_hidden(decoder, input_ids, attention_mask, tp, share_prompts)
-        return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
+    packed = _packing["budget"] > 0  # then sequence_hidden runs it, the prompts shared in its layout
     checkpointing = is_checkpointing(decoder) and decoder.training
-    if share_prompts and tp > 0 and not checkpointing:
+    if share_prompts and tp > 0 and not checkpointing and not packed:
         prompt_key = torch.cat([input_ids[:, :tp], attention_mask[:, :tp].to(input_ids.dtype)], dim=1)
         unique, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)  # [U, 2 Tp], [B]
         share = unique.shape[0] < input_ids.shape[0]
@@ -193,11 +186,7 @@ def completion_hidden(
                 unique[:, tp:].to(attention_mask.dtype),
                 inverse,
             )
-    if _tallies:
-        _count(decoder, input_ids.numel(), attention_mask.sum())
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).last_hidden_state  # [B, Tp + Tc, H]
+    hidden = sequence_hidden(decoder, input_ids, attention_mask, tp, share_prompts)  # [B, Tp + Tc, H]
     return hidden[:, -completion_len - 1 : -1]  # position t predicts token t + 1
 
 
