@@ -24,6 +24,7 @@ from algorithms.evaluate import evaluate_policy
 from algorithms.losses import KL_ESTIMATORS, LOSS_TYPES, RATIO_LEVELS, SURROGATES, kl_estimate
 from algorithms.metrics import step_tensor_metrics
 from algorithms.objective import policy_micro_loss
+from algorithms.rank_balance import balance_ranks
 from algorithms.rollout import Rollout, RolloutConfig, check_rollout
 from algorithms.rollout_correction import ROLLOUT_CORRECTIONS, rollout_correction
 from conf.checks import ConfigError, check_choice, check_range
@@ -59,6 +60,12 @@ class PolicyGradientConfig:
         "> 0: padding-free passes: micro-batches of at most this many real tokens (a shared prompt once), "
         "balanced, each run as packed rows (micro_batch_size is then unused; the gradient is the same for any "
         "budget); 0: micro_batch_size padded sequences",
+    )
+    balance_ranks: bool = option(
+        True,
+        "under data parallelism, move whole groups between ranks after scoring so that each trains on about the "
+        "same number of real tokens, the same number of groups each (algorithms.rank_balance; verl's "
+        "balance_batch); no effect in one process",
     )
     max_new_tokens: int = option(40, "completion budget, in tokens; longer completions are truncated (no EOS)")
     temperature: float = option(1.0, "sampling temperature; the log-probs are of the same tempered policy")
@@ -293,6 +300,11 @@ class PolicyGradient:
                 cfg.dynamic_sampling_metric,
             )
             rollout, scored, self.draw_cost = refilled.rollout, refilled.scored, refilled.cost
+        self.balance_metrics: dict[str, float] = {}
+        if cfg.balance_ranks:  # before any pass, so that every pass of the step sees balanced work
+            rollout, scored, self.balance_metrics = balance_ranks(
+                rollout, scored, cfg.group_size, self.tokenizer.pad_token_id
+            )
         tensors = rollout_tensors(rollout)
         self.correction_metrics = {}
         if cfg.recompute_old_logp:  # otherwise the sampling-time log-probs are the old policy's
@@ -383,6 +395,7 @@ class PolicyGradient:
                 bool(self.cfg.recompute_old_logp),  # a bool since __init__ (null: set from the precision)
             )
         )
+        out.update(self.balance_metrics)  # ranks/*: only under data parallelism
         out.update(self.draw_cost.metrics)  # dynamic sampling: what was drawn, and the discarded samples' cost
         add_discarded_generation(
             out, self.draw_cost.prompt_tokens, self.draw_cost.generated_tokens, self.params["actor"]

@@ -15,9 +15,13 @@ Every rank runs the same loop on its own shard of each step's prompts:
 - statistics over the whole batch use every rank's data: PPO's advantage whitening, GRPO's batch-scaled
   advantages (algorithms.batch_stats, on this module's collectives), the adaptive KL controller's KL;
 - step metrics are reduced over ranks (`reduce_metrics`); rank 0 alone logs and writes checkpoints.
-With equal-length completions the result equals one process on the same global batch (tested); with
-unequal lengths a token mean (bnpo, PPO's value loss) weighs each rank's tokens by its own count, as
-it already weighs micro-batches within one process.
+- after scoring, whole groups move between ranks so that each trains on about the same number of real
+  tokens, the same number of groups each (algo.balance_ranks, algorithms.rank_balance);
+- token means (dapo's, and every token mean under algo.micro_batch_tokens) divide by the global token count
+  over the world size (`sync_hooks`' mean_sync), so they do not depend on which rank holds a sequence.
+With equal-length completions the result equals one process on the same global batch (tested), and with
+unequal ones for every token mean but the padded path's mean of micro-batch means (bnpo, PPO's value loss
+without a token budget), which weighs each rank's micro-batches as it weighs them within one process.
 
 The gradient all-reduce runs after the backward passes of a minibatch rather than overlapped with
 them (as torch's DistributedDataParallel would): the loss code calls the decoder and the lm_head
@@ -32,6 +36,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,8 @@ from torch import Tensor
 
 from conf.schema import Config, ConfigError
 from data.loading import Batch, PromptSampler
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,16 @@ def all_mean(value: float) -> float:
     return float(all_reduce_(torch.tensor([value], dtype=torch.float64, device=comm_device()))[0]) / world_size()
 
 
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (pickled: for small metadata and CPU tensors)."""
+    world = world_size()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _agree(flag: bool, op: dist.ReduceOp.RedOpType) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     return bool(all_reduce_(value, op)[0] > 0.5)
@@ -263,11 +280,12 @@ def sync_hooks(strategy: str) -> dict[str, Callable]:
     """The collective hooks of an optimiser target (training.update.OptimTarget) under `strategy`:
     ddp averages the gradients over ranks after the backward passes (`grad_sync`); fsdp's backward
     reduce-scatters them itself, so the ranks only agree first that every loss is finite (`finite_sync`);
-    a single process needs neither."""
+    under both, token means divide by the mean over ranks of the minibatch's tokens (`mean_sync`), so that
+    the averaged gradient holds the global token mean; a single process needs none of them."""
     if strategy == "ddp":
-        return {"grad_sync": average_gradients}
+        return {"grad_sync": average_gradients, "mean_sync": all_mean}
     if strategy == "fsdp":
-        return {"finite_sync": all_ranks}
+        return {"finite_sync": all_ranks, "mean_sync": all_mean}
     return {}
 
 

@@ -39,6 +39,9 @@ class OptimTarget:
     # (this rank's loss is finite) -> every rank's is, agreed before the backward: under FSDP the
     # backward's reduce-scatters need every rank (parallel.fsdp); None: decided alone
     finite_sync: Callable[[bool], bool] | None = None
+    # (this rank's count) -> the mean over ranks: token means divide by the mean of the ranks' minibatch tokens,
+    # so that with gradients averaged over ranks a token mean is the global one (verl's global token count)
+    mean_sync: Callable[[float], float] | None = None
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -183,12 +186,19 @@ LossFn = Callable[[dict[str, Tensor], MicroShare], tuple[Tensor, dict[str, Tenso
 
 
 def accumulate_gradients(
-    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], micro_batch: MicroBatch
+    batch: dict[str, Tensor],
+    mb_idx: Tensor,
+    loss_fn: LossFn,
+    targets: list[OptimTarget],
+    micro_batch: MicroBatch,
+    mb_tokens: float | None = None,
 ) -> tuple[bool, list[dict[str, float]]]:
     """Forward and backward of the minibatch `mb_idx` of `batch` in the micro-batches of `micro_batch.split`,
     the gradients accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the
-    first non-finite loss, before its backward."""
-    mb_tokens = float(batch["completion_mask"][mb_idx].sum())
+    first non-finite loss, before its backward. `mb_tokens`: the denominator of token means (default: the
+    minibatch's real completion tokens; under data parallelism their mean over ranks)."""
+    if mb_tokens is None:
+        mb_tokens = float(batch["completion_mask"][mb_idx].sum())
     micro_stats: list[dict[str, float]] = []
     for idx in micro_batch.split(batch, mb_idx):
         micro = trim_padding({k: v[idx] for k, v in batch.items()})
@@ -206,7 +216,12 @@ def accumulate_gradients(
 
 
 def accumulate_with_backoff(
-    batch: dict[str, Tensor], mb_idx: Tensor, loss_fn: LossFn, targets: list[OptimTarget], micro_batch: MicroBatch
+    batch: dict[str, Tensor],
+    mb_idx: Tensor,
+    loss_fn: LossFn,
+    targets: list[OptimTarget],
+    micro_batch: MicroBatch,
+    mb_tokens: float | None = None,
 ) -> tuple[bool, list[dict[str, float]]]:
     """accumulate_gradients, redone from zero gradients at half the micro-batch size after each
     out-of-memory error: gradient accumulation keeps the minibatch, so the update is the one an
@@ -215,7 +230,7 @@ def accumulate_with_backoff(
         for t in targets:
             t.optimizer.zero_grad(set_to_none=True)
         try:
-            return accumulate_gradients(batch, mb_idx, loss_fn, targets, micro_batch)
+            return accumulate_gradients(batch, mb_idx, loss_fn, targets, micro_batch, mb_tokens)
         except torch.OutOfMemoryError as err:
             error = " ".join(str(err).split())[:200]
             if targets[0].finite_sync is not None:  # fsdp: the other ranks wait in this pass's collectives
@@ -258,7 +273,10 @@ def minibatch_update(
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, minibatch_size):
             mb_idx = order[start : start + minibatch_size]
-            finite, micro_stats = accumulate_with_backoff(batch, mb_idx, loss_fn, targets, micro_batch)
+            mb_tokens = float(batch["completion_mask"][mb_idx].sum())
+            if targets[0].mean_sync is not None:  # once per minibatch: a rank retrying after an OOM does not ask again
+                mb_tokens = targets[0].mean_sync(mb_tokens)
+            finite, micro_stats = accumulate_with_backoff(batch, mb_idx, loss_fn, targets, micro_batch, mb_tokens)
             for stats in micro_stats:
                 for key, value in stats.items():
                     sums[key] += value

@@ -295,6 +295,9 @@ def compare_one_and_two_processes(
         assert a["reward/total_std"] > 0, "no reward signal: the comparison would be trivial"
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+        # the groups were balanced over the ranks (algo.balance_ranks) before any pass
+        assert "ranks/load_spread" not in a
+        assert 1.0 <= b["ranks/load_spread"] <= b["ranks/load_spread_before"]
     w1 = load_file(one / "checkpoints" / "final" / "model.safetensors")
     w2 = load_file(two / "checkpoints" / "final" / "model.safetensors")
     assert w1.keys() == w2.keys()
