@@ -141,6 +141,13 @@ class DataConfig:
         "'<think>\\n' opens the think block for it); not repeated when the template already ends with it; a \\n "
         "or \\t typed on the command line (which Hydra keeps as two characters) is a newline or a tab",
     )
+    demonstrations: list[dict[str, str]] = option(
+        factory=list,
+        help="worked examples shown as earlier turns of the conversation, before the question: a list of "
+        "{question: ..., answer: ...}, the answer written as the model should write (e.g. in the think format); "
+        "[] = none. In-context, not trained on: a small model copies a format it is shown far more often than one "
+        "it is told",
+    )
     max_prompt_tokens: int = option(384, "longest prompt, in tokens; longer prompts are skipped and counted")
     max_rows: int | None = option(
         None, "cap on the training rows (after the held-out split), for quick runs; null = all"
@@ -154,7 +161,19 @@ class DataConfig:
         check_range("data.eval_size", self.eval_size, 0)
         check_range("data.max_prompt_tokens", self.max_prompt_tokens, 8)
         # `data.prefill="<think>\n"` reaches here as a backslash and an n: a prompt ending in them is never meant
-        self.prefill = self.prefill.replace("\\n", "\n").replace("\\t", "\t")
+        self.prefill = unescape(self.prefill)
+        for i, demo in enumerate(self.demonstrations):
+            if set(demo) != {"question", "answer"} or not all(str(v).strip() for v in demo.values()):
+                raise ConfigError(
+                    f"data.demonstrations[{i}] has {sorted(demo)}: each needs a non-empty question and answer, "
+                    "e.g. {question: 'What ...?', answer: '<think> ... </think> ...'}"
+                )
+        self.demonstrations = [{k: unescape(str(v)) for k, v in demo.items()} for demo in self.demonstrations]
+
+
+def unescape(text: str) -> str:
+    """A \\n or \\t typed on the command line (which Hydra keeps as two characters) as a newline or a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,10 +249,17 @@ def load_examples(cfg: DataConfig, root: Path) -> tuple[list[dict], list[dict], 
     return train_rows, eval_rows, dict(skipped)
 
 
-def render_prompt(tokenizer: Any, question: str, system_prompt: str, prefill: str = "") -> str:
-    """The prompt text the model continues, from its own chat template (no system turn if empty), then
-    `prefill` (data.prefill) unless the template's generation prompt already ends with it."""
-    return with_prefill_text(_chat_prompt(tokenizer, question, system_prompt), prefill)
+def render_prompt(
+    tokenizer: Any,
+    question: str,
+    system_prompt: str,
+    prefill: str = "",
+    demonstrations: Sequence[Mapping[str, str]] = (),
+) -> str:
+    """The prompt text the model continues, from its own chat template (no system turn if empty; each of
+    `demonstrations` as a user turn and an assistant turn before the question), then `prefill` (data.prefill)
+    unless the template's generation prompt already ends with it."""
+    return with_prefill_text(_chat_prompt(tokenizer, question, system_prompt, demonstrations), prefill)
 
 
 def with_prefill_text(prompt: str, prefill: str) -> str:
@@ -263,21 +270,30 @@ def with_prefill_text(prompt: str, prefill: str) -> str:
     return prompt + prefill
 
 
-def _chat_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
-    messages = [{"role": "user", "content": question}]
+def _chat_prompt(
+    tokenizer: Any, question: str, system_prompt: str, demonstrations: Sequence[Mapping[str, str]] = ()
+) -> str:
+    turns = [
+        message
+        for demo in demonstrations
+        for message in ({"role": "user", "content": demo["question"]}, {"role": "assistant", "content": demo["answer"]})
+    ]
+    messages = [*turns, {"role": "user", "content": question}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     if getattr(tokenizer, "chat_template", None):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError:
-            # some templates refuse a system turn; the instruction then goes first in the user turn
+            # some templates refuse a system turn; the instruction then goes first in the first user turn
             if not system_prompt:
                 raise
-            merged = [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
+            first, *rest = messages[1:]
+            merged = [{"role": "user", "content": f"{system_prompt}\n\n{first['content']}"}, *rest]
             return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
     head = f"System: {system_prompt}\n\n" if system_prompt else ""
-    return f"{head}User: {question}\n\nAssistant:"
+    shown = "".join(f"User: {d['question']}\n\nAssistant: {d['answer']}\n\n" for d in demonstrations)
+    return f"{head}{shown}User: {question}\n\nAssistant:"
 
 
 def attach_prompts(rows: list[dict], tokenizer: Any, cfg: DataConfig) -> tuple[list[dict], dict[str, int]]:
@@ -288,7 +304,9 @@ def attach_prompts(rows: list[dict], tokenizer: Any, cfg: DataConfig) -> tuple[l
     """
     if not rows:
         return [], {}
-    prompts = [render_prompt(tokenizer, r["question"], cfg.system_prompt, cfg.prefill) for r in rows]
+    prompts = [
+        render_prompt(tokenizer, r["question"], cfg.system_prompt, cfg.prefill, cfg.demonstrations) for r in rows
+    ]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     kept = [{**r, "prompt": p} for r, p, n in zip(rows, prompts, lengths) if n <= cfg.max_prompt_tokens]
     skipped = {"prompt_too_long": len(rows) - len(kept)} if len(kept) < len(rows) else {}

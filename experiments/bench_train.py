@@ -15,7 +15,9 @@ Two modes run on the same tensors and the same weights, in the same process:
 - padded: `MicroBatch(--micro-batch-size)`, no packing (prompts left-padded, completions right-padded; the padded
   path's shared prefill runs each distinct prompt of a micro-batch once);
 - packed: `MicroBatch(.., tokens=--budget)` inside `models.forward.packed_passes(--budget)`: micro-batches balanced
-  by real tokens, each decoder pass run as packed rows of at most the budget.
+  by real tokens, each decoder pass run as packed rows of at most the budget, attention unit by unit
+  (models.unit_attention);
+- with --dense-mask-too, packed again with SDPA over whole rows under the layout's dense mask.
 Each mode runs
 1. the reference phase: `batched_logprobs(reference, rollout, micro_batch, temperature)` (no grad);
 2. the train phase: one `minibatch_update` (one epoch, one minibatch = the whole batch, shuffled by a generator
@@ -364,6 +366,7 @@ class Mode:
     name: str
     budget: int  # 0: padded
     micro_batch_size: int
+    dense_mask: bool = False  # packed, sdpa over whole rows under the layout's mask (not unit by unit)
     runs: list[dict[str, float]] = field(default_factory=list)  # the timed repeats
     peak_bytes: int | None = None  # the train phase's peak memory (see the module's docstring)
     warmup: dict = field(default_factory=dict)  # tokens, saved activations, grad norm of the untimed run
@@ -422,7 +425,7 @@ class Bench:
 
     def reference_phase(self, mode: Mode) -> tuple[Tensor, float, float, dict[str, float]]:
         """(reference log-probs [N, Tc], wall s, CPU s, the pass tally)."""
-        with packed_passes(mode.budget), tally_passes() as tally:
+        with packed_passes(mode.budget, mode.dense_mask), tally_passes() as tally:
             synchronize(self.device)
             start, cpu = time.perf_counter(), time.process_time()
             logp = batched_logprobs(self.reference, self.rollout, mode.micro_batch(), self.cfg.temperature)
@@ -440,7 +443,11 @@ class Bench:
         n = self.tensors["completion_mask"].shape[0]
         generator = torch.Generator().manual_seed(self.args.seed + 2)  # the same shuffle every time
         policy.train()
-        with packed_passes(mode.budget), tally_passes() as tally, saved if saved is not None else nullcontext():
+        with (
+            packed_passes(mode.budget, mode.dense_mask),
+            tally_passes() as tally,
+            saved if saved is not None else nullcontext(),
+        ):
             self.memory.reset()
             start, cpu = time.perf_counter(), time.process_time()
             stats = minibatch_update(self.tensors, loss_fn, [self.target], 1, n, mode.micro_batch(), generator)
@@ -624,6 +631,12 @@ def report(args, device: torch.device, work: Workload, figures: list[dict]) -> d
             else f"  [this run: {args.model} model, {device.type}, {args.threads} thread(s): not the target's setting]"
         ),
     ]
+    for dense in figures[2:]:  # --dense-mask-too
+        lines.append(
+            f"{dense['mode']}: ref+train CPU {dense['total_cpu_s'] / padded['total_cpu_s']:.3f}x padded; packed "
+            f"(unit attention) / dense mask {packed['total_cpu_s'] / dense['total_cpu_s']:.3f} (CPU), "
+            f"{packed['total_s'] / dense['total_s']:.3f} (wall)"
+        )
     print("\n".join(lines), flush=True)
     return {
         "args": vars(args),
@@ -656,6 +669,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--truncated-frac", type=float, default=0.2, help="share of completions reaching the cap")
     parser.add_argument("--sigma", type=float, default=1.0, help="log-sd of the completion lengths")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dense-mask-too",
+        action="store_true",
+        help="a third mode: packed with SDPA over whole rows under the layout's mask (the attention before "
+        "models.unit_attention), to measure what unit-by-unit attention saves",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.model is None:
@@ -676,6 +695,8 @@ def main(argv: list[str] | None = None) -> dict:
         Mode("padded", 0, args.micro_batch_size),
         Mode(f"packed (budget {args.budget})", args.budget, args.micro_batch_size),
     ]
+    if args.dense_mask_too:
+        modes.append(Mode(f"packed, dense mask (budget {args.budget})", args.budget, args.micro_batch_size, True))
     progress(f"{args.model} model and workload ready; untimed warm-up runs")
     reference_logp = None
     for i, mode in enumerate(modes):

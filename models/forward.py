@@ -104,19 +104,22 @@ class PassTally:
 
 
 _tallies: list[PassTally] = []  # the open tallies (nested ones all count)
-_packing: dict[str, int] = {"budget": 0}  # tokens per packed row; 0: the padded passes
+# budget: tokens per packed row (0: the padded passes); dense: sdpa with the layout's dense mask, not unit by unit
+_packing: dict[str, int] = {"budget": 0, "dense": 0}
 
 
 @contextmanager
-def packed_passes(budget: int) -> Iterator[None]:
+def packed_passes(budget: int, dense_mask: bool = False) -> Iterator[None]:
     """Run every decoder pass of the block packed (`models.padding_free`: real tokens end to end, rows of at most
-    `budget` tokens); 0 keeps the padded passes. An algorithm opens it around its step (algo.micro_batch_tokens)."""
-    before = _packing["budget"]
-    _packing["budget"] = budget
+    `budget` tokens); 0 keeps the padded passes. An algorithm opens it around its step (algo.micro_batch_tokens).
+    dense_mask: sdpa attention over the whole row under the layout's mask (the baseline `experiments/bench_train.py`
+    measures unit attention against) rather than unit by unit (models.unit_attention)."""
+    before = dict(_packing)
+    _packing.update(budget=budget, dense=int(dense_mask))
     try:
         yield
     finally:
-        _packing["budget"] = before
+        _packing.update(before)
 
 
 @contextmanager
@@ -209,7 +212,9 @@ def sequence_hidden(
             position_ids=position_ids(attention_mask),
             use_cache=False,
         ).last_hidden_state
-    hidden, layout = packed_hidden(decoder, input_ids, attention_mask, prompt_len, budget, share_prompts)
+    hidden, layout = packed_hidden(
+        decoder, input_ids, attention_mask, prompt_len, budget, share_prompts, dense_mask=bool(_packing["dense"])
+    )
     if _tallies:
         _count(decoder, layout.forwarded, layout.real, layout.prompt_repeats_avoided)
     return hidden

@@ -19,9 +19,10 @@ micro-batch's tokens, prompts counted once, stay within the budget, in as few mi
 finds (`assign_bins`: longest first into the lightest micro-batch, or first-fit decreasing where balancing would
 need one more).
 
-The dense mask suits SDPA and eager attention on a CPU or a GPU (its cost grows with the square of the row
-length, so the budget also bounds the attention's wasted work across units). Flash attention's varlen kernels
-and FlexAttention take sequence bounds from position ids instead (`packed_hidden(by_positions=...)`): every
+SDPA runs the layout unit by unit (models.unit_attention: a prompt over itself, each completion over its prompt
+and itself), so no masked pair is computed; eager attention takes the dense mask (its cost grows with the square
+of the row length, so the budget also bounds the wasted work across units). Flash attention's varlen kernels and
+FlexAttention take sequence bounds from position ids instead (`packed_hidden(by_positions=...)`): every
 sequence laid out whole, no mask.
 """
 
@@ -29,9 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from models.unit_attention import UNIT_SDPA, RowUnits
 
 
 @dataclass
@@ -180,6 +184,8 @@ class PackedLayout:
     forwarded: int  # R * L
     real: int  # real tokens run (prompts once per unit)
     prompt_repeats_avoided: int  # real prompt tokens the sharing did not run again
+    # per row, its units in order: (prompt start, prompt length, [(completion start, length), ...])
+    units: list[RowUnits]
 
     def mask(self) -> Tensor:
         """[R, 1, L, L] bool, True where query l may attend to key m: same unit, m <= l, and m a prompt token
@@ -214,6 +220,7 @@ def pack(
     segment = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
     sequence = torch.full((len(rows), L), -1, dtype=torch.long, device=device)
     source = torch.full((B * T,), -1, dtype=torch.long, device=device)
+    row_units: list[RowUnits] = [[] for _ in rows]
     real_cols = [attention_mask[b].nonzero().squeeze(1) for b in range(B)]  # [P_b + C_b] each
     for r, row in enumerate(rows):
         at = 0
@@ -227,6 +234,8 @@ def pack(
             flat = r * L + at + torch.arange(p, device=device)
             for b in unit.members:  # every member reads the unit's prompt states at its own prompt columns
                 source[b * T + real_cols[b][:p]] = flat
+            spans: list[tuple[int, int]] = []
+            row_units[r].append((at, p, spans))
             at += p
             for b in unit.members:
                 c = completion_lens[b]
@@ -236,6 +245,7 @@ def pack(
                 segment[r, at : at + c] = u
                 sequence[r, at : at + c] = b
                 source[b * T + cols] = r * L + at + torch.arange(c, device=device)
+                spans.append((at, c))
                 at += c
     real = sum(u.tokens for u in units)
     return PackedLayout(
@@ -247,6 +257,7 @@ def pack(
         forwarded=len(rows) * L,
         real=real,
         prompt_repeats_avoided=sum(prompt_lens) + sum(completion_lens) - real,
+        units=row_units,
     )
 
 
@@ -259,7 +270,7 @@ def unpack(hidden: Tensor, layout: PackedLayout, B: int, T: int) -> Tensor:
     return hidden.new_zeros(B * T, H).index_copy(0, real, states).view(B, T, H)
 
 
-MASKED = ("sdpa", "eager")  # attention that takes the layout's [R, 1, L, L] mask
+MASKED = ("sdpa", "eager")  # attention that runs the layout's units (sdpa: unit_sdpa) or takes its mask (eager)
 BY_POSITIONS = ("flash_attention_2", "flash_attention_3", "flex_attention")  # sequence bounds from position ids
 
 
@@ -289,13 +300,16 @@ def packed_hidden(
     budget: int,
     share_prompts: bool = True,
     by_positions: bool | None = None,  # None: as the decoder's attention needs (BY_POSITIONS)
+    dense_mask: bool = False,  # sdpa: the layout's [R, 1, L, L] mask rather than unit by unit (a benchmark's baseline)
 ) -> tuple[Tensor, PackedLayout]:
     """Last hidden states on the padded grid [B, Tp + Tc, H] (0 on padding) from one packed pass, and its layout.
 
-    With the layout's mask (sdpa, eager) a unit's prompt runs once for its completions. Flash attention's varlen
-    kernels (and FlexAttention's block mask) take sequence bounds instead, which transformers reads from position
-    ids that restart at 0 (`by_positions`): then every sequence is laid out whole, its prompt with it, and no mask
-    is passed; a flash kernel then skips the pairs across sequences rather than masking them.
+    A unit's prompt runs once for its completions. An sdpa decoder is switched to `unit_sdpa`
+    (models.unit_attention: each prompt and each completion attends over its own keys only, the pairs the mask
+    would drop never computed; the same as sdpa on every other pass); eager attention takes the layout's mask.
+    Flash attention's varlen kernels (and FlexAttention's block mask) take sequence bounds instead, which
+    transformers reads from position ids that restart at 0 (`by_positions`): then every sequence is laid out
+    whole, its prompt with it, and no mask is passed; a flash kernel then skips the pairs across sequences.
     """
     B, T = input_ids.shape
     impl = attention_of(decoder)
@@ -303,10 +317,20 @@ def packed_hidden(
         by_positions = impl in BY_POSITIONS
     layout = pack(input_ids, attention_mask, prompt_len, budget, share_prompts and not by_positions)
     dtype = next(decoder.parameters()).dtype
+    units: dict[str, list[RowUnits]] = {}
+    if by_positions:
+        mask = None
+    elif impl in ("sdpa", UNIT_SDPA) and not dense_mask:
+        config: Any = decoder.config
+        config._attn_implementation = UNIT_SDPA  # sdpa itself wherever no units are passed
+        mask, units = None, {"packed_units": layout.units}
+    else:
+        mask = attention_mask_for("sdpa" if impl == UNIT_SDPA else impl, layout, dtype)
     hidden = decoder(
         input_ids=layout.input_ids,
-        attention_mask=None if by_positions else attention_mask_for(impl, layout, dtype),
+        attention_mask=mask,
         position_ids=layout.position_ids,
         use_cache=False,
+        **units,
     ).last_hidden_state  # [R, L, H]
     return unpack(hidden, layout, B, T), layout

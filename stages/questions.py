@@ -34,7 +34,10 @@ def answer_free_questions(
 ) -> FreeAnswers:
     """One seeded sample per question from `policy` and (when not None) `before_model`, each from the same
     seed, with the data's chat template and system prompt. `sampling`: max_new_tokens, temperature, top_p."""
-    rows = [{"prompt": render_prompt(tokenizer, q, data.system_prompt, data.prefill), "question": q} for q in questions]
+    rows = [
+        {"prompt": render_prompt(tokenizer, q, data.system_prompt, data.prefill, data.demonstrations), "question": q}
+        for q in questions
+    ]
 
     def answers(model) -> list[str]:
         if not rows:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conf.schema import DataConfig, load_choice
+from conf.schema import ConfigError, DataConfig, load_choice
 from data import PromptSampler, attach_prompts, load_examples, render_prompt, resolve_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,6 +273,38 @@ def test_prefill_follows_the_generation_prompt(tokenizer):
     assert kept[0]["prompt"].endswith("assistant\n<think>\n")
     typed = data_cfg("medical_o1", prefill="<think>\\n")  # data.prefill="<think>\n" as Hydra passes it on
     assert typed.prefill == "<think>\n"
+
+
+DEMO = {"question": "Fever and a stiff neck?", "answer": "<think>\nMeninges.\n</think>\nMeningitis"}
+
+
+def test_demonstrations_are_earlier_turns_of_the_conversation(tokenizer):
+    prompt = render_prompt(tokenizer, "What causes scurvy?", "Be brief.", "<think>\n", [DEMO])
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nFever and a stiff neck?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nMeninges.\n</think>\nMeningitis<|im_end|>\n"
+        "<|im_start|>user\nWhat causes scurvy?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
+    no_system = copy.deepcopy(tokenizer)  # a template that refuses a system turn: the instruction opens turn one
+    no_system.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    )
+    merged = render_prompt(no_system, "Q?", "Be brief.", "", [DEMO])
+    assert merged.startswith("[user] Be brief.\n\nFever and a stiff neck?\n[assistant] <think>")
+    assert merged.endswith("[user] Q?\n[assistant]")
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert render_prompt(plain, "Q?", "", "", [DEMO]) == (
+        "User: Fever and a stiff neck?\n\nAssistant: <think>\nMeninges.\n</think>\nMeningitis\n\nUser: Q?\n\nAssistant:"
+    )
+    cfg = data_cfg("medical_o1", demonstrations=[{"question": "A?", "answer": "<think>\\nB\\n</think>\\nC"}])
+    assert cfg.demonstrations == [{"question": "A?", "answer": "<think>\nB\n</think>\nC"}]  # typed \n: a newline
+    kept, _ = attach_prompts([{"id": "0", "question": "Q?"}], tokenizer, cfg)
+    assert kept[0]["prompt"] == render_prompt(tokenizer, "Q?", cfg.system_prompt, "", cfg.demonstrations)
+    for bad in ({"question": "A?"}, {"question": "A?", "answer": " "}, {"q": "A?", "answer": "B"}):
+        with pytest.raises(ConfigError, match=r"data.demonstrations\[0\] .* needs a non-empty question and answer"):
+            data_cfg("medical_o1", demonstrations=[bad])
 
 
 def test_attach_prompts_skips_long_prompts(tokenizer):

@@ -4,6 +4,7 @@ G = 1 (every prompt distinct) and G > 1 (shared prompts), at budgets that split 
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -69,6 +70,8 @@ def test_the_layout_by_hand():
     assert allowed[6] == [0, 0, 0, 0, 0, 1, 1]  # the other unit sees nothing of the first
     # every padded position maps to its packed token; the shared prompt is read by both sequences
     assert layout.source.view(3, 4).tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [-1, 5, 6, -1]]
+    # what unit attention runs: (prompt start, length, [(completion start, length)]) per unit of the row
+    assert layout.units == [[(0, 2, [(2, 2), (4, 1)]), (5, 1, [(6, 1)])]]
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
@@ -148,6 +151,41 @@ def test_eager_attention_takes_an_additive_mask_and_an_unknown_one_is_refused(ti
         finally:
             tiny_model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(eager, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("budget", [12, 1000])
+def test_unit_attention_equals_the_dense_mask_and_is_sdpa_elsewhere(tiny_model, tokenizer, group_size, budget):
+    """unit_sdpa computes a prompt's and each completion's attention over their own keys only: in float64 the
+    hidden states and every gradient equal the dense-mask SDPA pass's to 1e-10 (in fp32 both differ from float64
+    by rounding, ~3e-7 of the gradient's scale); a decoder switched to it runs padded passes as sdpa does."""
+    input_ids, attention_mask = mixed_batch(tokenizer.pad_token_id, group_size)
+    model = copy.deepcopy(tiny_model).double()
+    model.config._attn_implementation = "sdpa"
+    decoder = model.get_decoder()
+    tp = input_ids.shape[1] - TC
+    weights = torch.randn(
+        *input_ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    with torch.no_grad():
+        padded_before = completion_hidden(decoder, input_ids, attention_mask, TC)
+    results = []
+    for dense in (True, False):
+        model.zero_grad(set_to_none=True)
+        hidden, _ = packed_hidden(decoder, input_ids, attention_mask, tp, budget, dense_mask=dense)
+        (hidden * weights * attention_mask[..., None]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None}
+        results.append((hidden.detach(), grads))
+    assert model.config._attn_implementation == "unit_sdpa"
+    (dense_hidden, dense_grads), (unit_hidden, unit_grads) = results
+    real = attention_mask.bool()
+    torch.testing.assert_close(unit_hidden[real], dense_hidden[real], atol=1e-10, rtol=1e-10)
+    assert dense_grads.keys() == unit_grads.keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(unit_grads[name], grad, atol=1e-10, rtol=1e-10, msg=name)
+    with torch.no_grad():
+        padded_after = completion_hidden(decoder, input_ids, attention_mask, TC)
+    torch.testing.assert_close(padded_after, padded_before, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("budget", [12, 40, 1000])
