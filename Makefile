@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo compare compare-mcq bench gpu-check gpu-pack lint docs clean
+.PHONY: install test test-fast demo compare compare-mcq compare-r1-zero bench gpu-check gpu-pack lint docs clean
 
 install: $(STAMP)
 
@@ -58,6 +58,29 @@ compare-mcq: install
 	wait $$lane && test $$other -eq 0 || { echo "a sweep failed: see $(MCQ_DIR)/lane1.log"; exit 1; }
 	$(PY) experiments/compare.py $(MCQ_DIR) --out $(RESULTS)/$(TODAY)-mcq-compare \
 		--title "PPO, GRPO, RLOO, REINFORCE++ on medical multiple choice, SmolLM2-135M-Instruct (embedded), 20 steps"
+
+# R1-Zero on the embedded model (conf/experiment/r1_zero.yaml): how fast the strict reasoned format spreads under
+# GRPO with and without dynamic sampling, PPO with its critic (16 prompts x 1 sample: the same 16 sequences a step)
+# and with a group-mean baseline, 5 seeds each; RLOO and REINFORCE++ 3 seeds each (26 runs of 30 steps), as two
+# lanes side by side (one torch thread each), then the report: intervals, verdicts, and the generated tokens to
+# a held-out strict format rate of 0.5 (censored where never reached; log-rank) in $(RESULTS)/<date>-r1-zero-compare/.
+# About 30 minutes a run with two side by side: some 7 hours in all.
+R1Z_DIR := outputs/compare/r1_zero_$(shell date +%Y-%m-%d_%H-%M-%S)
+R1Z_RUN := HF_HUB_OFFLINE=1 WANDB_SILENT=true $(PY) run.py -m experiment=r1_zero
+R1Z_SEEDS := 0,1,2,3,4
+compare-r1-zero: install
+	mkdir -p $(R1Z_DIR)
+	( $(R1Z_RUN) algo=grpo seed=$(R1Z_SEEDS) hydra.sweep.dir=$(R1Z_DIR)/grpo && \
+	  $(R1Z_RUN) algo=ppo algo.prompts_per_step=16 algo.group_size=1 seed=$(R1Z_SEEDS) \
+	    hydra.sweep.dir=$(R1Z_DIR)/ppo_critic && \
+	  $(R1Z_RUN) algo=rloo seed=0,1,2 hydra.sweep.dir=$(R1Z_DIR)/rloo ) > $(R1Z_DIR)/lane1.log 2>&1 & lane=$$!; \
+	( $(R1Z_RUN) algo=grpo algo.dynamic_sampling=true algo.dynamic_sampling_metric=format_strict seed=$(R1Z_SEEDS) \
+	    hydra.sweep.dir=$(R1Z_DIR)/grpo_dynamic_sampling && \
+	  $(R1Z_RUN) algo=ppo algo.baseline=group_mean seed=$(R1Z_SEEDS) hydra.sweep.dir=$(R1Z_DIR)/ppo_group_mean && \
+	  $(R1Z_RUN) algo=reinforce_pp seed=0,1,2 hydra.sweep.dir=$(R1Z_DIR)/reinforce_pp ) > $(R1Z_DIR)/lane2.log 2>&1; \
+	other=$$?; wait $$lane && test $$other -eq 0 || { echo "a sweep failed: see $(R1Z_DIR)/lane*.log"; exit 1; }
+	$(PY) experiments/compare.py $(R1Z_DIR) --out $(RESULTS)/$(TODAY)-r1-zero-compare \
+		--title "R1-Zero on SmolLM2-135M-Instruct (embedded): GRPO, PPO, RLOO, REINFORCE++, 30 steps"
 
 # Speed: log-prob kernels, then one GRPO step against TRL's GRPOTrainer (TRL's side runs only when trl is
 # importable: run the same two scripts from a virtualenv made with requirements-bench.txt). One thread each.

@@ -131,6 +131,8 @@ def test_r1_zero_preset_on_the_tiny_model(tmp_path):
     evals = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert sorted({e["step"] for e in evals}) == [0, 1, 2] and len(evals) == 3 * 2 * 2  # 2 questions x k = 2
     assert all(e["prompt"].endswith("<think>\n") for e in evals)  # data.prefill
+    # data.demonstrations: one worked example as earlier turns, the question after it
+    assert all("</think>\nMeningococcal meningitis<|im_end|>\n<|im_start|>user\n" in e["prompt"] for e in evals)
 
 
 @pytest.mark.slow

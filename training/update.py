@@ -191,14 +191,12 @@ def accumulate_gradients(
     loss_fn: LossFn,
     targets: list[OptimTarget],
     micro_batch: MicroBatch,
-    mb_tokens: float | None = None,
+    mb_tokens: float,
 ) -> tuple[bool, list[dict[str, float]]]:
     """Forward and backward of the minibatch `mb_idx` of `batch` in the micro-batches of `micro_batch.split`,
     the gradients accumulated in .grad. Returns (every loss was finite, each micro-batch's stats); stops at the
-    first non-finite loss, before its backward. `mb_tokens`: the denominator of token means (default: the
-    minibatch's real completion tokens; under data parallelism their mean over ranks)."""
-    if mb_tokens is None:
-        mb_tokens = float(batch["completion_mask"][mb_idx].sum())
+    first non-finite loss, before its backward. `mb_tokens`: the denominator of token means (the minibatch's real
+    completion tokens; under data parallelism their mean over ranks)."""
     micro_stats: list[dict[str, float]] = []
     for idx in micro_batch.split(batch, mb_idx):
         micro = trim_padding({k: v[idx] for k, v in batch.items()})
@@ -221,7 +219,7 @@ def accumulate_with_backoff(
     loss_fn: LossFn,
     targets: list[OptimTarget],
     micro_batch: MicroBatch,
-    mb_tokens: float | None = None,
+    mb_tokens: float,
 ) -> tuple[bool, list[dict[str, float]]]:
     """accumulate_gradients, redone from zero gradients at half the micro-batch size after each
     out-of-memory error: gradient accumulation keeps the minibatch, so the update is the one an
