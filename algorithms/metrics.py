@@ -40,6 +40,8 @@ SHARED_METRICS: dict[str, str] = {
     "kl": "KL(pi_old || pi_ref) per token at sampling time: the mean of k1 = log pi_old - log pi_ref over real "
     "completion tokens (with a reference model)",
     "kl/sequence": "the same k1 summed over each completion, mean over completions",
+    "ranks/load_spread": "under data parallelism, the heaviest rank's real tokens over the mean after the groups "
+    "were balanced over the ranks (algo.balance_ranks; 1 = even); ranks/load_spread_before: as sampled",
     "rollout_corr/<stat>": "the sampler-vs-trainer mismatch, when the old log-probs are recomputed: ratio_mean, "
     "ratio_max, ratio_min, weight_mean, masked_frac, kl (algorithms.rollout_correction)",
     # the clipped update (losses.policy_loss, averaged over the update's micro-batches)

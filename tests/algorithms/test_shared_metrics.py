@@ -19,6 +19,8 @@ from tests.conftest import say_rows, stage_context
 
 # logged by the loop around a step (training.loop) or by the held-out eval, not by the step itself
 LOOP_KEYS = {"time/step", "lr", "skipped_steps", "memory/peak_rss_mb", "eval/<metric>", "compute/pass_<stat>"}
+# logged only under data parallelism (tests/parallel/test_distributed.py checks them under torchrun)
+DISTRIBUTED_KEYS = {"ranks/load_spread"}
 EXAMPLES = {"<name>": "letter_e", "<model>": "actor", "<phase>": "generate", "<stat>": "kl"}
 SMALL = dict(
     prompts_per_step=2, group_size=2, minibatch_size=4, micro_batch_size=4, max_new_tokens=6, beta=0.1,
@@ -35,7 +37,7 @@ ALGORITHMS = {
 def step_keys() -> list[str]:
     keys = []
     for name in SHARED_METRICS:
-        if name in LOOP_KEYS:
+        if name in LOOP_KEYS | DISTRIBUTED_KEYS:
             continue
         key = name
         for pattern, example in EXAMPLES.items():
